@@ -1,0 +1,136 @@
+"""agent: the execution edge of one or more sites. Takes dispatches, runs them on the site's backend,
+reports lifecycle events and sends capacity heartbeats."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+
+import structlog
+from faststream.middlewares import AckPolicy
+from faststream.nats import JStream, NatsMessage, PullSub
+
+from services.agent.backends import Backend, backend_for
+from services.agent.backends.base import Outcome
+from shared.bus import TRACEPARENT, Bus, create_app, create_bus, dumps
+from shared.contracts.catalog import Catalog, SiteEntry
+from shared.contracts.events import make_event, utcnow
+from shared.contracts.jobs import Dispatch, JobState, StopJob, job_event_data
+from shared.contracts.sites import Heartbeat
+from shared.settings import Settings
+
+log = structlog.get_logger()
+SERVICE = "agent"
+
+
+class SiteAgent:
+    """One site's agent: the bridge between the bus and the site's backend."""
+
+    def __init__(self, bus: Bus, site: SiteEntry) -> None:
+        self.bus = bus
+        self.site = site
+        self.backend: Backend = backend_for(site, self)
+        self.traces: dict[str, str | None] = {}
+
+    async def take(self, order: Dispatch, traceparent: str | None) -> None:
+        record, _ = await self.bus.get_json(self.bus.topology.jobs_bucket, order.job_id)
+        if record and JobState(record["state"]).terminal:
+            log.info("job.skipped", job_id=order.job_id, site=self.site.id, state=record["state"])
+            return
+        if order.job_id in self.backend.known:
+            return
+        self.traces[order.job_id] = traceparent
+        await self.publish(order, JobState.dispatched)
+        self.backend.submit(order)
+
+    async def stop(self, command: StopJob, tenant_hint: str | None) -> None:
+        if await self.backend.cancel(command.job_id, command.reason):
+            return
+        # not here (never arrived, or already over): record the cancellation so a late dispatch is skipped
+        record, _ = await self.bus.get_json(self.bus.topology.jobs_bucket, command.job_id)
+        if record and not JobState(record["state"]).terminal:
+            event = make_event(f"agent/{self.site.id}", "job", "cancelled", command.job_id, job_event_data(
+                command.job_id, record["tenant"], JobState.cancelled, self.site.id, reason=command.reason),
+                command.job_id)
+            await self.bus.publish_event(self.bus.subjects.job_event(record["tenant"], command.job_id, "cancelled"),
+                                         event, tenant_hint)
+
+    # Reports, called by the backend
+    async def started(self, order: Dispatch, at: datetime) -> None:
+        await self.publish(order, JobState.started, started_at=at.isoformat())
+
+    async def ended(self, order: Dispatch, started_at: datetime | None, at: datetime, outcome: Outcome) -> None:
+        if outcome.cancelled:
+            state = JobState.cancelled
+        elif outcome.exit_code == 0:
+            state = JobState.succeeded
+        else:
+            state = JobState.failed
+        await self.publish(order, state, exit_code=outcome.exit_code, reason=outcome.reason,
+                           started_at=started_at.isoformat() if started_at else None, ended_at=at.isoformat())
+        self.traces.pop(order.job_id, None)
+        log.info(f"job.{state.value}", job_id=order.job_id, tenant=order.tenant, site=self.site.id,
+                 exit_code=outcome.exit_code, reason=outcome.reason)
+
+    async def publish(self, order: Dispatch, state: JobState, **data) -> None:
+        body = job_event_data(order.job_id, order.tenant, state, self.site.id, attempt=order.attempt,
+                              gpu_type=order.gpu_type, gpus=order.spec.resources.total_gpus, **data)
+        event = make_event(f"agent/{self.site.id}", "job", state.value, order.job_id, body, order.job_id,
+                           order.attempt)
+        await self.bus.publish_event(self.bus.subjects.job_event(order.tenant, order.job_id, state.value), event,
+                                     self.traces.get(order.job_id))
+
+    def heartbeat(self) -> Heartbeat:
+        return Heartbeat(site_id=self.site.id, time=utcnow(), interval_s=self.bus.settings.heartbeat_interval_s,
+                         gpus=self.backend.capacity(), queued=len(self.backend.queue),
+                         running=sorted(self.backend.running))
+
+
+def create_agent_app(settings: Settings, site_ids: list[str] | None = None):
+    """Agents for the given catalog sites (all of them by default), in one process."""
+    bus = create_bus(settings, SERVICE)
+    catalog = Catalog.load(settings.sites_file, settings.tenants_file)
+    unknown = set(site_ids or []) - set(catalog.sites)
+    if unknown:
+        raise ValueError(f"no site {sorted(unknown)} in the catalog; known: {sorted(catalog.sites)}")
+    agents = [SiteAgent(bus, catalog.site(s)) for s in (site_ids or sorted(catalog.sites))]
+    broker, subjects, topology = bus.broker, bus.subjects, bus.topology
+    dispatch_stream = JStream(topology.dispatch_stream, declare=False)
+
+    for agent in agents:
+        def bind(agent: SiteAgent) -> None:
+            @broker.subscriber(subjects.dispatch(agent.site.id), stream=dispatch_stream,
+                               durable=topology.durable(SERVICE, f"{agent.site.id}-run"),
+                               pull_sub=PullSub(batch_size=64, timeout=1.0), ack_policy=AckPolicy.NACK_ON_ERROR,
+                               title=f"dispatch-{agent.site.id}")
+            async def run(order: Dispatch, msg: NatsMessage) -> None:
+                await agent.take(order, (msg.headers or {}).get(TRACEPARENT))
+
+            @broker.subscriber(subjects.stop(agent.site.id), stream=dispatch_stream,
+                               durable=topology.durable(SERVICE, f"{agent.site.id}-cancel"),
+                               pull_sub=PullSub(batch_size=16, timeout=1.0), ack_policy=AckPolicy.NACK_ON_ERROR,
+                               title=f"cancel-{agent.site.id}")
+            async def stop(command: StopJob, msg: NatsMessage) -> None:
+                await agent.stop(command, (msg.headers or {}).get(TRACEPARENT))
+        bind(agent)
+
+    tasks: list[asyncio.Task] = []
+
+    async def beat() -> None:
+        while True:
+            for agent in agents:
+                try:
+                    await broker.publish(dumps(agent.heartbeat()), subjects.heartbeat(agent.site.id))
+                except Exception as e:  # the next beat tries again
+                    log.warning("heartbeat.failed", site=agent.site.id, error=str(e))
+            await asyncio.sleep(settings.heartbeat_interval_s)
+
+    async def start_heartbeats() -> None:
+        tasks.append(asyncio.create_task(beat(), name="heartbeats"))
+
+    async def stop_all() -> None:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*(a.backend.close() for a in agents), return_exceptions=True)
+
+    return create_app(bus, after_startup=(start_heartbeats,), on_shutdown=(stop_all,))

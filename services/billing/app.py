@@ -1,0 +1,89 @@
+"""billing: meters each job once from its final event, rates it by its site, answers statements."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import structlog
+from faststream.middlewares import AckPolicy
+from faststream.nats import JStream, NatsMessage, PullSub
+
+from services.billing.ledger import Ledger
+from services.billing.rating import rate, statement
+from shared.bus import TRACEPARENT, Bus, create_app, create_bus
+from shared.carbon import HourlyCarbon, default_carbon
+from shared.contracts.billing import StatementRequest, UsageLine
+from shared.contracts.catalog import Catalog
+from shared.contracts.events import CloudEvent, make_event
+from shared.contracts.jobs import JobState
+from shared.settings import Settings
+
+log = structlog.get_logger()
+SERVICE = "billing"
+_FINAL = (JobState.succeeded, JobState.failed, JobState.cancelled)
+
+
+class Billing:
+    def __init__(self, bus: Bus, catalog: Catalog, ledger: Ledger, carbon: HourlyCarbon) -> None:
+        self.bus = bus
+        self.catalog = catalog
+        self.ledger = ledger
+        self.carbon = carbon
+
+    def usage(self, event: CloudEvent) -> UsageLine | None:
+        """The usage line of a job's final event; None for a job that never started (nothing ran)."""
+        data = event.data
+        if not data.get("started_at") or data.get("site") not in self.catalog.sites:
+            return None
+        site = self.catalog.site(data["site"])
+        if site.carbon_g_per_kwh is not None:
+            def intensity(_: datetime) -> float:
+                return site.carbon_g_per_kwh
+        else:
+            def intensity(at: datetime) -> float:
+                return self.carbon.intensity(site.carbon_zone, at)
+        return rate(site, job_id=data["job_id"], tenant=data["tenant"], gpu_type=data.get("gpu_type", "none"),
+                    gpus=int(data.get("gpus", 0)), started_at=datetime.fromisoformat(data["started_at"]),
+                    ended_at=datetime.fromisoformat(data.get("ended_at") or event.time.isoformat()),
+                    state=event.kind, intensity=intensity)
+
+    async def meter(self, event: CloudEvent, traceparent: str | None) -> None:
+        line = self.usage(event)
+        if line is None:
+            return
+        if not self.ledger.add(line):
+            line = self.ledger.get(line.job_id)  # billed before (a redelivery or a replay): the first line stands
+        # publishing again after a crash is harmless: the usage event's id is the job's
+        usage = make_event(SERVICE, "billing", "usage", line.tenant, line.model_dump(mode="json"), line.job_id)
+        await self.bus.publish_event(self.bus.subjects.billing_event(line.tenant, "usage"), usage, traceparent)
+        log.info("job.billed", job_id=line.job_id, tenant=line.tenant, site=line.site, amount_eur=line.amount_eur)
+
+
+def create_billing_app(settings: Settings):
+    bus = create_bus(settings, SERVICE)
+    ledger = Ledger(settings.ledger)
+    billing = Billing(bus, Catalog.load(settings.sites_file, settings.tenants_file), ledger, default_carbon())
+    broker, subjects, topology = bus.broker, bus.subjects, bus.topology
+    events = JStream(topology.events_stream, declare=False)
+
+    async def meter(event: CloudEvent, msg: NatsMessage) -> None:
+        await billing.meter(event, (msg.headers or {}).get(TRACEPARENT))
+
+    for kind in _FINAL:
+        broker.subscriber(subjects.job_event(kind=kind.value), stream=events,
+                          durable=topology.durable(SERVICE, kind.value), pull_sub=PullSub(batch_size=128, timeout=1.0),
+                          ack_policy=AckPolicy.NACK_ON_ERROR, title=f"meter-{kind.value}")(meter)
+
+    @broker.subscriber(subjects.billing_statement, queue=SERVICE, title="billing.statement")
+    async def get_statement(msg: NatsMessage) -> dict:
+        try:
+            request = StatementRequest.model_validate_json(msg.body)
+        except ValueError as e:
+            return {"error": f"bad request: expected {{\"tenant\": str, \"since\"?, \"until\"?}}: {e}"}
+        lines = ledger.lines(request.tenant, request.since, request.until)
+        return statement(request.tenant, lines, request.since, request.until).model_dump(mode="json")
+
+    async def close() -> None:
+        ledger.close()
+
+    return create_app(bus, on_shutdown=(close,))

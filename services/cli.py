@@ -1,0 +1,289 @@
+"""The `continuum` command: run the system (up, service, demo) and use it (submit, status, cancel, watch,
+sites, bill). Every user command talks to the system only through the public contract."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import signal
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import nats
+import orjson
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from shared.bus import request_json
+from shared.contracts.catalog import Catalog, CatalogError
+from shared.contracts.subjects import Subjects
+from shared.settings import Settings, SettingsError, load_settings
+
+app = typer.Typer(help="Continuum: one broker for Europe's public supercomputers and sovereign GPU clouds.",
+                  no_args_is_help=True, add_completion=False)
+console = Console()
+err = Console(stderr=True)
+
+SitesOpt = Annotated[Path | None, typer.Option("--sites", help="sites catalog (YAML); default: the demo's")]
+TenantsOpt = Annotated[Path | None, typer.Option("--tenants", help="tenants catalog (YAML); default: the demo's")]
+
+
+def _settings(**overrides: Any) -> Settings:
+    try:
+        return load_settings(**{k: v for k, v in overrides.items() if v is not None})
+    except SettingsError as e:
+        err.print(f"[red]bad configuration:[/] {e}")
+        raise typer.Exit(2) from None
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[red]error:[/] {message}")
+    return typer.Exit(code)
+
+
+def _check_catalog(settings: Settings) -> Catalog:
+    try:
+        return Catalog.load(settings.sites_file, settings.tenants_file)
+    except CatalogError as e:
+        raise _fail(str(e), 2) from None
+
+
+async def _request(subject_of, body: Any, timeout: float = 5.0) -> dict:
+    """One request to the running system, found from CONTINUUM_NATS_URL or the state file."""
+    from services.runtime import running_nats_url
+
+    settings = _settings()
+    try:
+        url = running_nats_url(settings)
+        nc = await nats.connect(url, connect_timeout=3, max_reconnect_attempts=1)
+    except Exception as e:
+        raise _fail(f"cannot reach the system: {e}") from None
+    try:
+        return await request_json(nc, subject_of(Subjects(settings.prefix)), body, timeout)
+    except RuntimeError as e:
+        raise _fail(str(e)) from None
+    finally:
+        await nc.close()
+
+
+@app.command()
+def up(sites: SitesOpt = None, tenants: TenantsOpt = None) -> None:
+    """Run every service and a site agent for each catalog site, until Ctrl-C."""
+    from services.runtime import System
+
+    settings = _settings(sites_file=sites, tenants_file=tenants)
+    catalog = _check_catalog(settings)
+    system = System(settings)
+    stop = False
+
+    def on_signal(*_: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        url = system.start()
+        console.print(f"[bold green]continuum is up[/] on {url}: {len(catalog.sites)} sites, "
+                      f"{len(catalog.tenants)} tenants; logs in {system.log_dir}. Ctrl-C stops it.")
+        while not stop:
+            system.supervisor.check()
+            time.sleep(0.2)
+    finally:
+        system.stop()
+        console.print("continuum stopped")
+
+
+@app.command()
+def service(name: Annotated[str, typer.Argument(help="intake | capacity | routing | billing | agent")],
+            site: Annotated[list[str] | None, typer.Option("--site", help="agent only: the sites to serve")] = None,
+            ) -> None:
+    """Run one service in this process (it finds NATS from CONTINUUM_NATS_URL or the state file)."""
+    from services.runtime import SERVICES, run_service, running_nats_url
+
+    if name not in SERVICES:
+        raise _fail(f"no service {name!r}; one of {', '.join(SERVICES)}", 2)
+    settings = _settings()
+    _check_catalog(settings)
+    try:
+        settings = settings.model_copy(update={"nats_url": running_nats_url(settings)})
+    except RuntimeError as e:
+        raise _fail(str(e), 2) from None
+    run_service(name, settings, site or None)
+
+
+@app.command()
+def submit(file: Annotated[Path, typer.Argument(help="a JobSpec, YAML or JSON", exists=True, dir_okay=False)]) -> None:
+    """Submit a job; prints its id, or why it was rejected."""
+    try:
+        spec = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as e:
+        raise _fail(f"{file}: not valid YAML or JSON: {e}", 2) from None
+    reply = asyncio.run(_request(lambda s: s.jobs_submit, spec))
+    if reply.get("state") != "accepted":
+        err.print(f"[red]rejected[/] {reply.get('job_id', '')}")
+        for e in reply.get("errors", []):
+            err.print(f"  {'.'.join(map(str, e['loc'])) or '(body)'}: {e['msg']}")
+        raise typer.Exit(1)
+    console.print(f"[green]accepted[/] {reply['job_id']}")
+
+
+@app.command()
+def status(job_id: str, as_json: Annotated[bool, typer.Option("--json", help="print the JobRecord")] = False) -> None:
+    """Show a job: its state, where it runs and why, and its history."""
+    record = asyncio.run(_request(lambda s: s.jobs_get, {"job_id": job_id}))
+    if "error" in record:
+        raise _fail(record["error"])
+    if as_json:
+        console.print_json(data=record)
+        return
+    spec = record.get("spec") or {}
+    console.print(f"[bold]{record['job_id']}[/] {spec.get('name', '')} tenant={record['tenant']} "
+                  f"state=[bold]{record['state']}[/] site={record.get('site') or '-'}"
+                  + (f" exit_code={record['exit_code']}" if record.get("exit_code") is not None else ""))
+    for reason in record.get("reasons") or []:
+        console.print(f"  reason: {reason}")
+    decision = record.get("decision")
+    if decision:
+        table = Table(title="placement" + (" (overflow)" if decision.get("overflow") else ""))
+        for col in ("site", "eligible", "score", "cost EUR", "CO2e kg", "reasons"):
+            table.add_column(col)
+        for c in decision["candidates"]:
+            chosen = c["site"] == decision.get("site")
+            table.add_row(("* " if chosen else "  ") + c["site"], "yes" if c["eligible"] else "no",
+                          "" if c["score"] is None else f"{c['score']:.1f}", f"{c['parts'].get('cost_eur', 0):.2f}",
+                          f"{c['parts'].get('co2e_kg', 0):.3f}", "; ".join(c["reasons"]))
+        console.print(table)
+    for h in record.get("history", []):
+        extra = " ".join(f"{k}={h[k]}" for k in ("site", "exit_code", "reason") if h.get(k) is not None)
+        console.print(f"  {h['time']}  {h['state']:<10} {extra}")
+
+
+@app.command()
+def cancel(job_id: str, reason: Annotated[str, typer.Option(help="why")] = "cancelled by the user") -> None:
+    """Cancel a job wherever it is."""
+    reply = asyncio.run(_request(lambda s: s.jobs_cancel, {"job_id": job_id, "reason": reason}))
+    if "error" in reply:
+        raise _fail(reply["error"])
+    console.print(f"{reply['job_id']}: {reply['state']}")
+
+
+@app.command()
+def sites(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """The live view of every site."""
+    reply = asyncio.run(_request(lambda s: s.sites_list, {}))
+    if "error" in reply:
+        raise _fail(reply["error"])
+    if as_json:
+        console.print_json(data=reply)
+        return
+    table = Table(title="sites")
+    for col in ("site", "kind", "country", "state", "GPUs free/total", "queued", "gCO2/kWh", "EUR/GPU-h"):
+        table.add_column(col)
+    for s in reply["sites"]:
+        gpus = " ".join(f"{t} {g['free']}/{g['total']}" for t, g in s["gpus"].items())
+        prices = " ".join(f"{t} {p:.2f}" for t, p in s["price_eur_per_gpu_hour"].items())
+        state = f"[green]{s['state']}[/]" if s["state"] == "up" else f"[red]{s['state']}[/]"
+        table.add_row(s["site_id"], s["kind"], s["country"], state, gpus, str(s["queued"]),
+                      f"{s['carbon_g_per_kwh']:.0f}", prices)
+    console.print(table)
+    console.print("[dim]carbon intensity: Electricity Maps 2022 hourly data[/]")
+
+
+@app.command()
+def bill(tenant: str,
+         since: Annotated[datetime | None, typer.Option(help="RFC 3339")] = None,
+         until: Annotated[datetime | None, typer.Option(help="RFC 3339")] = None,
+         fmt: Annotated[str, typer.Option("--format", help="table | json | csv")] = "table") -> None:
+    """A tenant's statement: one line per finished job, and the totals."""
+    if fmt not in ("table", "json", "csv"):
+        raise _fail("--format is table, json or csv", 2)
+    body: dict[str, Any] = {"tenant": tenant}
+    body.update({k: v.isoformat() for k, v in (("since", since), ("until", until)) if v})
+    reply = asyncio.run(_request(lambda s: s.billing_statement, body))
+    if "error" in reply:
+        raise _fail(reply["error"])
+    columns = ("job_id", "site", "gpu_type", "gpus", "seconds", "gpu_hours", "amount_eur", "allocation_hours",
+               "energy_kwh", "co2e_kg")
+    if fmt == "json":
+        console.print_json(data=reply)
+    elif fmt == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(columns)
+        writer.writerows([line[c] for c in columns] for line in reply["lines"])
+        sys.stdout.write(out.getvalue())
+    else:
+        table = Table(title=f"statement for {tenant}")
+        for col in columns:
+            table.add_column(col, justify="right" if col not in ("job_id", "site", "gpu_type") else "left")
+        for line in reply["lines"]:
+            table.add_row(*(_fmt(line[c]) for c in columns))
+        totals = reply["totals"]
+        table.add_row("total", "", "", "", "", *(_fmt(totals[c]) for c in columns[5:]), style="bold")
+        console.print(table)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+@app.command()
+def watch(tenant: Annotated[str | None, typer.Option(help="only this tenant's job and billing events")] = None,
+          ) -> None:
+    """A live stream of events (jobs, sites, billing), until Ctrl-C."""
+    from services.runtime import running_nats_url
+
+    settings = _settings()
+    subjects = Subjects(settings.prefix)
+    topics = [subjects.job_event(tenant, ">").rsplit(".", 1)[0], subjects.billing_event(tenant, "*")] if tenant \
+        else [subjects.events_all]
+
+    async def stream() -> None:
+        try:
+            nc = await nats.connect(running_nats_url(settings), connect_timeout=3)
+        except Exception as e:
+            raise _fail(f"cannot reach the system: {e}") from None
+        queue: asyncio.Queue = asyncio.Queue()
+        for topic in topics:
+            await nc.subscribe(topic, cb=queue.put)
+        console.print(f"[dim]watching {', '.join(topics)} (Ctrl-C stops)[/]")
+        while True:
+            msg = await queue.get()
+            event = orjson.loads(msg.data)
+            data = event.get("data", {})
+            what = " ".join(f"{k}={data[k]}" for k in ("tenant", "site", "exit_code", "reason", "amount_eur")
+                            if data.get(k) is not None)
+            console.print(f"{event.get('time', '')[11:23]} [bold]{event.get('type', '')}[/] "
+                          f"{event.get('subject', '')} {what}")
+
+    try:
+        asyncio.run(stream())
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
+def demo(jobs: Annotated[int, typer.Option(help="how many jobs in the batch")] = 36,
+         keep: Annotated[bool, typer.Option(help="keep the system running after the summary")] = False) -> None:
+    """Start the system, submit a realistic mixed batch, show it run, and sum it up."""
+    from services.demo import run_demo
+
+    settings = _settings()
+    _check_catalog(settings)
+    raise typer.Exit(run_demo(settings, console, jobs=jobs, keep=keep))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

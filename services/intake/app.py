@@ -1,0 +1,145 @@
+"""intake: validates and accepts jobs, applies idempotency, and keeps the job registry behind jobs.get."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+
+import structlog
+from faststream.middlewares import AckPolicy
+from faststream.nats import JStream, NatsMessage, PullSub
+
+from services.intake.registry import apply_event
+from services.intake.validation import Rejection, check_submission
+from shared.bus import TRACEPARENT, Bus, create_app, create_bus, new_traceparent
+from shared.contracts.catalog import Catalog
+from shared.contracts.events import CloudEvent, make_event
+from shared.contracts.jobs import (CancelReply, CancelRequest, JobRecord, JobRef, JobState, StopJob, SubmitReply,
+                                   job_event_data)
+from shared.settings import Settings
+
+log = structlog.get_logger()
+SERVICE = "intake"
+
+
+class Intake:
+    def __init__(self, bus: Bus, catalog: Catalog) -> None:
+        self.bus = bus
+        self.catalog = catalog
+        self.jobs = bus.topology.jobs_bucket
+
+    async def submit(self, body: bytes, *, subject_tenant: str | None = None, msg_id: str | None = None,
+                     traceparent: str | None = None) -> SubmitReply:
+        try:
+            spec = check_submission(body, self.catalog, max_bytes=self.bus.settings.max_request_bytes,
+                                    subject_tenant=subject_tenant)
+        except Rejection as rejection:
+            job_id = uuid.uuid4().hex
+            errors = [e.model_dump() for e in rejection.errors]
+            await self.record(make_event(SERVICE, "job", "rejected", job_id, job_event_data(
+                job_id, rejection.tenant, JobState.rejected, errors=errors, reason=str(rejection)), job_id),
+                traceparent)
+            log.info("job.rejected", job_id=job_id, tenant=rejection.tenant, reason=str(rejection))
+            return SubmitReply(job_id=job_id, state="rejected", errors=rejection.errors)
+
+        job_id = uuid.uuid4().hex
+        key = spec.idempotency_key or msg_id
+        if key:
+            # same tenant + same key = same job: the first writer of the key owns it
+            slot = f"{spec.tenant}.{hashlib.sha256(key.encode()).hexdigest()[:40]}"
+            claimed = await self.bus.update_json(self.bus.topology.idempotency_bucket, slot,
+                                                 lambda cur: None if cur else {"job_id": job_id})
+            if claimed["job_id"] != job_id:
+                job_id = claimed["job_id"]
+                existing, _ = await self.bus.get_json(self.jobs, job_id)
+                if existing:
+                    log.info("job.duplicate", job_id=job_id, tenant=spec.tenant)
+                    return SubmitReply(job_id=job_id, state="accepted")
+                # the first submission crashed between claiming the key and accepting: finish it now
+        traceparent = traceparent or new_traceparent()
+        event = make_event(SERVICE, "job", "accepted", job_id, job_event_data(
+            job_id, spec.tenant, JobState.accepted, spec=spec.model_dump(mode="json"), traceparent=traceparent), job_id)
+        await self.record(event, traceparent)
+        log.info("job.accepted", job_id=job_id, tenant=spec.tenant)
+        return SubmitReply(job_id=job_id, state="accepted")
+
+    async def record(self, event: CloudEvent, traceparent: str | None) -> None:
+        """Write the event into the registry, then publish it: a `jobs.get` right after the reply finds the job."""
+        data = event.data
+        await self.bus.update_json(self.jobs, data["job_id"], lambda cur: apply_event(cur, event, seq=0))
+        await self.bus.publish_event(self.bus.subjects.job_event(data["tenant"], data["job_id"], event.kind), event,
+                                     traceparent)
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        record, _ = await self.bus.get_json(self.jobs, job_id)
+        return JobRecord.model_validate(record) if record else None
+
+    async def cancel(self, request: CancelRequest) -> CancelReply | dict:
+        record = await self.get(request.job_id)
+        if record is None:
+            return {"error": f"no job {request.job_id!r}"}
+        if record.state.terminal:
+            return CancelReply(job_id=record.job_id, state=record.state.value)
+        if record.site is None:
+            # not at a site yet: routing sees the cancelled state before it places the job
+            await self.record(make_event(SERVICE, "job", "cancelled", record.job_id, job_event_data(
+                record.job_id, record.tenant, JobState.cancelled, reason=request.reason), record.job_id),
+                record.traceparent)
+            return CancelReply(job_id=record.job_id, state=JobState.cancelled.value)
+        await self.bus.publish_command(self.bus.subjects.stop(record.site),
+                                       StopJob(job_id=record.job_id, reason=request.reason),
+                                       msg_id=f"{record.job_id}.stop.{record.attempt}", traceparent=record.traceparent)
+        return CancelReply(job_id=record.job_id, state="cancelling")
+
+
+def create_intake_app(settings: Settings):
+    bus = create_bus(settings, SERVICE)
+    intake = Intake(bus, Catalog.load(settings.sites_file, settings.tenants_file))
+    broker, subjects, topology = bus.broker, bus.subjects, bus.topology
+
+    @broker.subscriber(subjects.jobs_submit, queue=SERVICE, title="jobs.submit")
+    async def submit(msg: NatsMessage) -> dict:
+        """Submit a JobSpec; the reply says accepted (with its job id) or rejected (with every problem)."""
+        try:
+            reply = await intake.submit(msg.body, traceparent=(msg.headers or {}).get(TRACEPARENT))
+        except Exception as e:  # a request is answered, whatever happens
+            log.exception("submit.failed")
+            reply = SubmitReply(job_id="", state="rejected", errors=[{"loc": [], "msg": f"internal error: {e}"}])
+        return reply.model_dump(mode="json")
+
+    @broker.subscriber(subjects.intake("*"), stream=JStream(topology.intake_stream, declare=False),
+                       durable=topology.durable(SERVICE, "intake"), pull_sub=PullSub(batch_size=64, timeout=1.0),
+                       ack_policy=AckPolicy.NACK_ON_ERROR, title="intake")
+    async def fire_and_forget(msg: NatsMessage) -> None:
+        """A JobSpec from a system that emits job events; the outcome is an accepted or rejected event."""
+        headers = msg.headers or {}
+        await intake.submit(msg.body, subject_tenant=msg.raw_message.subject.rsplit(".", 1)[-1],
+                            msg_id=headers.get("Nats-Msg-Id"), traceparent=headers.get(TRACEPARENT))
+
+    @broker.subscriber(subjects.job_events_all, stream=JStream(topology.events_stream, declare=False),
+                       durable=topology.durable(SERVICE, "registry"), pull_sub=PullSub(batch_size=128, timeout=1.0),
+                       ack_policy=AckPolicy.NACK_ON_ERROR, title="registry")
+    async def registry(event: CloudEvent, msg: NatsMessage) -> None:
+        """Fold every job event into the job's record."""
+        seq = msg.raw_message.metadata.sequence.stream
+        await bus.update_json(topology.jobs_bucket, event.data["job_id"], lambda cur: apply_event(cur, event, seq))
+
+    @broker.subscriber(subjects.jobs_get, queue=SERVICE, title="jobs.get")
+    async def get(msg: NatsMessage) -> dict:
+        try:
+            ref = JobRef.model_validate_json(msg.body)
+        except ValueError as e:
+            return {"error": f"bad request: expected {{\"job_id\": str}}: {e.errors()[0]['msg'] if hasattr(e, 'errors') else e}"}
+        record = await intake.get(ref.job_id)
+        return record.model_dump(mode="json") if record else {"error": f"no job {ref.job_id!r}"}
+
+    @broker.subscriber(subjects.jobs_cancel, queue=SERVICE, title="jobs.cancel")
+    async def cancel(msg: NatsMessage) -> dict:
+        try:
+            request = CancelRequest.model_validate_json(msg.body)
+        except ValueError as e:
+            return {"error": f"bad request: expected {{\"job_id\": str, \"reason\": str}}: {e}"}
+        reply = await intake.cancel(request)
+        return reply if isinstance(reply, dict) else reply.model_dump(mode="json")
+
+    return create_app(bus)

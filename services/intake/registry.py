@@ -1,0 +1,54 @@
+"""The job registry's read model: a JobRecord folded from the job's events. Pure and idempotent.
+
+Applying an event twice changes nothing (events are known by id); events are ordered by their stream
+sequence, so a redelivery that arrives late does not move the job backwards; a terminal state is final.
+"""
+
+from __future__ import annotations
+
+from shared.contracts.events import CloudEvent
+from shared.contracts.jobs import Decision, HistoryEntry, JobRecord, JobSpec, JobState
+
+# what a history entry keeps of an event's data, besides its state and time
+_HISTORY_FIELDS = ("site", "reason", "exit_code", "attempt", "reasons")
+
+
+def apply_event(current: dict | None, event: CloudEvent, seq: int) -> dict | None:
+    """The record after `event` (as JSON-ready dict), or None when the event is already in it."""
+    data = event.data
+    record = JobRecord.model_validate(current) if current else JobRecord(
+        job_id=data["job_id"], tenant=data["tenant"], state=JobState(event.kind))
+    if any(h.event_id == event.id for h in record.history):
+        return None
+
+    state = JobState(event.kind)
+    entry = HistoryEntry(state=state, time=event.time, event_id=event.id, seq=seq,
+                         **{k: data[k] for k in _HISTORY_FIELDS if data.get(k) is not None})
+    latest_seq = max((h.seq for h in record.history), default=-1)
+    record.history.append(entry)
+    record.history.sort(key=lambda h: (h.seq, h.time))
+
+    if "spec" in data and record.spec is None and data["spec"] is not None:
+        record.spec = JobSpec.model_validate(data["spec"])
+    if data.get("traceparent") and not record.traceparent:
+        record.traceparent = data["traceparent"]
+
+    terminal = next((h.state for h in record.history if h.state.terminal), None)
+    record.state = terminal or record.history[-1].state
+
+    if seq >= latest_seq:  # only the newest event moves the job's current placement
+        if state in (JobState.placed, JobState.queued) and data.get("decision"):
+            record.decision = Decision.model_validate(data["decision"])
+        if state in (JobState.placed, JobState.dispatched, JobState.started):
+            record.site = data.get("site", record.site)
+        if state == JobState.requeued:
+            record.site = None
+        if "attempt" in data:
+            record.attempt = max(record.attempt, int(data["attempt"]))
+    if state in (JobState.succeeded, JobState.failed) and data.get("exit_code") is not None:
+        record.exit_code = int(data["exit_code"])
+    if data.get("reasons"):
+        record.reasons = list(data["reasons"])
+    elif data.get("reason"):
+        record.reasons = [data["reason"]]
+    return record.model_dump(mode="json")

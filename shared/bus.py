@@ -1,0 +1,227 @@
+"""The broker factory and what every service does on the bus: publish events, keep state in JetStream
+key-value buckets, and never drop a message that failed.
+
+No broker exists at import time: a service's `create_app(settings)` calls `create_bus(settings, service)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import orjson
+import structlog
+from faststream import FastStream
+from faststream._internal.middlewares import BaseMiddleware
+from faststream.exceptions import AckMessage, HandlerException, NackMessage
+from faststream.nats import NatsBroker
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.errors import BadRequestError, KeyNotFoundError, KeyValueError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.kv import KeyValue
+
+from shared.contracts.events import CloudEvent
+from shared.contracts.streams import Topology
+from shared.contracts.subjects import Subjects
+from shared.settings import Settings
+
+log = structlog.get_logger()
+T = TypeVar("T")
+
+TRACEPARENT = "traceparent"
+
+
+def new_traceparent() -> str:
+    """A fresh W3C trace context: one trace per job, started at intake unless the submitter sent one."""
+    return f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-01"
+
+
+def dumps(value: Any) -> bytes:
+    if hasattr(value, "model_dump_json"):
+        return value.model_dump_json().encode()
+    return orjson.dumps(value)
+
+
+@dataclass
+class Bus:
+    """One service's handle on NATS: its broker, the names of things, and state in KV buckets."""
+
+    settings: Settings
+    service: str
+    broker: NatsBroker
+    subjects: Subjects
+    topology: Topology
+    _buckets: dict[str, KeyValue] = field(default_factory=dict)
+
+    @property
+    def js(self):
+        return self.broker.config.connection_state.stream
+
+    async def ensure_topology(self) -> None:
+        """Create or update every stream and bucket; each service does it at start, so any may start first."""
+        for config in self.topology.stream_configs():
+            try:
+                await self.js.add_stream(config)
+            except BadRequestError:
+                await self.js.update_stream(config)
+        for bucket in self.topology.buckets:
+            await self.kv(bucket)
+
+    async def kv(self, bucket: str) -> KeyValue:
+        if bucket not in self._buckets:
+            try:
+                self._buckets[bucket] = await self.js.key_value(bucket)
+            except (NotFoundError, KeyValueError):
+                try:
+                    self._buckets[bucket] = await self.js.create_key_value(
+                        KeyValueConfig(bucket=bucket, storage=StorageType.FILE, history=1))
+                except BadRequestError:  # another service created it meanwhile
+                    self._buckets[bucket] = await self.js.key_value(bucket)
+        return self._buckets[bucket]
+
+    async def publish_event(self, subject: str, event: CloudEvent, traceparent: str | None = None) -> None:
+        """Publish to the event stream; the event id is the Nats-Msg-Id, so a redone step is not doubled."""
+        headers = {"Nats-Msg-Id": event.id}
+        if traceparent:
+            headers[TRACEPARENT] = traceparent
+        await self.broker.publish(event.model_dump_json().encode(), subject, stream=self.topology.events_stream,
+                                  headers=headers)
+
+    async def publish_command(self, subject: str, body: Any, msg_id: str, traceparent: str | None = None) -> None:
+        headers = {"Nats-Msg-Id": msg_id}
+        if traceparent:
+            headers[TRACEPARENT] = traceparent
+        await self.broker.publish(dumps(body), subject, stream=self.topology.dispatch_stream, headers=headers)
+
+    async def get_json(self, bucket: str, key: str) -> tuple[dict | None, int | None]:
+        kv = await self.kv(bucket)
+        try:
+            entry = await kv.get(key)
+        except KeyNotFoundError:
+            return None, None
+        if entry.value is None or entry.operation is not None and entry.operation != "PUT":
+            return None, entry.revision
+        return orjson.loads(entry.value), entry.revision
+
+    async def all_json(self, bucket: str) -> dict[str, dict]:
+        kv = await self.kv(bucket)
+        try:
+            keys = await kv.keys()
+        except Exception as e:  # nats-py raises NoKeysError for an empty bucket
+            if type(e).__name__ == "NoKeysError":
+                return {}
+            raise
+        out = {}
+        for key in keys:
+            value, _ = await self.get_json(bucket, key)
+            if value is not None:
+                out[key] = value
+        return out
+
+    async def update_json(self, bucket: str, key: str, change: Callable[[dict | None], dict | None]) -> dict | None:
+        """Compare-and-set: apply `change` to the current value until no other writer got in between.
+
+        `change` returns the new value, or None to leave the key as it is. Concurrent replicas each retry on
+        a conflict against the value the other wrote, so no update is lost.
+        """
+        kv = await self.kv(bucket)
+        while True:
+            current, revision = await self.get_json(bucket, key)
+            new = change(current)
+            if new is None:
+                return current
+            try:
+                if revision is None:
+                    await kv.create(key, orjson.dumps(new))
+                else:
+                    await kv.update(key, orjson.dumps(new), last=revision)
+                return new
+            except (KeyWrongLastSequenceError, BadRequestError):
+                continue  # someone else wrote first: read again and redo
+
+
+def create_bus(settings: Settings, service: str) -> Bus:
+    """The broker factory: a NATS broker wired with dead-lettering, and the names this deployment uses."""
+    if not settings.nats_url:
+        raise ValueError("CONTINUUM_NATS_URL is not set and no running system was found (start one: continuum up)")
+    subjects = Subjects(settings.prefix)
+    topology = Topology(subjects)
+    bus_ref: list[Bus] = []
+    broker = NatsBroker(
+        settings.nats_url,
+        middlewares=(_dead_letter_middleware(settings, service, subjects, topology, bus_ref),),
+        logger=None,
+        graceful_timeout=10.0,
+        max_reconnect_attempts=-1,
+    )
+    bus = Bus(settings, service, broker, subjects, topology)
+    bus_ref.append(bus)
+    return bus
+
+
+def create_app(bus: Bus, *, after_startup: tuple[Callable[[], Awaitable[None]], ...] = (),
+               on_shutdown: tuple[Callable[[], Awaitable[None]], ...] = ()) -> FastStream:
+    app = FastStream(bus.broker, logger=None, on_shutdown=list(on_shutdown))
+
+    @app.on_startup
+    async def _topology() -> None:
+        # streams must exist before the subscribers bind to them at broker start
+        await bus.broker.connect()
+        await bus.ensure_topology()
+
+    for hook in after_startup:
+        app.after_startup(hook)
+    return app
+
+
+def _dead_letter_middleware(settings: Settings, service: str, subjects: Subjects, topology: Topology,
+                            bus_ref: list[Bus]):
+    """Retry a failing JetStream message with backoff; after the last try, dead-letter it with its reason.
+
+    FastStream's default for NATS would reject (drop) it. A message on core NATS (a request) is not ours to
+    retry: request handlers answer every error themselves.
+    """
+
+    class DeadLetter(BaseMiddleware):
+        async def consume_scope(self, call_next, msg):
+            try:
+                return await call_next(msg)
+            except (HandlerException, asyncio.CancelledError):
+                raise
+            except Exception as exc:
+                raw = getattr(msg, "raw_message", None)
+                try:
+                    meta = raw.metadata
+                except Exception:
+                    raise exc from None
+                tries = meta.num_delivered
+                reason = f"{type(exc).__name__}: {exc}"
+                if tries < settings.max_deliveries:
+                    delay = settings.retry_backoff_s * 2 ** (tries - 1)
+                    log.warning("message.retry", subject=raw.subject, tries=tries, delay_s=delay, reason=reason)
+                    raise NackMessage(delay=delay) from exc
+                headers = dict(raw.headers or {})
+                headers.pop("Nats-Msg-Id", None)
+                headers.update({"Continuum-Reason": reason[:2000], "Continuum-Subject": raw.subject,
+                                "Continuum-Service": service, "Continuum-Tries": str(tries)})
+                await bus_ref[0].broker.publish(raw.data, subjects.dead_letter(service),
+                                                stream=topology.dead_letter_stream, headers=headers)
+                log.error("message.dead_lettered", subject=raw.subject, tries=tries, reason=reason)
+                raise AckMessage() from exc
+
+    return DeadLetter
+
+
+async def request_json(bus_or_nc: Any, subject: str, body: Any, timeout: float = 5.0) -> dict:
+    """A request from a plain client (CLI, tests): JSON in, JSON out, with a readable error."""
+    try:
+        reply = await bus_or_nc.request(subject, dumps(body), timeout=timeout)
+    except NoRespondersError as e:
+        raise RuntimeError(f"nothing serves {subject}: is the system up?") from e
+    except NatsTimeout as e:
+        raise RuntimeError(f"no reply on {subject} within {timeout} s") from e
+    return orjson.loads(reply.data)

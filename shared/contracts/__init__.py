@@ -1,0 +1,1 @@
+"""The contract (CONTRACT.md) as code: models, subjects, streams and buckets, declared once."""

@@ -1,0 +1,190 @@
+"""Jobs: the spec a submitter sends, the record the registry keeps, the commands between services.
+
+The job state machine (CONTRACT.md). Each arrow is a job event `continuum.events.job.<tenant>.<job_id>.<kind>`:
+
+    (submit) --> rejected                                        terminal
+    (submit) --> accepted --> [queued] --> placed --> dispatched --> started --> succeeded   terminal
+                                   ^                                        \--> failed      terminal
+                                   |                                         \-> cancelled   terminal
+                                   +-- requeued <-- (site refused, lost or preempted the job)
+
+A job ends in exactly one of rejected, succeeded, failed, cancelled; once it has, later events are kept in
+its history but never change its state. `cancelled` and `failed` may come from any non-terminal state.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+TENANT_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
+TenantId = Annotated[str, StringConstraints(pattern=TENANT_PATTERN)]
+GpuType = Literal["H100", "A100", "L40S", "L4"]
+GPU_TYPES: tuple[str, ...] = ("H100", "A100", "L40S", "L4")
+
+
+class JobState(StrEnum):
+    accepted = "accepted"
+    rejected = "rejected"
+    queued = "queued"
+    placed = "placed"
+    dispatched = "dispatched"
+    started = "started"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+    requeued = "requeued"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+
+TERMINAL_STATES = frozenset({JobState.rejected, JobState.succeeded, JobState.failed, JobState.cancelled})
+
+
+class Resources(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    gpus: int = Field(1, ge=0, le=4096)
+    gpu_type: GpuType | Literal["any"] = "any"
+    cpus: int = Field(1, ge=1, le=100_000)
+    memory_gb: float = Field(8.0, gt=0, le=1_000_000)
+    nodes: int = Field(1, ge=1, le=10_000)
+
+    @property
+    def total_gpus(self) -> int:
+        """GPUs are asked per node, as Slurm's --gres is."""
+        return self.gpus * self.nodes
+
+
+class JobSpec(BaseModel):
+    """What a submitter asks for (CONTRACT.md, JobSpec v1)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tenant: TenantId
+    name: str = Field("", max_length=256)
+    command: list[Annotated[str, StringConstraints(max_length=4096)]] = Field(min_length=1, max_length=1024)
+    image: str | None = Field(None, max_length=1024)
+    resources: Resources = Field(default_factory=Resources)
+    walltime_s: int = Field(3600, ge=1, le=2_592_000)
+    # None means "the tenant's default residency" (the catalog's, which is EU unless it says otherwise);
+    # intake resolves it, so every accepted job carries a concrete one.
+    residency: Annotated[str, StringConstraints(pattern=r"^(EU|any|[A-Z]{2})$")] | None = None
+    certifications: list[Annotated[str, StringConstraints(max_length=64)]] = Field(default_factory=list, max_length=32)
+    overflow: Literal["allowed", "forbidden"] = "allowed"
+    objective: Literal["balanced", "time", "cost", "carbon"] = "balanced"
+    priority: int = Field(4, ge=0, le=9)
+    deadline: datetime | None = None
+    budget_eur: float | None = Field(None, ge=0)
+    idempotency_key: str | None = Field(None, min_length=1, max_length=256)
+    labels: dict[Annotated[str, StringConstraints(max_length=128)], Annotated[str, StringConstraints(max_length=1024)]] = Field(
+        default_factory=dict, max_length=64
+    )
+
+
+class FieldError(BaseModel):
+    loc: list[str | int]
+    msg: str
+
+
+class SubmitReply(BaseModel):
+    job_id: str
+    state: Literal["accepted", "rejected"]
+    errors: list[FieldError] = Field(default_factory=list)
+
+
+class JobRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    job_id: str = Field(min_length=1, max_length=64)
+
+
+class CancelRequest(JobRef):
+    reason: str = Field("cancelled by the user", max_length=1024)
+
+
+class CancelReply(BaseModel):
+    job_id: str
+    # the state after the request: `cancelled` when done at once, `cancelling` while the site stops the job,
+    # or the terminal state the job had already reached
+    state: str
+
+
+class Candidate(BaseModel):
+    site: str
+    eligible: bool
+    reasons: list[str] = Field(default_factory=list)
+    score: float | None = None
+    parts: dict[str, float] = Field(default_factory=dict)
+
+
+class Decision(BaseModel):
+    """Why a job goes where it goes (or waits): one candidate for every catalog site."""
+
+    site: str | None
+    gpu_type: str | None = None
+    overflow: bool = False
+    candidates: list[Candidate]
+    # set when no site could ever run the job: it is rejected instead of waiting forever
+    impossible: bool = False
+
+    @property
+    def reasons(self) -> list[str]:
+        return [f"{c.site}: {r}" for c in self.candidates for r in c.reasons]
+
+
+class HistoryEntry(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    state: JobState
+    time: datetime
+    event_id: str
+    seq: int = 0
+
+
+class JobRecord(BaseModel):
+    """The registry's view of one job (CONTRACT.md, JobRecord), built from its events."""
+
+    job_id: str
+    tenant: str
+    state: JobState
+    site: str | None = None
+    spec: JobSpec | None = None
+    decision: Decision | None = None
+    history: list[HistoryEntry] = Field(default_factory=list)
+    exit_code: int | None = None
+    reasons: list[str] = Field(default_factory=list)
+    attempt: int = 0
+    traceparent: str | None = None
+
+
+class Dispatch(BaseModel):
+    """routing -> agent: run this job on your site (JetStream, `continuum.dispatch.<site>.run`)."""
+
+    job_id: str
+    tenant: str
+    site: str
+    gpu_type: str
+    attempt: int
+    spec: JobSpec
+
+
+class StopJob(BaseModel):
+    """intake -> agent: stop this job (JetStream, `continuum.dispatch.<site>.cancel`)."""
+
+    job_id: str
+    reason: str
+
+
+def job_event_data(job_id: str, tenant: str, state: JobState, site: str | None = None, **extra: Any) -> dict[str, Any]:
+    """The `data` of a job event: at least job_id, tenant, state, and site once placed."""
+    data: dict[str, Any] = {"job_id": job_id, "tenant": tenant, "state": state.value}
+    if site is not None:
+        data["site"] = site
+    data.update({k: v for k, v in extra.items() if v is not None})
+    return data

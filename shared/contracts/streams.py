@@ -1,0 +1,75 @@
+"""JetStream streams, key-value buckets and durable consumer names, declared once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nats.js.api import RetentionPolicy, StorageType, StreamConfig
+
+from .subjects import Subjects
+
+# How long JetStream remembers a Nats-Msg-Id: a step redone after a crash within this window is dropped.
+DEDUPE_WINDOW_S = 15 * 60
+
+
+@dataclass(frozen=True)
+class Topology:
+    subjects: Subjects
+
+    @property
+    def _p(self) -> str:
+        return self.subjects.prefix.upper().replace("-", "_")
+
+    # streams
+    @property
+    def events_stream(self) -> str:
+        return f"{self._p}_EVENTS"
+
+    @property
+    def intake_stream(self) -> str:
+        return f"{self._p}_INTAKE"
+
+    @property
+    def dispatch_stream(self) -> str:
+        return f"{self._p}_DISPATCH"
+
+    @property
+    def dead_letter_stream(self) -> str:
+        return f"{self._p}_DLQ"
+
+    # key-value buckets
+    @property
+    def jobs_bucket(self) -> str:
+        return f"{self.subjects.prefix}_jobs"
+
+    @property
+    def idempotency_bucket(self) -> str:
+        return f"{self.subjects.prefix}_idempotency"
+
+    @property
+    def sites_bucket(self) -> str:
+        return f"{self.subjects.prefix}_sites"
+
+    @property
+    def reservations_bucket(self) -> str:
+        return f"{self.subjects.prefix}_reservations"
+
+    @property
+    def buckets(self) -> tuple[str, ...]:
+        return (self.jobs_bucket, self.idempotency_bucket, self.sites_bucket, self.reservations_bucket)
+
+    def stream_configs(self) -> list[StreamConfig]:
+        s = self.subjects
+        dedupe = float(DEDUPE_WINDOW_S)
+        return [
+            StreamConfig(name=self.events_stream, subjects=[s.events_all], storage=StorageType.FILE,
+                         duplicate_window=dedupe),
+            StreamConfig(name=self.intake_stream, subjects=[s.intake(">")], storage=StorageType.FILE,
+                         retention=RetentionPolicy.WORK_QUEUE, duplicate_window=dedupe),
+            StreamConfig(name=self.dispatch_stream, subjects=[f"{s.prefix}.dispatch.>"], storage=StorageType.FILE,
+                         retention=RetentionPolicy.WORK_QUEUE, duplicate_window=dedupe),
+            StreamConfig(name=self.dead_letter_stream, subjects=[s.dead_letter(">")], storage=StorageType.FILE),
+        ]
+
+    def durable(self, service: str, role: str) -> str:
+        return f"{self.subjects.prefix}-{service}-{role}"

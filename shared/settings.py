@@ -1,0 +1,48 @@
+"""Configuration: one pydantic-settings model, read from CONTINUUM_* variables and validated at start."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CONTINUUM_", extra="forbid")
+
+    nats_url: str | None = Field(None, description="CONTINUUM_NATS_URL: the NATS server; unset, `up` starts one")
+    prefix: str = Field("continuum", pattern=r"^[a-z][a-z0-9-]*$", description="CONTINUUM_PREFIX: subject prefix")
+    data_dir: Path = Field(Path(".continuum"), description="CONTINUUM_DATA_DIR: NATS store, ledger, state file")
+    sites_file: Path | None = Field(None, description="CONTINUUM_SITES_FILE: sites catalog; unset, the demo's")
+    tenants_file: Path | None = Field(None, description="CONTINUUM_TENANTS_FILE: tenants catalog; unset, the demo's")
+    heartbeat_interval_s: float = Field(2.0, gt=0, description="CONTINUUM_HEARTBEAT_INTERVAL_S")
+    max_deliveries: int = Field(5, ge=1, description="CONTINUUM_MAX_DELIVERIES: tries before dead-lettering")
+    retry_backoff_s: float = Field(0.5, ge=0, description="CONTINUUM_RETRY_BACKOFF_S: first retry delay, doubled each try")
+    placement_retry_s: float = Field(1.0, gt=0, description="CONTINUUM_PLACEMENT_RETRY_S: how often a waiting job is tried again")
+    max_request_bytes: int = Field(64 * 1024, gt=0, description="CONTINUUM_MAX_REQUEST_BYTES: largest JobSpec accepted")
+    ledger_path: Path | None = Field(None, description="CONTINUUM_LEDGER_PATH: SQLite ledger; unset, DATA_DIR/ledger.sqlite3")
+    log_format: Literal["auto", "json", "console"] = Field("auto", description="CONTINUUM_LOG_FORMAT")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="CONTINUUM_LOG_LEVEL")
+
+    @property
+    def state_file(self) -> Path:
+        return self.data_dir / "state.json"
+
+    @property
+    def ledger(self) -> Path:
+        return self.ledger_path or self.data_dir / "ledger.sqlite3"
+
+
+class SettingsError(ValueError):
+    pass
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment; a bad value names its variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as e:
+        problems = [f"CONTINUUM_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" for err in e.errors()]
+        raise SettingsError("; ".join(problems)) from e
