@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -107,14 +107,8 @@ class Bus:
             return None, entry.revision
         return orjson.loads(entry.value), entry.revision
 
-    async def all_json(self, bucket: str) -> dict[str, dict]:
-        kv = await self.kv(bucket)
-        try:
-            keys = await kv.keys()
-        except Exception as e:  # nats-py raises NoKeysError for an empty bucket
-            if type(e).__name__ == "NoKeysError":
-                return {}
-            raise
+    async def get_many(self, bucket: str, keys: Iterable[str]) -> dict[str, dict]:
+        """The values of known keys (direct gets: listing a bucket's keys costs a consumer each time)."""
         out = {}
         for key in keys:
             value, _ = await self.get_json(bucket, key)

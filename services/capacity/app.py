@@ -73,7 +73,7 @@ class CapacityView:
         log.info(f"site.{kind}", site=site_id)
 
     async def sites(self) -> SitesReply:
-        stored = await self.bus.all_json(self.bus.topology.sites_bucket)
+        stored = await self.bus.get_many(self.bus.topology.sites_bucket, self.catalog.sites)
         return SitesReply(sites=[
             SiteStatus.model_validate(stored[s.id]) if s.id in stored else never_seen(s, self.intensity(s))
             for s in self.catalog.sites.values()])

@@ -33,8 +33,10 @@ def apply_event(current: dict | None, event: CloudEvent, seq: int) -> dict | Non
     if data.get("traceparent") and not record.traceparent:
         record.traceparent = data["traceparent"]
 
-    terminal = next((h.state for h in record.history if h.state.terminal), None)
-    record.state = terminal or record.history[-1].state
+    terminal = next((h for h in record.history if h.state.terminal), None)
+    record.state = terminal.state if terminal else record.history[-1].state
+    if terminal is not None and terminal is not entry:
+        return record.model_dump(mode="json")  # kept in the history, but the job is over
 
     if seq >= latest_seq:  # only the newest event moves the job's current placement
         if state in (JobState.placed, JobState.queued) and data.get("decision"):

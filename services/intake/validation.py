@@ -35,7 +35,8 @@ def check_submission(body: bytes, catalog: Catalog, *, max_bytes: int, subject_t
         raise Rejection([FieldError(loc=[], msg=f"a JobSpec is a JSON object, not {type(raw).__name__}")],
                         subject_tenant or UNKNOWN_TENANT)
     claimed = raw.get("tenant")
-    tenant = claimed if isinstance(claimed, str) and _TENANT.match(claimed) else (subject_tenant or UNKNOWN_TENANT)
+    valid_claim = isinstance(claimed, str) and _TENANT.fullmatch(claimed) is not None
+    tenant = claimed if valid_claim else (subject_tenant or UNKNOWN_TENANT)
 
     errors: list[FieldError] = []
     spec: JobSpec | None = None
@@ -43,7 +44,7 @@ def check_submission(body: bytes, catalog: Catalog, *, max_bytes: int, subject_t
         spec = JobSpec.model_validate(raw)
     except ValidationError as e:
         errors = [FieldError(loc=list(err["loc"]), msg=_message(err)) for err in e.errors()]
-    if isinstance(claimed, str) and _TENANT.match(claimed) and claimed not in catalog.tenants:
+    if valid_claim and claimed not in catalog.tenants:
         errors.append(FieldError(loc=["tenant"], msg=f"unknown tenant {claimed!r}: not in the tenant catalog"))
     if subject_tenant is not None and claimed != subject_tenant:
         errors.append(FieldError(loc=["tenant"], msg=f"tenant {claimed!r} does not match the subject's {subject_tenant!r}"))

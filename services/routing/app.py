@@ -34,8 +34,8 @@ class Router:
         self.carbon = default_carbon()
 
     async def views(self) -> list[SiteView]:
-        statuses = await self.bus.all_json(self.bus.topology.sites_bucket)
-        held = await self.bus.all_json(self.bus.topology.reservations_bucket)
+        statuses = await self.bus.get_many(self.bus.topology.sites_bucket, self.catalog.sites)
+        held = await self.bus.get_many(self.bus.topology.reservations_bucket, self.catalog.sites)
         views = []
         for site in self.catalog.sites.values():
             status = statuses.get(site.id)
@@ -46,7 +46,7 @@ class Router:
 
     async def holder(self, job_id: str, attempt: int | None = None) -> tuple[str, dict] | None:
         """The site whose GPUs the job holds (for this attempt, if given)."""
-        held = await self.bus.all_json(self.bus.topology.reservations_bucket)
+        held = await self.bus.get_many(self.bus.topology.reservations_bucket, self.catalog.sites)
         for site_id, doc in held.items():
             if reservations.holds(doc, job_id):
                 reservation = doc["jobs"][job_id]

@@ -85,12 +85,12 @@ def place(spec: JobSpec, tenant: TenantEntry, sites: Iterable[SiteView]) -> Deci
             free_after = float(site.free.get(gpu_type, 0) - need) if need else 0.0
             score = free_after
             public_first = site.entry.public and tenant.allocation_gpu_hours > 0
-            choices.append(((public_first, free_after, _reverse(site.id)), site.id, gpu_type))
+            choices.append(((not public_first, -free_after, site.id), site.id, gpu_type))
         candidates.append(Candidate(site=site.id, eligible=not reasons, reasons=reasons, score=score, parts=parts))
 
     if not choices:
         return Decision(site=None, candidates=candidates, impossible=impossible and bool(candidates))
-    _, site_id, gpu_type = max(choices)
+    _, site_id, gpu_type = min(choices)
     # overflow: a tenant with public hours that leaves public capacity for paid capacity
     overflow = tenant.allocation_gpu_hours > 0 and not views[site_id].entry.public
     return Decision(site=site_id, gpu_type=gpu_type, overflow=overflow, candidates=candidates)
@@ -111,7 +111,3 @@ def _parts(site: SiteView, gpu_type: str, gpus: int, hours: float) -> dict[str, 
     return {"wait_s": 0.0, "cost_eur": round(price * gpus * hours, 4),
             "co2e_kg": round(energy_kwh * site.carbon_g_per_kwh / 1000, 4)}
 
-
-def _reverse(site_id: str) -> tuple[int, ...]:
-    """Ties go to the alphabetically first site while choosing with max()."""
-    return tuple(-ord(c) for c in site_id)

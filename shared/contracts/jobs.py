@@ -1,4 +1,4 @@
-"""Jobs: the spec a submitter sends, the record the registry keeps, the commands between services.
+r"""Jobs: the spec a submitter sends, the record the registry keeps, the commands between services.
 
 The job state machine (CONTRACT.md). Each arrow is a job event `continuum.events.job.<tenant>.<job_id>.<kind>`:
 

@@ -1,0 +1,115 @@
+"""shared/contracts/catalog.py: the catalog files load, and a bad one says where and what is wrong."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from shared.contracts.catalog import Catalog, CatalogError
+
+GOOD_SITE = {"id": "site-a", "kind": "private_cloud", "country": "FR", "carbon_zone": "FR", "gpus": {"H100": 4}}
+GOOD_TENANT = {"id": "acme", "residency": "EU"}
+
+
+def write(tmp_path, name: str, content: dict):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(content))
+    return path
+
+
+def sites_file(tmp_path, *entries: dict):
+    return write(tmp_path, "sites.yaml", {"sites": list(entries)})
+
+
+def load_error(**files) -> str:
+    with pytest.raises(CatalogError) as info:
+        Catalog.load(**files)
+    return str(info.value)
+
+
+def test_the_built_in_catalog_loads():
+    catalog = Catalog.load()
+    assert len(catalog.sites) == 7
+    assert len(catalog.tenants) == 3
+    assert set(catalog.tenants) == {"cnrs-lab", "lumen-ai", "media-fr"}
+    assert catalog.site("jean-zay").public
+    assert catalog.sites["scw-par"].price("H100") == 2.87
+    assert all(site_id == entry.id for site_id, entry in catalog.sites.items())
+
+
+def test_catalog_files_load(tmp_path):
+    second = GOOD_SITE | {"id": "site-b", "kind": "public_hpc", "gpus": {"A100": 8}}
+    catalog = Catalog.load(sites_file(tmp_path, GOOD_SITE, second),
+                           write(tmp_path, "tenants.yaml", {"tenants": [GOOD_TENANT]}))
+    assert list(catalog.sites) == ["site-a", "site-b"]
+    assert list(catalog.tenants) == ["acme"]
+    assert catalog.sites["site-a"].pue == 1.2  # defaults apply
+
+
+def test_an_unknown_key_names_the_file_the_entry_and_the_key(tmp_path):
+    path = sites_file(tmp_path, GOOD_SITE, GOOD_SITE | {"id": "site-b", "colour": "blue"})
+    message = load_error(sites_file=path)
+    assert message == f"{path}: entry 2 (site-b): colour: unknown key"
+
+
+def test_a_bad_value_names_the_file_the_entry_and_the_field(tmp_path):
+    path = sites_file(tmp_path, GOOD_SITE | {"pue": 9})
+    message = load_error(sites_file=path)
+    assert message.startswith(f"{path}: entry 1 (site-a): pue: ")
+    assert "less than or equal to 3" in message
+
+
+def test_a_bad_value_inside_a_mapping_names_its_path(tmp_path):
+    path = sites_file(tmp_path, GOOD_SITE, GOOD_SITE | {"id": "site-b", "gpus": {"H100": -1}})
+    message = load_error(sites_file=path)
+    assert message.startswith(f"{path}: entry 2 (site-b): gpus.H100: ")
+    assert "greater than or equal to 0" in message
+
+
+def test_a_duplicate_id_names_the_file_the_entry_and_the_problem(tmp_path):
+    path = sites_file(tmp_path, GOOD_SITE, GOOD_SITE | {"id": "site-b"}, GOOD_SITE)
+    message = load_error(sites_file=path)
+    assert message == f"{path}: entry 3 (site-a): duplicate id in sites"
+
+
+def test_a_duplicate_tenant_is_refused_too(tmp_path):
+    path = write(tmp_path, "tenants.yaml", {"tenants": [GOOD_TENANT, GOOD_TENANT]})
+    assert load_error(tenants_file=path) == f"{path}: entry 2 (acme): duplicate id in tenants"
+
+
+def test_a_whole_entry_problem_names_the_entry(tmp_path):
+    no_carbon = {k: v for k, v in GOOD_SITE.items() if k != "carbon_zone"}
+    path = sites_file(tmp_path, no_carbon)
+    message = load_error(sites_file=path)
+    assert message.startswith(f"{path}: entry 1 (site-a): ")
+    assert "needs carbon_zone or carbon_g_per_kwh" in message
+
+
+def test_every_problem_is_reported_on_its_own_line(tmp_path):
+    path = sites_file(tmp_path, GOOD_SITE | {"pue": 9}, GOOD_SITE | {"id": "site-b", "colour": "blue"})
+    lines = load_error(sites_file=path).splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith(f"{path}: entry 1 (site-a): pue: ")
+    assert lines[1] == f"{path}: entry 2 (site-b): colour: unknown key"
+
+
+def test_a_tenant_file_problem_names_the_tenant(tmp_path):
+    path = write(tmp_path, "tenants.yaml", {"tenants": [GOOD_TENANT | {"residency": "europe"}]})
+    assert load_error(tenants_file=path).startswith(f"{path}: entry 1 (acme): residency: ")
+
+
+def test_a_top_level_unknown_key_names_the_file(tmp_path):
+    path = write(tmp_path, "sites.yaml", {"sites": [GOOD_SITE], "extra": 1})
+    assert load_error(sites_file=path) == f"{path}: file: extra: unknown key"
+
+
+def test_a_missing_file_is_a_catalog_error(tmp_path):
+    path = tmp_path / "missing.yaml"
+    message = load_error(sites_file=path)
+    assert message.startswith(f"{path}: cannot read")
+
+
+def test_invalid_yaml_is_a_catalog_error(tmp_path):
+    path = tmp_path / "sites.yaml"
+    path.write_text("sites: [unclosed\n")
+    assert load_error(sites_file=path).startswith(f"{path}: not valid YAML")

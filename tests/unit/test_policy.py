@@ -1,0 +1,312 @@
+"""services/routing/policy.py: place() and permanent_reasons() on small hand-built catalogs."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from services.routing.policy import NO_GPU, SiteView, permanent_reasons, place
+from shared.contracts.catalog import Catalog, SiteEntry, TenantEntry
+from shared.contracts.jobs import JobSpec, Resources
+
+
+def site(id: str, kind: str = "private_cloud", country: str = "FR", jurisdiction: str = "EU",
+         certifications: tuple[str, ...] = (), gpus: dict[str, int] | None = None, **extra) -> SiteEntry:
+    return SiteEntry(id=id, kind=kind, country=country, jurisdiction=jurisdiction, carbon_g_per_kwh=50.0,
+                     certifications=list(certifications), gpus=gpus if gpus is not None else {"H100": 8}, **extra)
+
+
+def tenant(allocation: float = 0.0, overflow: str = "allowed", residency: str = "EU") -> TenantEntry:
+    return TenantEntry(id="acme", allocation_gpu_hours=allocation, overflow=overflow, residency=residency)
+
+
+def job(gpus: int = 1, gpu_type: str = "any", nodes: int = 1, **fields) -> JobSpec:
+    return JobSpec(tenant="acme", command=["run"], resources=Resources(gpus=gpus, gpu_type=gpu_type, nodes=nodes),
+                   **fields)
+
+
+def view(entry: SiteEntry, up: bool = True, free: dict[str, int] | None = None) -> SiteView:
+    return SiteView(entry=entry, up=up, free=dict(entry.gpus) if free is None else free)
+
+
+def candidate(decision, site_id):
+    (found,) = [c for c in decision.candidates if c.site == site_id]
+    return found
+
+
+# --- residency -----------------------------------------------------------------------------------------------
+
+def test_residency_fr_never_picks_a_non_fr_site():
+    fr = site("fr-small", country="FR", gpus={"H100": 2})
+    nl = site("nl-big", country="NL", gpus={"H100": 8})
+    decision = place(job(residency="FR"), tenant(), [view(nl), view(fr)])
+    assert decision.site == "fr-small"
+    assert candidate(decision, "nl-big").reasons == ["residency FR: site is in NL"]
+    assert not candidate(decision, "nl-big").eligible
+
+
+def test_residency_fr_with_only_non_fr_sites_is_impossible():
+    decision = place(job(residency="FR"), tenant(), [view(site("nl", country="NL")), view(site("de", country="DE"))])
+    assert decision.site is None
+    assert decision.impossible is True
+
+
+def test_residency_defaults_to_the_tenants():
+    fr = site("fr", country="FR", gpus={"H100": 1})
+    nl = site("nl", country="NL", gpus={"H100": 8})
+    decision = place(job(), tenant(residency="FR"), [view(fr), view(nl)])
+    assert decision.site == "fr"
+    assert permanent_reasons(job(), tenant(residency="FR"), nl) == ["residency FR: site is in NL"]
+
+
+def test_eu_residency_excludes_a_non_eu_jurisdiction_even_inside_the_eu():
+    eu = site("eu", gpus={"H100": 1})
+    us_in_fr = site("us-in-fr", country="FR", jurisdiction="US", gpus={"H100": 8})
+    decision = place(job(residency="EU"), tenant(), [view(eu), view(us_in_fr)])
+    assert decision.site == "eu"
+    assert candidate(decision, "us-in-fr").reasons == ["residency EU: site's jurisdiction is US"]
+
+
+def test_residency_any_allows_a_non_eu_jurisdiction():
+    us = site("us", country="US", jurisdiction="US")
+    assert permanent_reasons(job(residency="any"), tenant(), us) == []
+    assert place(job(residency="any"), tenant(), [view(us)]).site == "us"
+
+
+# --- certifications, GPU type and count -------------------------------------------------------------------------
+
+def test_certifications_are_honoured():
+    plain = site("plain", certifications=("iso27001",), gpus={"H100": 8})
+    hds = site("hds", certifications=("hds", "iso27001"), gpus={"H100": 2})
+    decision = place(job(certifications=["hds"]), tenant(), [view(plain), view(hds)])
+    assert decision.site == "hds"
+    assert candidate(decision, "plain").reasons == ["lacks certification hds"]
+
+
+def test_every_missing_certification_is_named():
+    reasons = permanent_reasons(job(certifications=["secnumcloud", "hds"]), tenant(), site("x"))
+    assert reasons == ["lacks certification hds, secnumcloud"]
+
+
+def test_gpu_type_is_honoured():
+    h100 = site("h100-only", gpus={"H100": 8})
+    a100 = site("a100", gpus={"A100": 2})
+    decision = place(job(gpu_type="A100"), tenant(), [view(h100), view(a100)])
+    assert decision.site == "a100"
+    assert decision.gpu_type == "A100"
+    assert candidate(decision, "h100-only").reasons == ["offers no A100 GPUs"]
+
+
+def test_gpu_count_beyond_the_site_total_is_a_permanent_reason():
+    assert permanent_reasons(job(gpus=16, gpu_type="H100"), tenant(), site("s", gpus={"H100": 8})) == [
+        "needs 16 H100 GPUs, has 8"]
+
+
+def test_gpus_are_counted_per_node():
+    s = site("s", gpus={"H100": 8})
+    assert permanent_reasons(job(gpus=4, nodes=2), tenant(), s) == []
+    assert permanent_reasons(job(gpus=4, nodes=3), tenant(), s) == ["needs 12 any GPUs, has 8"]
+
+
+def test_any_gpu_type_takes_the_type_with_most_free():
+    s = site("s", gpus={"H100": 8, "L40S": 8})
+    decision = place(job(gpus=2), tenant(), [view(s, free={"H100": 3, "L40S": 6})])
+    assert decision.gpu_type == "L40S"
+    assert candidate(decision, "s").score == 4.0
+
+
+def test_a_job_without_gpus_gets_no_gpu_type():
+    decision = place(job(gpus=0), tenant(), [view(site("s"), free={"H100": 0})])
+    assert decision.site == "s"
+    assert decision.gpu_type == NO_GPU
+
+
+# --- overflow and allocations ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["private_cloud", "partner"])
+def test_overflow_forbidden_by_the_job_excludes_paid_sites(kind):
+    public = site("public", kind="public_hpc", gpus={"H100": 1})
+    paid = site("paid", kind=kind, gpus={"H100": 8})
+    decision = place(job(overflow="forbidden"), tenant(allocation=100), [view(public), view(paid)])
+    assert decision.site == "public"
+    assert candidate(decision, "paid").reasons == ["overflow forbidden by the job: site is paid capacity"]
+
+
+def test_overflow_forbidden_by_the_tenant_excludes_paid_sites():
+    paid = site("paid", gpus={"H100": 8})
+    decision = place(job(), tenant(allocation=100, overflow="forbidden"), [view(paid)])
+    assert decision.site is None
+    assert decision.impossible is True
+    assert candidate(decision, "paid").reasons == ["overflow forbidden by the tenant: site is paid capacity"]
+
+
+def test_a_tenant_without_allocation_cannot_use_public_sites():
+    public = site("public", kind="public_hpc", gpus={"H100": 16})
+    paid = site("paid", gpus={"H100": 1})
+    decision = place(job(), tenant(allocation=0), [view(public), view(paid)])
+    assert decision.site == "paid"
+    assert decision.overflow is False  # no public hours to overflow from
+    assert candidate(decision, "public").reasons == ["tenant has no public allocation"]
+
+
+def test_a_tenant_with_allocation_prefers_the_public_site_when_it_fits():
+    public = site("public", kind="public_hpc", gpus={"H100": 2})
+    paid = site("paid", gpus={"H100": 8})
+    decision = place(job(), tenant(allocation=100), [view(public), view(paid)])
+    assert decision.site == "public"
+    assert decision.overflow is False
+    assert candidate(decision, "paid").eligible  # paid was possible, public was preferred
+
+
+def test_a_tenant_with_allocation_overflows_to_paid_when_public_is_full():
+    public = site("public", kind="public_hpc", gpus={"H100": 2})
+    paid = site("paid", gpus={"H100": 8})
+    decision = place(job(gpus=2), tenant(allocation=100), [view(public, free={"H100": 1}), view(paid)])
+    assert decision.site == "paid"
+    assert decision.overflow is True
+
+
+# --- impossible, waiting, candidates ----------------------------------------------------------------------------
+
+def test_a_job_no_site_could_ever_run_is_impossible():
+    sites = [view(site("a", gpus={"H100": 8})), view(site("b", gpus={"L4": 8}))]
+    decision = place(job(gpus=64), tenant(), sites)
+    assert decision.site is None
+    assert decision.impossible is True
+    assert all(c.reasons for c in decision.candidates)
+
+
+def test_a_site_that_is_down_makes_the_job_wait():
+    decision = place(job(), tenant(), [view(site("s"), up=False)])
+    assert decision.site is None
+    assert decision.impossible is False
+    assert decision.reasons == ["s: site is down or has not reported"]
+
+
+def test_a_full_site_makes_the_job_wait():
+    decision = place(job(gpus=4, gpu_type="H100"), tenant(), [view(site("s"), free={"H100": 3})])
+    assert decision.site is None
+    assert decision.impossible is False
+    assert decision.reasons == ["s: needs 4 H100 GPUs now, 3 free"]
+
+
+def test_wait_when_some_site_could_run_it_later_even_if_others_never_can():
+    never = site("never", country="NL", gpus={"H100": 8})
+    later = site("later", gpus={"H100": 8})
+    decision = place(job(residency="FR"), tenant(), [view(never), view(later, up=False)])
+    assert decision.site is None
+    assert decision.impossible is False
+    assert len(decision.reasons) == 2
+
+
+def test_no_sites_at_all_is_not_called_impossible():
+    decision = place(job(), tenant(), [])
+    assert decision.site is None
+    assert decision.impossible is False
+    assert decision.candidates == []
+
+
+def test_every_catalog_site_appears_once_in_candidates():
+    catalog = Catalog.load()
+    views = [view(entry) for entry in catalog.sites.values()]
+    decision = place(job(gpus=1, residency="FR"), catalog.tenants["cnrs-lab"], views)
+    ids = [c.site for c in decision.candidates]
+    assert sorted(ids) == sorted(catalog.sites)
+    assert len(ids) == len(set(ids)) == 7
+    assert ids == sorted(ids)
+    # cnrs-lab has an allocation: the public supercomputer in France wins
+    assert decision.site == "jean-zay"
+    assert decision.overflow is False
+
+
+def test_eligible_candidates_carry_a_score_and_cost_parts():
+    paid = site("paid", gpus={"H100": 8}, price_eur_per_gpu_hour={"H100": 2.0})
+    decision = place(job(gpus=2, walltime_s=1800), tenant(), [view(paid, free={"H100": 5})])
+    c = candidate(decision, "paid")
+    assert c.eligible and c.reasons == []
+    assert c.score == 3.0
+    assert c.parts["cost_eur"] == pytest.approx(2.0 * 2 * 0.5)
+
+
+def test_ties_are_broken_by_site_id_whatever_the_input_order():
+    a, b, c = site("alpha"), site("bravo"), site("charlie")
+    orders = [[a, b, c], [c, b, a], [b, c, a]]
+    assert {place(job(), tenant(), [view(s) for s in order]).site for order in orders} == {"alpha"}
+
+
+def test_more_free_gpus_beats_the_alphabet():
+    decision = place(job(), tenant(), [view(site("alpha"), free={"H100": 2}), view(site("bravo"))])
+    assert decision.site == "bravo"
+
+
+def test_ties_go_to_the_alphabetically_first_id_even_when_it_is_a_prefix():
+    decision = place(job(), tenant(), [view(site("gpu")), view(site("gpu-2"))])
+    assert decision.site == "gpu"
+
+
+# --- property ------------------------------------------------------------------------------------------------------
+
+COUNTRIES = ("FR", "DE", "NL", "US")
+CERTS = ("hds", "iso27001", "secnumcloud")
+TYPES = ("H100", "A100", "L40S", "L4")
+
+
+@st.composite
+def site_views(draw, site_id: str) -> SiteView:
+    country = draw(st.sampled_from(COUNTRIES))
+    jurisdiction = draw(st.sampled_from(("EU", "US"))) if country != "US" else "US"
+    gpus = draw(st.dictionaries(st.sampled_from(TYPES), st.integers(0, 8), min_size=1, max_size=3))
+    entry = site(site_id, kind=draw(st.sampled_from(("public_hpc", "private_cloud", "partner"))), country=country,
+                 jurisdiction=jurisdiction, certifications=tuple(draw(st.sets(st.sampled_from(CERTS)))), gpus=gpus)
+    free = {t: draw(st.integers(0, n)) for t, n in gpus.items()}
+    return SiteView(entry=entry, up=draw(st.booleans()), free=free)
+
+
+@st.composite
+def catalogs(draw) -> list[SiteView]:
+    ids = draw(st.lists(st.sampled_from(("a", "b", "c", "d", "e", "f")), min_size=1, max_size=5, unique=True))
+    return [draw(site_views(i)) for i in ids]
+
+
+tenants = st.builds(tenant, allocation=st.sampled_from((0.0, 100.0)), overflow=st.sampled_from(("allowed", "forbidden")),
+                    residency=st.sampled_from(("EU", "any", "FR", "DE")))
+specs = st.builds(job, gpus=st.integers(0, 6), gpu_type=st.sampled_from(("any",) + TYPES), nodes=st.integers(1, 2),
+                  residency=st.sampled_from((None, "EU", "any", "FR", "NL")),
+                  certifications=st.lists(st.sampled_from(CERTS), max_size=2, unique=True),
+                  overflow=st.sampled_from(("allowed", "forbidden")))
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(views=catalogs(), spec=specs, who=tenants)
+def test_a_chosen_site_never_breaks_a_hard_constraint(views, spec, who):
+    decision = place(spec, who, views)
+    assert sorted(c.site for c in decision.candidates) == sorted(v.id for v in views)
+    if decision.site is None:
+        assert decision.impossible == all(permanent_reasons(spec, who, v.entry) for v in views)
+        return
+    assert decision.impossible is False
+    chosen = next(v for v in views if v.id == decision.site)
+    entry = chosen.entry
+    assert chosen.up
+    residency = spec.residency or who.residency
+    if residency == "EU":
+        assert entry.jurisdiction == "EU"
+    elif residency != "any":
+        assert entry.country == residency
+    assert set(spec.certifications) <= set(entry.certifications)
+    need = spec.resources.total_gpus
+    if need:
+        assert decision.gpu_type in entry.gpus
+        assert spec.resources.gpu_type in ("any", decision.gpu_type)
+        assert chosen.free[decision.gpu_type] >= need
+    if entry.public:
+        assert who.allocation_gpu_hours > 0
+    else:
+        assert spec.overflow == "allowed" and who.overflow == "allowed"
+    assert decision.overflow == (who.allocation_gpu_hours > 0 and not entry.public)
+    # public first: a tenant with hours only leaves public capacity when no public site could take the job now
+    eligible = {c.site for c in decision.candidates if c.eligible}
+    assert decision.site in eligible
+    if decision.overflow:
+        assert not any(v.entry.public for v in views if v.id in eligible)

@@ -1,0 +1,133 @@
+"""services/routing/reservations.py: the GPUs placed jobs hold at one site, as a pure document."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from services.routing.reservations import NoCapacity, free, holds, release, reserve, reserved
+
+TOTAL = {"H100": 8, "L40S": 4}
+
+
+def test_an_empty_document_holds_nothing():
+    for doc in (None, {}, {"jobs": {}}):
+        assert reserved(doc) == {}
+        assert free(doc, TOTAL) == TOTAL
+        assert holds(doc, "j1") is False
+
+
+def test_reserve_holds_the_gpus():
+    doc = reserve(None, "j1", "H100", 3, TOTAL, attempt=1)
+    assert doc == {"jobs": {"j1": {"gpu_type": "H100", "gpus": 3, "attempt": 1}}}
+    assert holds(doc, "j1")
+    assert reserved(doc) == {"H100": 3}
+    assert free(doc, TOTAL) == {"H100": 5, "L40S": 4}
+
+
+def test_reservations_add_up_by_type():
+    doc = reserve(None, "j1", "H100", 3, TOTAL)
+    doc = reserve(doc, "j2", "H100", 2, TOTAL)
+    doc = reserve(doc, "j3", "L40S", 4, TOTAL)
+    assert reserved(doc) == {"H100": 5, "L40S": 4}
+    assert free(doc, TOTAL) == {"H100": 3, "L40S": 0}
+
+
+def test_reserve_does_not_change_the_document_it_was_given():
+    doc = reserve(None, "j1", "H100", 3, TOTAL)
+    before = copy.deepcopy(doc)
+    reserve(doc, "j2", "H100", 1, TOTAL)
+    assert doc == before
+
+
+def test_reserving_all_free_gpus_is_allowed_but_one_more_is_not():
+    doc = reserve(None, "j1", "H100", 8, TOTAL)
+    assert free(doc, TOTAL)["H100"] == 0
+    with pytest.raises(NoCapacity, match="1 H100 no longer free"):
+        reserve(doc, "j2", "H100", 1, TOTAL)
+
+
+def test_no_capacity_for_a_type_the_site_lacks():
+    with pytest.raises(NoCapacity):
+        reserve(None, "j1", "A100", 1, TOTAL)
+
+
+def test_a_job_without_gpus_can_always_be_reserved():
+    doc = reserve(None, "big", "H100", 8, TOTAL)
+    doc = reserve(doc, "cpu-only", "none", 0, TOTAL)
+    assert holds(doc, "cpu-only")
+    assert free(doc, TOTAL) == {"H100": 0, "L40S": 4}
+
+
+def test_reserve_is_idempotent():
+    doc = reserve(None, "j1", "H100", 3, TOTAL)
+    assert reserve(doc, "j1", "H100", 3, TOTAL) is None
+    # even if the repeat asks for something else, or the GPUs are gone: the job holds what it holds
+    full = reserve(doc, "j2", "H100", 5, TOTAL)
+    assert reserve(full, "j1", "H100", 8, TOTAL) is None
+
+
+def test_release_frees_the_gpus():
+    doc = reserve(reserve(None, "j1", "H100", 3, TOTAL), "j2", "H100", 2, TOTAL)
+    after = release(doc, "j1")
+    assert not holds(after, "j1")
+    assert holds(after, "j2")
+    assert free(after, TOTAL) == {"H100": 6, "L40S": 4}
+    assert holds(doc, "j1")  # the input is left alone
+
+
+def test_release_of_a_job_not_held_is_none():
+    assert release(None, "j1") is None
+    assert release({"jobs": {}}, "j1") is None
+    doc = reserve(None, "j1", "H100", 1, TOTAL)
+    assert release(doc, "other") is None
+    assert release(release(doc, "j1"), "j1") is None
+
+
+def test_release_before_attempt_only_frees_an_older_attempt():
+    doc = reserve(None, "j1", "H100", 2, TOTAL, attempt=2)
+    # a requeue of attempt 2 (or 1) must not free the placement of attempt 2
+    assert release(doc, "j1", before_attempt=2) is None
+    assert release(doc, "j1", before_attempt=1) is None
+    # the requeue of attempt 2 frees an attempt-1 hold, or the attempt-2 hold once attempt 3 is asked
+    assert not holds(release(doc, "j1", before_attempt=3), "j1")
+    older = reserve(None, "j1", "H100", 2, TOTAL, attempt=1)
+    assert not holds(release(older, "j1", before_attempt=2), "j1")
+
+
+def test_release_before_attempt_treats_a_missing_attempt_as_zero():
+    doc = {"jobs": {"j1": {"gpu_type": "H100", "gpus": 2}}}
+    assert release(doc, "j1", before_attempt=0) is None
+    assert release(doc, "j1", before_attempt=1) == {"jobs": {}}
+
+
+operations = st.lists(
+    st.tuples(st.sampled_from(("reserve", "release")), st.sampled_from(("j1", "j2", "j3", "j4", "j5")),
+              st.sampled_from(("H100", "L40S", "A100")), st.integers(0, 9), st.integers(0, 3)),
+    max_size=40)
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(ops=operations)
+def test_random_reserve_and_release_never_make_free_negative(ops):
+    doc: dict | None = None
+    for op, job_id, gpu_type, gpus, attempt in ops:
+        if op == "reserve":
+            try:
+                new = reserve(doc, job_id, gpu_type, gpus, TOTAL, attempt=attempt)
+            except NoCapacity:
+                new = None
+        else:
+            new = release(doc, job_id, before_attempt=attempt if gpus % 2 else None)
+        if new is not None:
+            doc = new
+        available = free(doc, TOTAL)
+        assert all(n >= 0 for n in available.values()), (ops, doc)
+        assert set(available) == set(TOTAL)
+        # what is held is exactly the sum of the jobs in the document
+        held = reserved(doc)
+        for t, n in TOTAL.items():
+            assert available[t] == n - held.get(t, 0)

@@ -1,0 +1,160 @@
+"""services/intake/validation.py: check_submission turns bytes into an accepted JobSpec or a Rejection."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from services.intake.validation import UNKNOWN_TENANT, Rejection, check_submission
+from shared.contracts.catalog import Catalog
+from shared.contracts.jobs import JobSpec
+
+MAX = 64 * 1024
+
+
+@pytest.fixture(scope="module")
+def catalog() -> Catalog:
+    return Catalog.load()
+
+
+def body(**fields) -> bytes:
+    spec = {"tenant": "media-fr", "command": ["python", "train.py"]} | fields
+    return json.dumps(spec).encode()
+
+
+def reject(raw: bytes, catalog: Catalog, **kwargs) -> Rejection:
+    with pytest.raises(Rejection) as info:
+        check_submission(raw, catalog, max_bytes=kwargs.pop("max_bytes", MAX), **kwargs)
+    return info.value
+
+
+def locs(rejection: Rejection) -> list[list]:
+    return [e.loc for e in rejection.errors]
+
+
+def test_accepted_spec_gets_the_tenants_default_residency(catalog):
+    spec = check_submission(body(), catalog, max_bytes=MAX)
+    assert isinstance(spec, JobSpec)
+    assert spec.tenant == "media-fr"
+    assert spec.command == ["python", "train.py"]
+    assert catalog.tenants["media-fr"].residency == "FR"
+    assert spec.residency == "FR"
+
+
+def test_an_eu_tenant_gets_eu_residency(catalog):
+    assert check_submission(body(tenant="lumen-ai"), catalog, max_bytes=MAX).residency == "EU"
+
+
+def test_an_explicit_residency_is_kept(catalog):
+    assert check_submission(body(residency="any"), catalog, max_bytes=MAX).residency == "any"
+
+
+def test_matching_subject_tenant_is_accepted(catalog):
+    spec = check_submission(body(), catalog, max_bytes=MAX, subject_tenant="media-fr")
+    assert spec.tenant == "media-fr"
+
+
+def test_bad_json_is_rejected(catalog):
+    rejection = reject(b'{"tenant": "media-fr", ', catalog)
+    assert len(rejection.errors) == 1
+    assert rejection.errors[0].loc == []
+    assert "not valid JSON" in rejection.errors[0].msg
+    assert rejection.tenant == UNKNOWN_TENANT
+
+
+def test_bad_json_on_a_tenant_subject_is_charged_to_that_tenant(catalog):
+    assert reject(b"nope", catalog, subject_tenant="media-fr").tenant == "media-fr"
+
+
+@pytest.mark.parametrize(("raw", "kind"), [(b"[1, 2]", "list"), (b'"text"', "str"), (b"42", "int"), (b"null", "NoneType")])
+def test_json_that_is_not_an_object_is_rejected(catalog, raw, kind):
+    rejection = reject(raw, catalog)
+    assert locs(rejection) == [[]]
+    assert "JSON object" in rejection.errors[0].msg
+    assert kind in rejection.errors[0].msg
+
+
+def test_unknown_tenant_is_rejected(catalog):
+    rejection = reject(body(tenant="ghost-corp"), catalog)
+    assert locs(rejection) == [["tenant"]]
+    assert "unknown tenant 'ghost-corp'" in rejection.errors[0].msg
+
+
+def test_negative_gpus_are_rejected(catalog):
+    rejection = reject(body(resources={"gpus": -1}), catalog)
+    assert locs(rejection) == [["resources", "gpus"]]
+    assert "greater than or equal to 0" in rejection.errors[0].msg
+    assert rejection.tenant == "media-fr"
+
+
+def test_missing_command_is_rejected(catalog):
+    rejection = reject(json.dumps({"tenant": "media-fr"}).encode(), catalog)
+    assert locs(rejection) == [["command"]]
+    assert "required" in rejection.errors[0].msg.lower()
+
+
+def test_unknown_field_is_rejected(catalog):
+    rejection = reject(body(colour="blue"), catalog)
+    assert locs(rejection) == [["colour"]]
+    assert rejection.errors[0].msg == "unknown field"
+
+
+def test_unknown_nested_field_is_rejected_with_its_path(catalog):
+    rejection = reject(body(resources={"gpus": 1, "tpus": 2}), catalog)
+    assert locs(rejection) == [["resources", "tpus"]]
+    assert rejection.errors[0].msg == "unknown field"
+
+
+def test_body_over_max_bytes_is_rejected_before_parsing(catalog):
+    raw = body()
+    rejection = reject(raw, catalog, max_bytes=len(raw) - 1)
+    assert locs(rejection) == [[]]
+    assert "too large" in rejection.errors[0].msg
+    assert str(len(raw)) in rejection.errors[0].msg
+
+
+def test_body_of_exactly_max_bytes_is_accepted(catalog):
+    raw = body()
+    assert check_submission(raw, catalog, max_bytes=len(raw)).tenant == "media-fr"
+
+
+def test_tenant_mismatch_against_the_subject_is_rejected(catalog):
+    rejection = reject(body(tenant="lumen-ai"), catalog, subject_tenant="media-fr")
+    assert locs(rejection) == [["tenant"]]
+    assert "does not match" in rejection.errors[0].msg
+    assert "'media-fr'" in rejection.errors[0].msg
+
+
+def test_missing_tenant_on_a_tenant_subject_is_a_mismatch_too(catalog):
+    rejection = reject(json.dumps({"command": ["x"]}).encode(), catalog, subject_tenant="media-fr")
+    assert ["tenant"] in locs(rejection)
+    assert any("does not match" in e.msg for e in rejection.errors)
+    assert rejection.tenant == "media-fr"
+
+
+def test_every_problem_is_reported(catalog):
+    raw = json.dumps({"tenant": "ghost-corp", "resources": {"gpus": -2}, "colour": "blue"}).encode()
+    rejection = reject(raw, catalog, subject_tenant="media-fr")
+    found = locs(rejection)
+    assert ["command"] in found
+    assert ["resources", "gpus"] in found
+    assert ["colour"] in found
+    tenant_msgs = [e.msg for e in rejection.errors if e.loc == ["tenant"]]
+    assert any("unknown tenant" in m for m in tenant_msgs)
+    assert any("does not match" in m for m in tenant_msgs)
+    assert len(rejection.errors) == 5
+    # the exception text names every problem too
+    text = str(rejection)
+    for part in ("command", "resources.gpus", "colour", "tenant"):
+        assert part in text
+
+
+def test_an_invalid_tenant_is_never_used_as_the_rejections_tenant(catalog):
+    rejection = reject(body(tenant="Not A Tenant!"), catalog)
+    assert rejection.tenant == UNKNOWN_TENANT
+
+
+def test_a_tenant_with_a_trailing_newline_is_not_used_as_the_rejections_tenant(catalog):
+    rejection = reject(body(tenant="media-fr\n"), catalog)
+    assert rejection.tenant == UNKNOWN_TENANT
