@@ -14,6 +14,7 @@ from services.agent.backends import Backend, backend_for
 from services.agent.backends.base import Outcome
 from shared.bus import TRACEPARENT, Bus, create_app, create_bus, dumps
 from shared.contracts.catalog import Catalog, SiteEntry
+from shared.contracts.streams import consumer_config
 from shared.contracts.events import make_event, utcnow
 from shared.contracts.jobs import Dispatch, JobState, StopJob, job_event_data
 from shared.contracts.sites import Heartbeat
@@ -101,14 +102,14 @@ def create_agent_app(settings: Settings, site_ids: list[str] | None = None):
         def bind(agent: SiteAgent) -> None:
             @broker.subscriber(subjects.dispatch(agent.site.id), stream=dispatch_stream,
                                durable=topology.durable(SERVICE, f"{agent.site.id}-run"),
-                               pull_sub=PullSub(batch_size=64, timeout=1.0), ack_policy=AckPolicy.NACK_ON_ERROR,
+                               pull_sub=PullSub(batch_size=64, timeout=1.0), ack_policy=AckPolicy.NACK_ON_ERROR, config=consumer_config(),
                                title=f"dispatch-{agent.site.id}")
             async def run(order: Dispatch, msg: NatsMessage) -> None:
                 await agent.take(order, (msg.headers or {}).get(TRACEPARENT))
 
             @broker.subscriber(subjects.stop(agent.site.id), stream=dispatch_stream,
                                durable=topology.durable(SERVICE, f"{agent.site.id}-cancel"),
-                               pull_sub=PullSub(batch_size=16, timeout=1.0), ack_policy=AckPolicy.NACK_ON_ERROR,
+                               pull_sub=PullSub(batch_size=16, timeout=1.0), ack_policy=AckPolicy.NACK_ON_ERROR, config=consumer_config(),
                                title=f"cancel-{agent.site.id}")
             async def stop(command: StopJob, msg: NatsMessage) -> None:
                 await agent.stop(command, (msg.headers or {}).get(TRACEPARENT))

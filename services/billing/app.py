@@ -14,6 +14,7 @@ from shared.bus import TRACEPARENT, Bus, create_app, create_bus
 from shared.carbon import HourlyCarbon, default_carbon
 from shared.contracts.billing import StatementRequest, UsageLine
 from shared.contracts.catalog import Catalog
+from shared.contracts.streams import consumer_config
 from shared.contracts.events import CloudEvent, make_event
 from shared.contracts.jobs import JobState
 from shared.settings import Settings
@@ -72,7 +73,7 @@ def create_billing_app(settings: Settings):
     for kind in _FINAL:
         broker.subscriber(subjects.job_event(kind=kind.value), stream=events,
                           durable=topology.durable(SERVICE, kind.value), pull_sub=PullSub(batch_size=128, timeout=1.0),
-                          ack_policy=AckPolicy.NACK_ON_ERROR, title=f"meter-{kind.value}")(meter)
+                          ack_policy=AckPolicy.NACK_ON_ERROR, config=consumer_config(), title=f"meter-{kind.value}")(meter)
 
     @broker.subscriber(subjects.billing_statement, queue=SERVICE, title="billing.statement")
     async def get_statement(msg: NatsMessage) -> dict:

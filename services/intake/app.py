@@ -13,6 +13,7 @@ from services.intake.registry import apply_event
 from services.intake.validation import Rejection, check_submission
 from shared.bus import TRACEPARENT, Bus, create_app, create_bus, new_traceparent
 from shared.contracts.catalog import Catalog
+from shared.contracts.streams import consumer_config
 from shared.contracts.events import CloudEvent, make_event
 from shared.contracts.jobs import (CancelReply, CancelRequest, JobRecord, JobRef, JobState, StopJob, SubmitReply,
                                    job_event_data)
@@ -109,7 +110,7 @@ def create_intake_app(settings: Settings):
 
     @broker.subscriber(subjects.intake("*"), stream=JStream(topology.intake_stream, declare=False),
                        durable=topology.durable(SERVICE, "intake"), pull_sub=PullSub(batch_size=64, timeout=1.0),
-                       ack_policy=AckPolicy.NACK_ON_ERROR, title="intake")
+                       ack_policy=AckPolicy.NACK_ON_ERROR, config=consumer_config(), title="intake")
     async def fire_and_forget(msg: NatsMessage) -> None:
         """A JobSpec from a system that emits job events; the outcome is an accepted or rejected event."""
         headers = msg.headers or {}
@@ -118,7 +119,7 @@ def create_intake_app(settings: Settings):
 
     @broker.subscriber(subjects.job_events_all, stream=JStream(topology.events_stream, declare=False),
                        durable=topology.durable(SERVICE, "registry"), pull_sub=PullSub(batch_size=128, timeout=1.0),
-                       ack_policy=AckPolicy.NACK_ON_ERROR, title="registry")
+                       ack_policy=AckPolicy.NACK_ON_ERROR, config=consumer_config(), title="registry")
     async def registry(event: CloudEvent, msg: NatsMessage) -> None:
         """Fold every job event into the job's record."""
         seq = msg.raw_message.metadata.sequence.stream

@@ -11,13 +11,13 @@ import structlog
 from faststream.exceptions import NackMessage
 from faststream.middlewares import AckPolicy
 from faststream.nats import JStream, NatsMessage, PullSub
-from nats.js.api import ConsumerConfig
 
 from services.routing import reservations
 from services.routing.policy import SiteView, place
 from shared.bus import TRACEPARENT, Bus, create_app, create_bus
 from shared.carbon import default_carbon
 from shared.contracts.catalog import Catalog
+from shared.contracts.streams import consumer_config
 from shared.contracts.events import CloudEvent, make_event
 from shared.contracts.jobs import Decision, Dispatch, JobRecord, JobSpec, JobState, job_event_data
 from shared.settings import Settings
@@ -131,19 +131,19 @@ def create_routing_app(settings: Settings):
     broker, subjects, topology = bus.broker, bus.subjects, bus.topology
     events = JStream(topology.events_stream, declare=False)
     # waiting jobs stay unacknowledged while they wait: allow many of them
-    waiting = ConsumerConfig(max_ack_pending=100_000)
+    waiting = consumer_config(max_ack_pending=100_000)
 
     async def place(event: CloudEvent, msg: NatsMessage) -> None:
         await router.place(event, (msg.headers or {}).get(TRACEPARENT))
 
     for kind in (JobState.accepted, JobState.requeued):
         broker.subscriber(subjects.job_event(kind=kind.value), stream=events,
-                          durable=topology.durable(SERVICE, kind.value), config=waiting,
-                          pull_sub=PullSub(batch_size=64, timeout=1.0), ack_policy=AckPolicy.NACK_ON_ERROR,
+                          durable=topology.durable(SERVICE, kind.value),
+                          pull_sub=PullSub(batch_size=64, timeout=1.0), ack_policy=AckPolicy.NACK_ON_ERROR, config=waiting,
                           title=f"place-{kind.value}")(place)
 
     @broker.subscriber(subjects.job_events_all, stream=events, durable=topology.durable(SERVICE, "release"),
-                       pull_sub=PullSub(batch_size=128, timeout=1.0), ack_policy=AckPolicy.NACK_ON_ERROR,
+                       pull_sub=PullSub(batch_size=128, timeout=1.0), ack_policy=AckPolicy.NACK_ON_ERROR, config=consumer_config(),
                        title="release")
     async def release(event: CloudEvent) -> None:
         """A job that ended, was cancelled or goes back to placement frees the GPUs it held."""

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nats.js.api import RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
 
 from .subjects import Subjects
 
 # How long JetStream remembers a Nats-Msg-Id: a step redone after a crash within this window is dropped.
 DEDUPE_WINDOW_S = 15 * 60
+# How long a consumer waits for an ack before redelivering: what a crashed replica costs in latency.
+ACK_WAIT_S = 10.0
+
+
+def consumer_config(**overrides: object) -> ConsumerConfig:
+    return ConsumerConfig(ack_wait=ACK_WAIT_S, **overrides)
 
 
 @dataclass(frozen=True)

@@ -81,6 +81,8 @@ def job(i: int, runtime: float = 0.05, **extra) -> dict:
         spec["resources"]["gpu_type"] = "H100"  # media's FR sites offer H100 and L4 only
     if spec["tenant"] == "lab" and spec["resources"]["gpu_type"] == "L4":
         spec["resources"]["gpu_type"] = "A100"
+    if spec["tenant"] == "startup" and spec["resources"]["gpu_type"] == "A100":
+        spec["resources"]["gpu_type"] = "L40S"  # A100s are public capacity only, and startup has no allocation
     if i % 7 == 0:
         spec["labels"]["sim.exit_code"] = "2"
     if i % 11 == 0:
@@ -89,6 +91,16 @@ def job(i: int, runtime: float = 0.05, **extra) -> dict:
         spec["tenant"] = "startup"
     spec.update(extra)
     return spec
+
+
+async def record_when(nc, job_id: str, state: str, timeout: float = 30.0) -> dict:
+    """The job's record once the registry (a read model that follows the event stream) shows `state`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        record = await request_json(nc, SUBJECTS.jobs_get, {"job_id": job_id})
+        if record.get("state") == state or time.monotonic() > deadline:
+            return record
+        await asyncio.sleep(0.05)
 
 
 async def submit_all(nc, specs: list[dict]) -> list[str]:
@@ -136,7 +148,7 @@ async def check_batch(nc, job_ids: list[str], specs: list[dict]) -> None:
         assert set(spec.get("certifications", [])) <= SITE_CERTS.get(site, set()) | set(), (job_id, site)
         assert all(e["data"]["job_id"] == job_id and e["subject"] == job_id for e in by_job[job_id])
 
-        record = await request_json(nc, SUBJECTS.jobs_get, {"job_id": job_id})
+        record = await record_when(nc, job_id, finals[0])
         assert record["state"] == finals[0] and record["site"] == site
         assert [h["state"] for h in record["history"]] == kinds
         if finals[0] == "failed":
@@ -175,10 +187,10 @@ async def test_same_idempotency_key_gives_one_job(system):
     assert first["job_id"] == second["job_id"]
     # fire-and-forget intake: the same Nats-Msg-Id twice is one job too
     events = await listen(nc)
-    body = orjson.dumps(job(2))
+    emitted = job(2)
     js = nc.jetstream()
     for _ in range(2):
-        await js.publish(SUBJECTS.intake("startup"), body, headers={"Nats-Msg-Id": "emit-42"})
+        await js.publish(SUBJECTS.intake(emitted["tenant"]), orjson.dumps(emitted), headers={"Nats-Msg-Id": "emit-42"})
     await events.wait_for(lambda: any(e["type"] == "continuum.job.accepted" for e in events.events), 30,
                           "the intake event to be accepted")
     await nc.flush()
@@ -240,7 +252,7 @@ async def test_a_job_no_site_can_run_is_rejected_with_reasons(system):
     reply = await request_json(nc, SUBJECTS.jobs_submit, job(1, tenant="media", resources={"gpus": 64, "gpu_type": "H100"}))
     job_id = reply["job_id"]
     await events.wait_for(lambda: "rejected" in events.kinds(job_id), 30, "the rejection")
-    record = await request_json(nc, SUBJECTS.jobs_get, {"job_id": job_id})
+    record = await record_when(nc, job_id, "rejected")
     assert record["state"] == "rejected"
     assert any("residency FR" in r for r in record["reasons"])
     assert any("needs 64 H100" in r for r in record["reasons"])
@@ -272,6 +284,6 @@ async def test_cancel_a_running_job(system):
     assert answer == {"job_id": job_id, "state": "cancelling"}
     await events.wait_for(lambda: "cancelled" in events.kinds(job_id), 30, "the cancellation")
     await events.wait_for(lambda: job_id in events.billed, 30, "the usage line of the cancelled run")
-    record = await request_json(nc, SUBJECTS.jobs_get, {"job_id": job_id})
+    record = await record_when(nc, job_id, "cancelled")
     assert record["state"] == "cancelled"
     await nc.close()
