@@ -83,6 +83,10 @@ class Bus:
                     self._buckets[bucket] = await self.js.key_value(bucket)
         return self._buckets[bucket]
 
+    def document_events(self, subject: str, description: str) -> None:
+        """Declare, for the AsyncAPI document, events this service publishes (subjects with wildcards)."""
+        self.broker.publisher(subject, schema=CloudEvent, title=subject, description=description)
+
     async def publish_event(self, subject: str, event: CloudEvent, traceparent: str | None = None) -> None:
         """Publish to the event stream; the event id is the Nats-Msg-Id, so a redone step is not doubled."""
         headers = {"Nats-Msg-Id": event.id}
@@ -157,9 +161,13 @@ def create_bus(settings: Settings, service: str) -> Bus:
     return bus
 
 
-def create_app(bus: Bus, *, after_startup: tuple[Callable[[], Awaitable[None]], ...] = (),
-               on_shutdown: tuple[Callable[[], Awaitable[None]], ...] = ()) -> FastStream:
-    app = FastStream(bus.broker, logger=None, on_shutdown=list(on_shutdown))
+Hook = Callable[[], Awaitable[None]]
+
+
+def create_app(bus: Bus, *, on_startup: tuple[Hook, ...] = (), after_startup: tuple[Hook, ...] = (),
+               on_shutdown: tuple[Hook, ...] = ()) -> FastStream:
+    app = FastStream(bus.broker, logger=None, on_startup=list(on_startup), after_startup=list(after_startup),
+                     on_shutdown=list(on_shutdown))
 
     @app.on_startup
     async def _topology() -> None:
@@ -167,8 +175,6 @@ def create_app(bus: Bus, *, after_startup: tuple[Callable[[], Awaitable[None]], 
         await bus.broker.connect()
         await bus.ensure_topology()
 
-    for hook in after_startup:
-        app.after_startup(hook)
     return app
 
 

@@ -96,6 +96,8 @@ def create_agent_app(settings: Settings, site_ids: list[str] | None = None):
         raise ValueError(f"no site {sorted(unknown)} in the catalog; known: {sorted(catalog.sites)}")
     agents = [SiteAgent(bus, catalog.site(s)) for s in (site_ids or sorted(catalog.sites))]
     broker, subjects, topology = bus.broker, bus.subjects, bus.topology
+    for kind in ("dispatched", "started", "succeeded", "failed", "cancelled"):
+        bus.document_events(subjects.job_event(kind=kind), f"A site agent reports that a job {kind}.")
     dispatch_stream = JStream(topology.dispatch_stream, declare=False)
 
     for agent in agents:

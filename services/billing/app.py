@@ -25,11 +25,11 @@ _FINAL = (JobState.succeeded, JobState.failed, JobState.cancelled)
 
 
 class Billing:
-    def __init__(self, bus: Bus, catalog: Catalog, ledger: Ledger, carbon: HourlyCarbon) -> None:
+    def __init__(self, bus: Bus, catalog: Catalog, carbon: HourlyCarbon) -> None:
         self.bus = bus
         self.catalog = catalog
-        self.ledger = ledger
         self.carbon = carbon
+        self.ledger: Ledger  # opened at start: building the service (for docs, say) touches no file
 
     def usage(self, event: CloudEvent) -> UsageLine | None:
         """The usage line of a job's final event; None for a job that never started (nothing ran)."""
@@ -62,9 +62,9 @@ class Billing:
 
 def create_billing_app(settings: Settings):
     bus = create_bus(settings, SERVICE)
-    ledger = Ledger(settings.ledger)
-    billing = Billing(bus, Catalog.load(settings.sites_file, settings.tenants_file), ledger, default_carbon())
+    billing = Billing(bus, Catalog.load(settings.sites_file, settings.tenants_file), default_carbon())
     broker, subjects, topology = bus.broker, bus.subjects, bus.topology
+    bus.document_events(subjects.billing_event(kind="usage"), "The usage line of one finished job (data).")
     events = JStream(topology.events_stream, declare=False)
 
     async def meter(event: CloudEvent, msg: NatsMessage) -> None:
@@ -81,10 +81,13 @@ def create_billing_app(settings: Settings):
             request = StatementRequest.model_validate_json(msg.body)
         except ValueError as e:
             return {"error": f"bad request: expected {{\"tenant\": str, \"since\"?, \"until\"?}}: {e}"}
-        lines = ledger.lines(request.tenant, request.since, request.until)
+        lines = billing.ledger.lines(request.tenant, request.since, request.until)
         return statement(request.tenant, lines, request.since, request.until).model_dump(mode="json")
 
-    async def close() -> None:
-        ledger.close()
+    async def open_ledger() -> None:
+        billing.ledger = Ledger(settings.ledger)
 
-    return create_app(bus, on_shutdown=(close,))
+    async def close() -> None:
+        billing.ledger.close()
+
+    return create_app(bus, on_startup=(open_ledger,), on_shutdown=(close,))

@@ -84,6 +84,8 @@ def create_capacity_app(settings: Settings):
     catalog = Catalog.load(settings.sites_file, settings.tenants_file)
     view = CapacityView(bus, catalog, default_carbon())
     broker, subjects = bus.broker, bus.subjects
+    bus.document_events(subjects.site_event(kind="up"), "A site sends heartbeats again; data is its SiteStatus.")
+    bus.document_events(subjects.site_event(kind="down"), "A site missed 3 heartbeats; data is its SiteStatus.")
 
     @broker.subscriber(subjects.heartbeat("*"), queue=SERVICE, title="heartbeats")
     async def heartbeat(beat: Heartbeat) -> None:

@@ -97,6 +97,9 @@ def create_intake_app(settings: Settings):
     bus = create_bus(settings, SERVICE)
     intake = Intake(bus, Catalog.load(settings.sites_file, settings.tenants_file))
     broker, subjects, topology = bus.broker, bus.subjects, bus.topology
+    bus.document_events(subjects.job_event(kind="accepted"), "A job was accepted; data.spec is its JobSpec.")
+    bus.document_events(subjects.job_event(kind="rejected"), "A submission was refused; data.errors says why.")
+    bus.document_events(subjects.job_event(kind="cancelled"), "A job not yet at a site was cancelled.")
 
     @broker.subscriber(subjects.jobs_submit, queue=SERVICE, title="jobs.submit")
     async def submit(msg: NatsMessage) -> dict:

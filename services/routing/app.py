@@ -129,6 +129,9 @@ def create_routing_app(settings: Settings):
     bus = create_bus(settings, SERVICE)
     router = Router(bus, Catalog.load(settings.sites_file, settings.tenants_file))
     broker, subjects, topology = bus.broker, bus.subjects, bus.topology
+    bus.document_events(subjects.job_event(kind="placed"), "A job was placed; data.decision explains why there.")
+    bus.document_events(subjects.job_event(kind="queued"), "A job waits; data.reasons and data.decision say why.")
+    bus.document_events(subjects.job_event(kind="rejected"), "No site in the catalog can ever run the job.")
     events = JStream(topology.events_stream, declare=False)
     # waiting jobs stay unacknowledged while they wait: allow many of them
     waiting = consumer_config(max_ack_pending=100_000)

@@ -1,0 +1,24 @@
+"""The AsyncAPI document of the whole system: every service's broker, built (not connected) from the code.
+
+    faststream docs gen services.asyncapi:docs --yaml --out docs/asyncapi.yaml
+"""
+
+from __future__ import annotations
+
+from faststream import FastStream
+from faststream.specification import AsyncAPI
+
+from services.runtime import _factories
+from shared.settings import Settings
+
+_settings = Settings(nats_url="nats://localhost:4222")
+_apps = [factory(_settings) for factory in _factories().values()]
+
+_brokers = [app.broker for app in _apps]
+docs = FastStream(_brokers[0], specification=AsyncAPI(
+    *_brokers,
+    title="Continuum",
+    version="1",
+    description="A broker for AI compute across Europe's public supercomputers and sovereign GPU clouds. "
+                "Subjects, payloads and the event envelope are fixed by docs/CONTRACT.md.",
+))

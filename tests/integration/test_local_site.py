@@ -1,0 +1,91 @@
+"""Every service in this process, on a real nats-server, with a `local` site that runs real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import nats
+import pytest
+
+from services.runtime import _factories
+from shared.bus import request_json
+from shared.settings import Settings
+from tests.conftest import SUBJECTS, listen
+
+pytestmark = pytest.mark.integration
+CATALOG = Path(__file__).parent / "catalog"
+
+
+@pytest.fixture
+async def client(nats_server, tmp_path):
+    settings = Settings(nats_url=nats_server.url, data_dir=tmp_path, sites_file=CATALOG / "sites.yaml",
+                        tenants_file=CATALOG / "tenants.yaml", heartbeat_interval_s=0.2, placement_retry_s=0.1)
+    async with AsyncExitStack() as stack:
+        for name, factory in _factories().items():
+            await stack.enter_async_context(factory(settings))
+        nc = await nats.connect(nats_server.url)
+        stack.push_async_callback(nc.close)
+        events = await listen(nc)
+        await events.wait_for(lambda: any(e["type"] == "continuum.site.up" for e in events.events), 10,
+                              "the local site to come up")
+        yield nc, events
+
+
+def python(code: str, **spec) -> dict:
+    return {"tenant": "team", "command": [sys.executable, "-c", code], "resources": {"gpus": 1, "gpu_type": "L4"},
+            "walltime_s": 60, **spec}
+
+
+async def run(client, spec: dict, until: str) -> tuple[str, dict]:
+    nc, events = client
+    reply = await request_json(nc, SUBJECTS.jobs_submit, spec)
+    assert reply["state"] == "accepted", reply
+    job_id = reply["job_id"]
+    await events.wait_for(lambda: until in events.kinds(job_id), 30, f"{until} of {job_id}")
+    return job_id, next(e for e in events.by_job[job_id] if e["type"].endswith(until))["data"]
+
+
+async def test_a_process_that_exits_non_zero_fails_with_its_exit_code(client):
+    _, data = await run(client, python("import sys; sys.exit(3)"), "failed")
+    assert data["exit_code"] == 3 and data["site"] == "workstation"
+
+
+async def test_the_job_sees_its_gpu_slots_in_cuda_visible_devices(client, tmp_path):
+    out = tmp_path / "devices"
+    code = f"import os, pathlib; pathlib.Path({str(out)!r}).write_text(os.environ['CUDA_VISIBLE_DEVICES'])"
+    _, data = await run(client, python(code, resources={"gpus": 2, "gpu_type": "L4"}), "succeeded")
+    assert data["exit_code"] == 0
+    assert sorted(out.read_text().split(",")) == ["0", "1"]
+
+
+async def test_a_job_past_its_walltime_is_killed_and_fails(client, tmp_path):
+    pid_file = tmp_path / "pid"
+    code = f"import os, pathlib, time; pathlib.Path({str(pid_file)!r}).write_text(str(os.getpid())); time.sleep(120)"
+    _, data = await run(client, python(code, walltime_s=1), "failed")
+    assert data["reason"] == "walltime exceeded"
+    assert not Path(f"/proc/{pid_file.read_text()}").exists()
+
+
+async def test_cancel_kills_the_running_process(client, tmp_path):
+    nc, events = client
+    pid_file = tmp_path / "pid"
+    code = f"import os, pathlib, time; pathlib.Path({str(pid_file)!r}).write_text(str(os.getpid())); time.sleep(120)"
+    job_id, _ = await run(client, python(code), "started")
+    deadline = asyncio.get_running_loop().time() + 10
+    while not pid_file.exists():  # a file, not an event: look again until it is there
+        assert asyncio.get_running_loop().time() < deadline, "the process never wrote its pid"
+        await asyncio.sleep(0.05)
+    answer = await request_json(nc, SUBJECTS.jobs_cancel, {"job_id": job_id, "reason": "not needed"})
+    assert answer["state"] == "cancelling"
+    await events.wait_for(lambda: "cancelled" in events.kinds(job_id), 30, "the cancellation")
+    assert not Path(f"/proc/{pid_file.read_text()}").exists()
+    await events.wait_for(lambda: job_id in events.billed, 10, "the usage line of the cancelled run")
+
+
+async def test_a_command_that_cannot_start_fails_with_a_reason(client):
+    _, data = await run(client, {"tenant": "team", "command": ["/no/such/program"],
+                                 "resources": {"gpus": 1, "gpu_type": "L4"}}, "failed")
+    assert data["exit_code"] == 127 and "cannot start" in data["reason"]
