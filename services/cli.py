@@ -148,11 +148,12 @@ def status(job_id: str, as_json: Annotated[bool, typer.Option("--json", help="pr
     console.print(f"[bold]{record['job_id']}[/] {spec.get('name', '')} tenant={record['tenant']} "
                   f"state=[bold]{record['state']}[/] site={record.get('site') or '-'}"
                   + (f" exit_code={record['exit_code']}" if record.get("exit_code") is not None else ""))
-    for reason in record.get("reasons") or []:
-        console.print(f"  reason: {reason}")
     decision = record.get("decision")
+    for reason in ([] if decision else record.get("reasons") or []):
+        console.print(f"  reason: {reason}")
     if decision:
-        table = Table(title="placement" + (" (overflow)" if decision.get("overflow") else ""))
+        title = "placement" if decision.get("site") else f"why it {'waits' if record['state'] == 'queued' else 'cannot run'}"
+        table = Table(title=title + (" (overflow)" if decision.get("overflow") else ""))
         for col in ("site", "eligible", "score", "cost EUR", "CO2e kg", "reasons"):
             table.add_column(col)
         for c in decision["candidates"]:

@@ -81,6 +81,8 @@ def create_billing_app(settings: Settings):
             request = StatementRequest.model_validate_json(msg.body)
         except ValueError as e:
             return {"error": f"bad request: expected {{\"tenant\": str, \"since\"?, \"until\"?}}: {e}"}
+        if request.tenant not in billing.catalog.tenants:
+            return {"error": f"unknown tenant {request.tenant!r}: not in the tenant catalog"}
         lines = billing.ledger.lines(request.tenant, request.since, request.until)
         return statement(request.tenant, lines, request.since, request.until).model_dump(mode="json")
 

@@ -1,7 +1,8 @@
 """The job registry's read model: a JobRecord folded from the job's events. Pure and idempotent.
 
-Applying an event twice changes nothing (events are known by id); events are ordered by their stream
-sequence, so a redelivery that arrives late does not move the job backwards; a terminal state is final.
+Applying an event twice changes nothing (events are known by id). Events may be applied in any order (a
+consumer handles a batch concurrently, a redelivery comes late): what the job is now is read from its
+history sorted by stream sequence, so a late event never moves it backwards; a terminal state is final.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ def apply_event(current: dict | None, event: CloudEvent, seq: int) -> dict | Non
     state = JobState(event.kind)
     entry = HistoryEntry(state=state, time=event.time, event_id=event.id, seq=seq,
                          **{k: data[k] for k in _HISTORY_FIELDS if data.get(k) is not None})
-    latest_seq = max((h.seq for h in record.history), default=-1)
     record.history.append(entry)
     record.history.sort(key=lambda h: (h.seq, h.time))
 
@@ -35,22 +35,31 @@ def apply_event(current: dict | None, event: CloudEvent, seq: int) -> dict | Non
 
     terminal = next((h for h in record.history if h.state.terminal), None)
     record.state = terminal.state if terminal else record.history[-1].state
-    if terminal is not None and terminal is not entry:
+    if terminal is not None and entry.seq > terminal.seq:
         return record.model_dump(mode="json")  # kept in the history, but the job is over
 
-    if seq >= latest_seq:  # only the newest event moves the job's current placement
-        if state in (JobState.placed, JobState.queued) and data.get("decision"):
-            record.decision = Decision.model_validate(data["decision"])
-        if state in (JobState.placed, JobState.dispatched, JobState.started):
-            record.site = data.get("site", record.site)
-        if state == JobState.requeued:
-            record.site = None
-        if "attempt" in data:
-            record.attempt = max(record.attempt, int(data["attempt"]))
-    if state in (JobState.succeeded, JobState.failed) and data.get("exit_code") is not None:
-        record.exit_code = int(data["exit_code"])
-    if data.get("reasons"):
-        record.reasons = list(data["reasons"])
-    elif data.get("reason"):
-        record.reasons = [data["reason"]]
+    if state in (JobState.placed, JobState.queued, JobState.rejected) and data.get("decision") \
+            and seq >= record.decision_seq:
+        record.decision = Decision.model_validate(data["decision"])
+        record.decision_seq = seq
+    record.site = _current_site(record.history)
+    if "attempt" in data:
+        record.attempt = max(record.attempt, int(data["attempt"]))
+    if entry is (terminal or record.history[-1]):  # the outcome and its reasons come from the newest event
+        if state in (JobState.succeeded, JobState.failed) and data.get("exit_code") is not None:
+            record.exit_code = int(data["exit_code"])
+        if data.get("reasons"):
+            record.reasons = list(data["reasons"])
+        elif data.get("reason"):
+            record.reasons = [data["reason"]]
     return record.model_dump(mode="json")
+
+
+def _current_site(history: list[HistoryEntry]) -> str | None:
+    site = None
+    for h in history:
+        if h.state in (JobState.placed, JobState.dispatched, JobState.started):
+            site = getattr(h, "site", None) or site
+        elif h.state == JobState.requeued:
+            site = None
+    return site

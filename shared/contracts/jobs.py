@@ -161,6 +161,8 @@ class JobRecord(BaseModel):
     reasons: list[str] = Field(default_factory=list)
     attempt: int = 0
     traceparent: str | None = None
+    # the stream sequence of the event the decision came from: a late, older event never replaces it
+    decision_seq: int = -1
 
 
 class Dispatch(BaseModel):

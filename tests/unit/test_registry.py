@@ -191,3 +191,27 @@ def test_exit_code_stays_with_the_terminal_state(accepted):
     record = fold(*steps)
     assert record["state"] == "succeeded"
     assert record["exit_code"] == 0
+
+
+def test_events_applied_in_any_order_give_the_same_record():
+    """A consumer may apply a batch concurrently: the record must not depend on the order."""
+    import itertools
+
+    from shared.contracts.events import make_event
+
+    decision = {"site": "s1", "gpu_type": "H100", "overflow": False,
+                "candidates": [{"site": "s1", "eligible": True, "reasons": [], "score": 1.0, "parts": {}}]}
+    kinds = [("accepted", {"spec": None}), ("placed", {"site": "s1", "decision": decision}),
+             ("dispatched", {"site": "s1"}), ("started", {"site": "s1"}), ("failed", {"site": "s1", "exit_code": 4})]
+    events = [(make_event("t", "job", k, "j1", {"job_id": "j1", "tenant": "t", "state": k, **d}, "j1"), seq)
+              for seq, (k, d) in enumerate(kinds, start=1)]
+    results = []
+    for order in itertools.permutations(events):
+        record = None
+        for event, seq in order:
+            record = apply_event(record, event, seq) or record
+        results.append(record)
+    first = results[0]
+    assert first["state"] == "failed" and first["site"] == "s1" and first["exit_code"] == 4
+    assert first["decision"]["site"] == "s1"
+    assert all(r == first for r in results)
