@@ -41,8 +41,20 @@ class SiteAgent:
         if order.job_id in self.backend.known:
             return
         self.traces[order.job_id] = traceparent
+        refusal = self.refusal(order)
+        if refusal:  # back to placement, elsewhere
+            await self.publish(order, JobState.requeued, attempt=order.attempt + 1, reason=f"site refused: {refusal}")
+            log.warning("job.refused", job_id=order.job_id, site=self.site.id, reason=refusal)
+            return
         await self.publish(order, JobState.dispatched)
         self.backend.submit(order)
+
+    def refusal(self, order: Dispatch) -> str | None:
+        """Why this site cannot run the order at all (its catalog entry and the router's disagree)."""
+        need = order.spec.resources.total_gpus
+        if need and self.site.gpus.get(order.gpu_type, 0) < need:
+            return f"has {self.site.gpus.get(order.gpu_type, 0)} {order.gpu_type} GPUs, the job needs {need}"
+        return None
 
     async def stop(self, command: StopJob, tenant_hint: str | None) -> None:
         if await self.backend.cancel(command.job_id, command.reason):
@@ -74,8 +86,9 @@ class SiteAgent:
                  exit_code=outcome.exit_code, reason=outcome.reason)
 
     async def publish(self, order: Dispatch, state: JobState, **data) -> None:
-        body = job_event_data(order.job_id, order.tenant, state, self.site.id, attempt=order.attempt,
-                              gpu_type=order.gpu_type, gpus=order.spec.resources.total_gpus, **data)
+        data.setdefault("attempt", order.attempt)
+        body = job_event_data(order.job_id, order.tenant, state, self.site.id, gpu_type=order.gpu_type,
+                              gpus=order.spec.resources.total_gpus, **data)
         event = make_event(f"agent/{self.site.id}", "job", state.value, order.job_id, body, order.job_id,
                            order.attempt)
         await self.bus.publish_event(self.bus.subjects.job_event(order.tenant, order.job_id, state.value), event,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
+import orjson
 import structlog
 from faststream.middlewares import AckPolicy
 from faststream.nats import JStream, NatsMessage, PullSub
@@ -15,7 +16,7 @@ from shared.carbon import HourlyCarbon, default_carbon
 from shared.contracts.billing import StatementRequest, UsageLine
 from shared.contracts.catalog import Catalog
 from shared.contracts.streams import consumer_config
-from shared.contracts.events import CloudEvent, make_event
+from shared.contracts.events import CloudEvent, make_event, utcnow
 from shared.contracts.jobs import JobState
 from shared.settings import Settings
 
@@ -54,10 +55,22 @@ class Billing:
             return
         if not self.ledger.add(line):
             line = self.ledger.get(line.job_id)  # billed before (a redelivery or a replay): the first line stands
+        await self.publish_metered(line.tenant)
         # publishing again after a crash is harmless: the usage event's id is the job's
         usage = make_event(SERVICE, "billing", "usage", line.tenant, line.model_dump(mode="json"), line.job_id)
         await self.bus.publish_event(self.bus.subjects.billing_event(line.tenant, "usage"), usage, traceparent)
         log.info("job.billed", job_id=line.job_id, tenant=line.tenant, site=line.site, amount_eur=line.amount_eur)
+
+
+    async def publish_metered(self, tenant: str) -> None:
+        """What routing needs to keep the tenant within its budget and allocation (KV, one key a tenant)."""
+        now = utcnow()
+        month = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        spent_eur, _ = self.ledger.totals(tenant, since=month)
+        _, allocation_h = self.ledger.totals(tenant)
+        kv = await self.bus.kv(self.bus.topology.budgets_bucket)
+        await kv.put(tenant, orjson.dumps({"period": now.strftime("%Y-%m"), "spent_eur": spent_eur,
+                                           "allocation_used_h": allocation_h}))
 
 
 def create_billing_app(settings: Settings):

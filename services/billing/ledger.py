@@ -60,6 +60,16 @@ class Ledger:
             args.append(_iso(until))
         return self._select(" AND ".join(where), args)
 
+    def totals(self, tenant: str, since: datetime | None = None) -> tuple[float, float]:
+        """(euros, allocation hours) metered for the tenant since `since` (or ever)."""
+        where, args = "tenant = ?", [tenant]
+        if since:
+            where += " AND ended_at >= ?"
+            args.append(_iso(since))
+        row = self.db.execute(f"SELECT COALESCE(SUM(amount_eur), 0), COALESCE(SUM(allocation_hours), 0) "
+                              f"FROM usage_lines WHERE {where}", args).fetchone()
+        return float(row[0]), float(row[1])
+
     def _select(self, where: str, args: list) -> list[UsageLine]:
         cursor = self.db.execute(f"SELECT {', '.join(_FIELDS)} FROM usage_lines WHERE {where} ORDER BY ended_at, job_id", args)
         return [UsageLine.model_validate(dict(zip(_FIELDS, row, strict=True))) for row in cursor]

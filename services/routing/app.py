@@ -1,11 +1,13 @@
-"""routing: places each accepted job on a site, reserving its GPUs, and dispatches it there.
+"""routing: places each accepted job on a site under the policy, reserving its GPUs, and dispatches it.
 
 A job that fits nowhere now is `queued` and its accepted (or requeued) event is handed back to JetStream
-with a delay: it is tried again until it fits, and a routing replica that dies while holding it loses
-nothing, since the event is redelivered to another.
+with a delay (shorter for higher priorities): it is tried again until it fits, and a routing replica that
+dies while holding it loses nothing, since the event is redelivered to another.
 """
 
 from __future__ import annotations
+
+import time
 
 import structlog
 from faststream.exceptions import NackMessage
@@ -13,45 +15,69 @@ from faststream.middlewares import AckPolicy
 from faststream.nats import JStream, NatsMessage, PullSub
 
 from services.routing import reservations
-from services.routing.policy import SiteView, place
+from services.routing.policy import SiteView, TenantBudget, place, worst_case_allocation_h, worst_case_cost
+from services.routing.reservations import Reservation
 from shared.bus import TRACEPARENT, Bus, create_app, create_bus
-from shared.carbon import default_carbon
 from shared.contracts.catalog import Catalog
-from shared.contracts.streams import consumer_config
-from shared.contracts.events import CloudEvent, make_event
+from shared.contracts.events import CloudEvent, make_event, utcnow
 from shared.contracts.jobs import Decision, Dispatch, JobRecord, JobSpec, JobState, job_event_data
+from shared.contracts.streams import consumer_config
 from shared.settings import Settings
 
 log = structlog.get_logger()
 SERVICE = "routing"
 _RELEASING = {JobState.succeeded, JobState.failed, JobState.cancelled, JobState.rejected}
+# placements a job gets before it fails: the first, and one after each site that refused or lost it
+MAX_ATTEMPTS = 4
+# how long a site that refused or lost a job is avoided for it
+AVOID_S = 600.0
 
 
 class Router:
     def __init__(self, bus: Bus, catalog: Catalog) -> None:
         self.bus = bus
         self.catalog = catalog
-        self.carbon = default_carbon()
 
-    async def views(self) -> list[SiteView]:
+    async def held(self) -> dict[str, dict]:
+        return await self.bus.get_many(self.bus.topology.reservations_bucket, self.catalog.sites)
+
+    async def views(self, held: dict[str, dict], give_back: tuple[str, Reservation] | None = None) -> list[SiteView]:
         statuses = await self.bus.get_many(self.bus.topology.sites_bucket, self.catalog.sites)
-        held = await self.bus.get_many(self.bus.topology.reservations_bucket, self.catalog.sites)
+        now = time.time()
         views = []
         for site in self.catalog.sites.values():
             status = statuses.get(site.id)
-            views.append(SiteView(entry=site, up=bool(status and status["state"] == "up"),
-                                  free=reservations.free(held.get(site.id), site.gpus),
-                                  carbon_g_per_kwh=status["carbon_g_per_kwh"] if status else 0.0))
+            free = reservations.free(held.get(site.id), site.gpus)
+            if give_back and give_back[0] == site.id:  # explain a placement as it was made: without its own GPUs
+                free[give_back[1].gpu_type] = free.get(give_back[1].gpu_type, 0) + give_back[1].gpus
+            views.append(SiteView(entry=site, up=bool(status and status["state"] == "up"), free=free,
+                                  carbon_g_per_kwh=status["carbon_g_per_kwh"] if status else 0.0,
+                                  holdings=reservations.holdings(held.get(site.id), now)))
         return views
 
-    async def holder(self, job_id: str, attempt: int | None = None) -> tuple[str, dict] | None:
+    async def budget(self, tenant_id: str, held: dict[str, dict]) -> TenantBudget:
+        """The tenant's room: its allocation and monthly budget, less what billing metered and what its
+        running jobs may still use (their worst case, until they end and are metered)."""
+        tenant = self.catalog.tenants[tenant_id]
+        metered, _ = await self.bus.get_json(self.bus.topology.budgets_bucket, tenant_id)
+        metered = metered or {}
+        spent = metered.get("spent_eur", 0.0) if metered.get("period") == utcnow().strftime("%Y-%m") else 0.0
+        committed_eur = committed_h = 0.0
+        for doc in held.values():
+            for r in reservations.jobs(doc).values():
+                if r.tenant == tenant_id:
+                    committed_eur += r.cost_eur
+                    committed_h += r.allocation_h
+        return TenantBudget(
+            allocation_left_h=tenant.allocation_gpu_hours - metered.get("allocation_used_h", 0.0) - committed_h,
+            budget_left_eur=tenant.monthly_budget_eur - spent - committed_eur)
+
+    def holder(self, held: dict[str, dict], job_id: str, attempt: int | None = None) -> tuple[str, Reservation] | None:
         """The site whose GPUs the job holds (for this attempt, if given)."""
-        held = await self.bus.get_many(self.bus.topology.reservations_bucket, self.catalog.sites)
         for site_id, doc in held.items():
-            if reservations.holds(doc, job_id):
-                reservation = doc["jobs"][job_id]
-                if attempt is None or reservation.get("attempt", 0) == attempt:
-                    return site_id, reservation
+            r = reservations.jobs(doc).get(job_id)
+            if r is not None and (attempt is None or r.attempt == attempt):
+                return site_id, r
         return None
 
     async def place(self, event: CloudEvent, traceparent: str | None) -> None:
@@ -68,16 +94,24 @@ class Router:
             return  # a newer attempt owns the job now
         spec: JobSpec = record.spec
         tenant = self.catalog.tenants[tenant_id]
+        if attempt >= MAX_ATTEMPTS:
+            await self.publish(record, JobState.failed, traceparent, attempt, reasons=record.reasons,
+                               reason=f"placed {attempt} times, refused or lost every time")
+            return
+        avoid = _recently_left(record)
 
-        held = await self.holder(job_id, attempt)
-        if held is not None:  # placed before a crash: finish the same placement
-            site_id, reservation = held
-            decision = record.decision or Decision(site=site_id, gpu_type=reservation["gpu_type"], candidates=[])
-            await self.dispatch(record, spec, site_id, reservation["gpu_type"], decision, attempt, traceparent)
+        held = await self.held()
+        holding = self.holder(held, job_id, attempt)
+        if holding is not None:  # placed before a crash: finish the same placement, explained again
+            site_id, r = holding
+            decision = place(spec, tenant, await self.views(held, give_back=holding),
+                             await self.budget(tenant_id, held), utcnow(), avoid)
+            decision = decision.model_copy(update={"site": site_id, "gpu_type": r.gpu_type, "overflow": r.overflow})
+            await self.dispatch(record, spec, decision, attempt, traceparent)
             return
 
         while True:
-            decision = place(spec, tenant, await self.views())
+            decision = place(spec, tenant, await self.views(held), await self.budget(tenant_id, held), utcnow(), avoid)
             if decision.impossible:
                 await self.publish(record, JobState.rejected, traceparent, attempt, decision=decision,
                                    reasons=decision.reasons, reason="no site in the catalog can ever run this job")
@@ -87,28 +121,34 @@ class Router:
                 if record.state != JobState.queued:
                     await self.publish(record, JobState.queued, traceparent, attempt, decision=decision,
                                        reasons=decision.reasons)
-                raise NackMessage(delay=self.bus.settings.placement_retry_s)
+                # higher priorities come back sooner, so they take freed GPUs first
+                delay = self.bus.settings.placement_retry_s * (1 + (9 - spec.priority) / 9)
+                raise NackMessage(delay=delay)
             site = self.catalog.site(decision.site)
-            gpus = spec.resources.total_gpus
+            reservation = Reservation(
+                tenant=tenant_id, gpu_type=decision.gpu_type, gpus=spec.resources.total_gpus, attempt=attempt,
+                overflow=decision.overflow, placed_at=time.time(), walltime_s=spec.walltime_s,
+                cost_eur=0.0 if site.public else worst_case_cost(spec, site, decision.gpu_type),
+                allocation_h=worst_case_allocation_h(spec, site, decision.gpu_type) if site.public else 0.0)
             try:
                 await self.bus.update_json(self.bus.topology.reservations_bucket, site.id,
-                                           lambda doc: reservations.reserve(doc, job_id, decision.gpu_type, gpus,
-                                                                            site.gpus, attempt))
+                                           lambda doc: reservations.reserve(doc, job_id, reservation, site.gpus))
             except reservations.NoCapacity:
-                continue  # another replica took those GPUs first: decide again on the new view
-            await self.dispatch(record, spec, site.id, decision.gpu_type, decision, attempt, traceparent)
+                held = await self.held()  # another replica took those GPUs first: decide again
+                continue
+            await self.dispatch(record, spec, decision, attempt, traceparent)
             return
 
-    async def dispatch(self, record: JobRecord, spec: JobSpec, site_id: str, gpu_type: str, decision: Decision,
-                       attempt: int, traceparent: str | None) -> None:
-        await self.publish(record, JobState.placed, traceparent, attempt, site=site_id, gpu_type=gpu_type,
-                           overflow=decision.overflow, decision=decision)
-        order = Dispatch(job_id=record.job_id, tenant=record.tenant, site=site_id, gpu_type=gpu_type,
+    async def dispatch(self, record: JobRecord, spec: JobSpec, decision: Decision, attempt: int,
+                       traceparent: str | None) -> None:
+        await self.publish(record, JobState.placed, traceparent, attempt, site=decision.site,
+                           gpu_type=decision.gpu_type, overflow=decision.overflow, decision=decision)
+        order = Dispatch(job_id=record.job_id, tenant=record.tenant, site=decision.site, gpu_type=decision.gpu_type,
                          attempt=attempt, spec=spec)
-        await self.bus.publish_command(self.bus.subjects.dispatch(site_id), order,
+        await self.bus.publish_command(self.bus.subjects.dispatch(decision.site), order,
                                        msg_id=f"{record.job_id}.dispatch.{attempt}", traceparent=traceparent)
-        log.info("job.placed", job_id=record.job_id, tenant=record.tenant, site=site_id, gpu_type=gpu_type,
-                 overflow=decision.overflow)
+        log.info("job.placed", job_id=record.job_id, tenant=record.tenant, site=decision.site,
+                 gpu_type=decision.gpu_type, overflow=decision.overflow)
 
     async def publish(self, record: JobRecord, state: JobState, traceparent: str | None, attempt: int,
                       decision: Decision | None = None, **data) -> None:
@@ -119,10 +159,29 @@ class Router:
                                      traceparent)
 
     async def release(self, job_id: str, before_attempt: int | None = None) -> None:
-        held = await self.holder(job_id)
-        if held is not None:
-            await self.bus.update_json(self.bus.topology.reservations_bucket, held[0],
+        holding = self.holder(await self.held(), job_id)
+        if holding is not None:
+            await self.bus.update_json(self.bus.topology.reservations_bucket, holding[0],
                                        lambda doc: reservations.release(doc, job_id, before_attempt))
+
+    async def overflow(self) -> dict:
+        """Overflow placed so far, per site and per tenant, and the GPUs overflow jobs hold now."""
+        by_site, by_tenant = {}, {}
+        for site_id, doc in (await self.held()).items():
+            counts = reservations.overflow_placed(doc)
+            now = sum(r.gpus for r in reservations.jobs(doc).values() if r.overflow)
+            by_site[site_id] = {"jobs": sum(counts.values()), "by_tenant": counts, "gpus_now": now}
+            for tenant, n in counts.items():
+                by_tenant[tenant] = by_tenant.get(tenant, 0) + n
+        return {"sites": by_site, "tenants": by_tenant}
+
+
+def _recently_left(record: JobRecord) -> set[str]:
+    """Sites that refused or lost this job lately: the next placement avoids them."""
+    now = utcnow()
+    return {h.site for h in record.history
+            if h.state == JobState.requeued and getattr(h, "site", None)
+            and (now - h.time).total_seconds() < AVOID_S}
 
 
 def create_routing_app(settings: Settings):
@@ -142,12 +201,12 @@ def create_routing_app(settings: Settings):
     for kind in (JobState.accepted, JobState.requeued):
         broker.subscriber(subjects.job_event(kind=kind.value), stream=events,
                           durable=topology.durable(SERVICE, kind.value),
-                          pull_sub=PullSub(batch_size=64, timeout=1.0), ack_policy=AckPolicy.NACK_ON_ERROR, config=waiting,
-                          title=f"place-{kind.value}")(place)
+                          pull_sub=PullSub(batch_size=64, timeout=1.0), ack_policy=AckPolicy.NACK_ON_ERROR,
+                          config=waiting, title=f"place-{kind.value}")(place)
 
     @broker.subscriber(subjects.job_events_all, stream=events, durable=topology.durable(SERVICE, "release"),
-                       pull_sub=PullSub(batch_size=128, timeout=1.0), ack_policy=AckPolicy.NACK_ON_ERROR, config=consumer_config(),
-                       title="release")
+                       pull_sub=PullSub(batch_size=128, timeout=1.0), ack_policy=AckPolicy.NACK_ON_ERROR,
+                       config=consumer_config(), title="release")
     async def release(event: CloudEvent) -> None:
         """A job that ended, was cancelled or goes back to placement frees the GPUs it held."""
         kind = JobState(event.kind)
@@ -155,5 +214,14 @@ def create_routing_app(settings: Settings):
             await router.release(event.data["job_id"], before_attempt=int(event.data.get("attempt", 0)))
         elif kind in _RELEASING:
             await router.release(event.data["job_id"])
+
+    @broker.subscriber(subjects.routing_overflow, queue=SERVICE, title="routing.overflow")
+    async def overflow(msg: NatsMessage) -> dict:
+        """Overflow from public to paid capacity, per site and per tenant."""
+        try:
+            return await router.overflow()
+        except Exception as e:
+            log.exception("overflow.failed")
+            return {"error": f"internal error: {e}"}
 
     return create_app(bus)

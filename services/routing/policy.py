@@ -1,21 +1,52 @@
-"""Where should this job run? Pure: the job, its tenant and a view of every site in; a Decision out.
+"""Where should this job run? Pure: the job, its tenant's rights and budget, and a view of every site in;
+a Decision out, with every site's reasons, score and score parts.
 
-Hard constraints come first, each failing one named as a reason on the site's candidate. Some can never
-change (residency, certifications, GPU types the site lacks, overflow rights): when every site fails one of
-those, the job is impossible and is rejected instead of waiting forever. Others pass (a site down, GPUs
-busy): the job waits. Among eligible sites the skeleton's rule applies: a tenant with a public allocation
-runs on public capacity first; then the site with the most GPUs free wins, ties broken by site id.
+1. Hard constraints, each failing one named on the site's candidate. Some never change (residency,
+   certifications, GPU types and counts the site lacks, overflow rights, the job's own budget): when every
+   site fails one of those the job is impossible and is rejected rather than left waiting forever. Others
+   pass (a site down, GPUs busy, the tenant's allocation or monthly budget spent, a private site's overflow
+   share taken): the job waits.
+2. Governed overflow. A tenant with public allocation hours left runs on public HPC first. It overflows to
+   paid (private or partner) capacity only when the public estimated wait exceeds the tenant's threshold
+   or the job's deadline cannot be met there; only if the job and the tenant allow overflow; only if the
+   worst-case cost (walltime x GPUs x price) fits the job's budget and the tenant's remaining monthly
+   budget; and only while overflow jobs hold no more than the private site's `overflow_share` of its GPUs.
+   A tenant without an allocation goes straight to paid capacity (the same budget rules apply).
+3. Score among the sites that can take the job now, by its objective: expected completion (wait + run),
+   worst-case cost and carbon (GPU watts x GPUs x hours x PUE x the zone's intensity now), each normalised
+   by the largest among them and weighted; the highest score wins, ties to the alphabetically first site.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from shared.contracts.catalog import SiteEntry, TenantEntry
 from shared.contracts.jobs import Candidate, Decision, JobSpec
 
 NO_GPU = "none"
+INF = math.inf
+
+# objective -> weights of (time, cost, carbon)
+WEIGHTS = {
+    "balanced": (1 / 3, 1 / 3, 1 / 3),
+    "time": (0.8, 0.1, 0.1),
+    "cost": (0.1, 0.8, 0.1),
+    "carbon": (0.1, 0.1, 0.8),
+}
+
+
+@dataclass(frozen=True)
+class Holding:
+    """GPUs a placed job holds at a site, and when they are expected back at the latest."""
+
+    gpu_type: str
+    gpus: int
+    ends_in_s: float
+    overflow: bool = False
 
 
 @dataclass(frozen=True)
@@ -24,16 +55,39 @@ class SiteView:
 
     entry: SiteEntry
     up: bool
-    free: dict[str, int] = field(default_factory=dict)  # GPUs by type not reserved by any job
+    free: dict[str, int] = field(default_factory=dict)  # GPUs by type not held by any job
     carbon_g_per_kwh: float = 0.0
+    holdings: tuple[Holding, ...] = ()
 
     @property
     def id(self) -> str:
         return self.entry.id
 
+    def wait_s(self, gpu_type: str, need: int) -> float:
+        """When `need` GPUs of the type are expected free: now, or as held jobs reach their walltime."""
+        free = self.free.get(gpu_type, 0)
+        if need <= free:
+            return 0.0
+        for h in sorted((h for h in self.holdings if h.gpu_type == gpu_type), key=lambda h: h.ends_in_s):
+            free += h.gpus
+            if free >= need:
+                return h.ends_in_s
+        return INF
+
+    def overflow_held(self, gpu_type: str) -> int:
+        return sum(h.gpus for h in self.holdings if h.overflow and h.gpu_type == gpu_type)
+
+
+@dataclass(frozen=True)
+class TenantBudget:
+    """What the tenant has left this period, net of what its running jobs may still use (worst case)."""
+
+    allocation_left_h: float = INF
+    budget_left_eur: float = INF
+
 
 def permanent_reasons(spec: JobSpec, tenant: TenantEntry, site: SiteEntry) -> list[str]:
-    """Why the site could never run the job, whatever its load."""
+    """Why the site could never run the job, whatever its load and whatever the month."""
     reasons = []
     residency = spec.residency or tenant.residency
     if residency == "EU" and site.jurisdiction != "EU":
@@ -49,65 +103,162 @@ def permanent_reasons(spec: JobSpec, tenant: TenantEntry, site: SiteEntry) -> li
     if site.public and tenant.allocation_gpu_hours <= 0:
         reasons.append("tenant has no public allocation")
     need = spec.resources.total_gpus
+    types = gpu_types(spec, site.gpus)
     if need > 0:
-        types = _types(spec, site.gpus)
         if not types:
             reasons.append(f"offers no {spec.resources.gpu_type} GPUs")
         elif max(site.gpus[t] for t in types) < need:
             reasons.append(f"needs {need} {spec.resources.gpu_type} GPUs, has {max(site.gpus[t] for t in types)}")
+    if not site.public and spec.budget_eur is not None and types:
+        cheapest = min(worst_case_cost(spec, site, t) for t in types)
+        if cheapest > spec.budget_eur:
+            reasons.append(f"worst-case cost {cheapest:.2f} EUR exceeds the job's budget {spec.budget_eur:.2f} EUR")
     return reasons
 
 
-def place(spec: JobSpec, tenant: TenantEntry, sites: Iterable[SiteView]) -> Decision:
+def worst_case_cost(spec: JobSpec, site: SiteEntry, gpu_type: str) -> float:
+    return spec.resources.total_gpus * spec.walltime_s / 3600 * site.price(gpu_type)
+
+
+def worst_case_allocation_h(spec: JobSpec, site: SiteEntry, gpu_type: str) -> float:
+    return spec.resources.total_gpus * spec.walltime_s / 3600 * site.allocation_factor.get(gpu_type, 1.0)
+
+
+def place(spec: JobSpec, tenant: TenantEntry, sites: Iterable[SiteView], budget: TenantBudget | None = None,
+          now: datetime | None = None, avoid: Iterable[str] = ()) -> Decision:
+    budget = budget or TenantBudget()
+    avoid = set(avoid)
     need = spec.resources.total_gpus
-    hours = spec.walltime_s / 3600
-    candidates: list[Candidate] = []
-    choices: list[tuple[tuple, str, str]] = []
-    impossible = True
-    views = {s.id: s for s in sites}
-    for site in sorted(views.values(), key=lambda s: s.id):
-        reasons = permanent_reasons(spec, tenant, site.entry)
-        impossible = impossible and bool(reasons)
-        gpu_type = NO_GPU
-        if not reasons:
-            if not site.up:
-                reasons.append("site is down or has not reported")
-            elif need > 0:
-                fitting = [t for t in _types(spec, site.free) if site.free[t] >= need]
-                if fitting:
-                    gpu_type = max(fitting, key=lambda t: (site.free[t], t))
-                else:
-                    free = max((site.free.get(t, 0) for t in _types(spec, site.entry.gpus)), default=0)
-                    reasons.append(f"needs {need} {spec.resources.gpu_type} GPUs now, {free} free")
-        parts = _parts(site, gpu_type, need, hours)
-        score = None
-        if not reasons:
-            free_after = float(site.free.get(gpu_type, 0) - need) if need else 0.0
-            score = free_after
-            public_first = site.entry.public and tenant.allocation_gpu_hours > 0
-            choices.append(((not public_first, -free_after, site.id), site.id, gpu_type))
-        candidates.append(Candidate(site=site.id, eligible=not reasons, reasons=reasons, score=score, parts=parts))
+    views = sorted(sites, key=lambda s: s.id)
+    reasons: dict[str, list[str]] = {}
+    chosen_type: dict[str, str] = {}
+    parts: dict[str, dict[str, float]] = {}
+    possible = False
 
-    if not choices:
-        return Decision(site=None, candidates=candidates, impossible=impossible and bool(candidates))
-    _, site_id, gpu_type = min(choices)
-    # overflow: a tenant with public hours that leaves public capacity for paid capacity
-    overflow = tenant.allocation_gpu_hours > 0 and not views[site_id].entry.public
-    return Decision(site=site_id, gpu_type=gpu_type, overflow=overflow, candidates=candidates)
+    for site in views:
+        reasons[site.id] = permanent_reasons(spec, tenant, site.entry)
+        possible = possible or not reasons[site.id]
+        chosen_type[site.id] = _best_type(spec, site)
+        parts[site.id] = _parts(spec, site, chosen_type[site.id])
+    # overflow: a job that public capacity could run goes to paid capacity instead
+    overflow = any(s.entry.public and not reasons[s.id] for s in views)
+    for site in views:
+        if not reasons[site.id]:
+            reasons[site.id] = _passing_reasons(spec, site, chosen_type[site.id], budget, avoid, overflow)
+
+    if overflow:
+        # public first: paid capacity only when the public wait is too long (or the deadline too near)
+        public_ok = [s for s in views if s.entry.public and not reasons[s.id]]
+        public_waits = [parts[s.id]["wait_s"] for s in views if s.entry.public and _only_waits(reasons[s.id])]
+        gate = None
+        if public_ok:
+            gate = f"public capacity first: {public_ok[0].id} can run it now"
+        elif public_waits:
+            gate = _overflow_gate(spec, tenant, min(w if w >= 0 else INF for w in public_waits), now)
+        for site in views:
+            if not site.entry.public and not reasons[site.id] and gate:
+                reasons[site.id].append(gate)
+
+    eligible = [s for s in views if not reasons[s.id]]
+    scores = _scores(spec, eligible, parts)
+    candidates = [Candidate(site=s.id, eligible=not reasons[s.id], reasons=reasons[s.id], score=scores.get(s.id),
+                            parts=parts[s.id]) for s in views]
+    if not eligible:
+        return Decision(site=None, candidates=candidates, impossible=not possible and bool(views))
+    best = min(eligible, key=lambda s: (-scores[s.id], s.id))
+    return Decision(site=best.id, gpu_type=chosen_type[best.id], overflow=overflow and not best.entry.public,
+                    candidates=candidates)
 
 
-def _types(spec: JobSpec, offered: dict[str, int]) -> list[str]:
+def _passing_reasons(spec: JobSpec, site: SiteView, gpu_type: str, budget: TenantBudget, avoid: set[str],
+                     overflow: bool) -> list[str]:
+    """Why the site cannot take the job now, though it could some day."""
+    need = spec.resources.total_gpus
+    why = []
+    if site.id in avoid:
+        why.append("refused or lost this job recently")
+    if not site.up:
+        why.append("site is down or has not reported")
+    entry = site.entry
+    if entry.public:
+        hours = worst_case_allocation_h(spec, entry, gpu_type)
+        if hours > budget.allocation_left_h:
+            why.append(f"allocation spent: {max(budget.allocation_left_h, 0):.1f} h left, the job may use {hours:.1f} h")
+    else:
+        cost = worst_case_cost(spec, entry, gpu_type)
+        if cost > budget.budget_left_eur:
+            why.append(f"monthly budget spent: {max(budget.budget_left_eur, 0):.2f} EUR left, "
+                       f"the job may cost {cost:.2f} EUR")
+        if overflow and need:
+            share = int(entry.overflow_share * entry.gpus.get(gpu_type, 0))
+            held = site.overflow_held(gpu_type)
+            if held + need > share:
+                why.append(f"overflow share full: overflow jobs hold {held} of {share} {gpu_type} GPUs allowed")
+    if need and site.free.get(gpu_type, 0) < need:
+        wait = site.wait_s(gpu_type, need)
+        why.append(f"needs {need} {gpu_type} GPUs now, {site.free.get(gpu_type, 0)} free"
+                   + (f" (expected in {wait:.0f} s)" if wait < INF else ""))
+    return why
+
+
+def _only_waits(reasons: list[str]) -> bool:
+    """The site passes every rule but free GPUs: the job could wait for it."""
+    return bool(reasons) and all(r.startswith("needs ") and " now, " in r for r in reasons)
+
+
+def _overflow_gate(spec: JobSpec, tenant: TenantEntry, public_wait_s: float, now: datetime | None) -> str | None:
+    """Why the job may not overflow yet, or None when it may."""
+    if public_wait_s > tenant.overflow_after_wait_s:
+        return None
+    if spec.deadline is not None and now is not None:
+        finish_s = (spec.deadline - now).total_seconds()
+        if public_wait_s + spec.walltime_s > finish_s:
+            return None
+    return (f"public capacity first: expected public wait {public_wait_s:.0f} s is within the tenant's "
+            f"overflow threshold of {tenant.overflow_after_wait_s:.0f} s")
+
+
+def _best_type(spec: JobSpec, site: SiteView) -> str:
+    """For `gpu_type: any`, the type with the most GPUs free now (then the most in total)."""
+    if spec.resources.total_gpus == 0:
+        return NO_GPU
+    types = gpu_types(spec, site.entry.gpus)
+    if not types:
+        return spec.resources.gpu_type
+    return max(types, key=lambda t: (site.free.get(t, 0), site.entry.gpus[t], t))
+
+
+def gpu_types(spec: JobSpec, offered: dict[str, int]) -> list[str]:
     wanted = spec.resources.gpu_type
     return sorted(offered) if wanted == "any" else [wanted] if wanted in offered else []
 
 
-def _parts(site: SiteView, gpu_type: str, gpus: int, hours: float) -> dict[str, float]:
+def _parts(spec: JobSpec, site: SiteView, gpu_type: str) -> dict[str, float]:
     entry = site.entry
-    if gpu_type == NO_GPU:
-        gpu_type = next(iter(sorted(entry.gpus)), NO_GPU)
-    price = entry.price(gpu_type) if gpu_type != NO_GPU else 0.0
-    watts = entry.watts(gpu_type) if gpu_type != NO_GPU else 0.0
+    gpus = spec.resources.total_gpus
+    hours = spec.walltime_s / 3600
+    offered = gpu_type in entry.gpus
+    watts = entry.watts(gpu_type) if offered else 0.0
     energy_kwh = watts * gpus * hours * entry.pue / 1000
-    return {"wait_s": 0.0, "cost_eur": round(price * gpus * hours, 4),
+    wait = site.wait_s(gpu_type, gpus) if offered or not gpus else INF
+    return {"wait_s": round(wait, 1) if wait < INF else -1.0,
+            "run_s": float(spec.walltime_s),
+            "cost_eur": round(entry.price(gpu_type) * gpus * hours, 4) if offered else 0.0,
             "co2e_kg": round(energy_kwh * site.carbon_g_per_kwh / 1000, 4)}
 
+
+def _scores(spec: JobSpec, eligible: list[SiteView], parts: dict[str, dict[str, float]]) -> dict[str, float]:
+    """1 is best on every part; each part is normalised by the largest among the eligible sites."""
+    if not eligible:
+        return {}
+    w_time, w_cost, w_carbon = WEIGHTS[spec.objective]
+    times = {s.id: parts[s.id]["wait_s"] + parts[s.id]["run_s"] for s in eligible}
+    costs = {s.id: parts[s.id]["cost_eur"] for s in eligible}
+    carbons = {s.id: parts[s.id]["co2e_kg"] for s in eligible}
+
+    def norm(values: dict[str, float], key: str) -> float:
+        top = max(values.values())
+        return values[key] / top if top > 0 else 0.0
+
+    return {s.id: round(1.0 - (w_time * norm(times, s.id) + w_cost * norm(costs, s.id)
+                               + w_carbon * norm(carbons, s.id)), 6) for s in eligible}

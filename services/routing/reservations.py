@@ -2,21 +2,48 @@
 
 The routing service changes a site's document by compare-and-set on its revision (JetStream KV), so
 several routing replicas never promise the same GPUs twice: a replica that loses the race re-reads and
-re-checks. A job's reservation is released when it ends, is cancelled, or is requeued.
+re-checks. A job's reservation is released when it ends, is cancelled, or is requeued. The document also
+counts, per tenant, the overflow jobs ever placed at the site: counted in the same write as the
+reservation, so a count is never lost or doubled.
 """
 
 from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from services.routing.policy import Holding
 
 
 class NoCapacity(Exception):
     pass
 
 
+@dataclass(frozen=True)
+class Reservation:
+    tenant: str
+    gpu_type: str
+    gpus: int
+    attempt: int = 0
+    overflow: bool = False
+    cost_eur: float = 0.0  # worst case (walltime), what the tenant's budget must still cover
+    allocation_h: float = 0.0  # worst case, likewise for its allocation
+    placed_at: float = 0.0  # epoch seconds
+    walltime_s: float = 0.0
+
+    @classmethod
+    def of(cls, raw: dict) -> Reservation:
+        return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
+
+
+def jobs(doc: dict | None) -> dict[str, Reservation]:
+    return {job_id: Reservation.of(r) for job_id, r in (doc or {}).get("jobs", {}).items()}
+
+
 def reserved(doc: dict | None) -> dict[str, int]:
     """GPUs held by type."""
     held: dict[str, int] = {}
-    for r in (doc or {}).get("jobs", {}).values():
-        held[r["gpu_type"]] = held.get(r["gpu_type"], 0) + r["gpus"]
+    for r in jobs(doc).values():
+        held[r.gpu_type] = held.get(r.gpu_type, 0) + r.gpus
     return held
 
 
@@ -25,20 +52,34 @@ def free(doc: dict | None, total: dict[str, int]) -> dict[str, int]:
     return {t: n - held.get(t, 0) for t, n in total.items()}
 
 
+def holdings(doc: dict | None, now: float) -> tuple[Holding, ...]:
+    return tuple(Holding(r.gpu_type, r.gpus, max(0.0, r.placed_at + r.walltime_s - now), r.overflow)
+                 for r in jobs(doc).values())
+
+
 def holds(doc: dict | None, job_id: str) -> bool:
     return job_id in (doc or {}).get("jobs", {})
 
 
-def reserve(doc: dict | None, job_id: str, gpu_type: str, gpus: int, total: dict[str, int],
-            attempt: int = 0) -> dict | None:
+def overflow_placed(doc: dict | None) -> dict[str, int]:
+    """Overflow jobs ever placed at the site, by tenant."""
+    return dict((doc or {}).get("overflow_placed", {}))
+
+
+def reserve(doc: dict | None, job_id: str, reservation: Reservation, total: dict[str, int]) -> dict | None:
     """The document with the job's GPUs held; None if it holds them already; NoCapacity if they are gone."""
     if holds(doc, job_id):
         return None
-    if gpus and free(doc, total).get(gpu_type, 0) < gpus:
-        raise NoCapacity(f"{gpus} {gpu_type} no longer free")
-    jobs = dict((doc or {}).get("jobs", {}))
-    jobs[job_id] = {"gpu_type": gpu_type, "gpus": gpus, "attempt": attempt}
-    return {"jobs": jobs}
+    r = reservation
+    if r.gpus and free(doc, total).get(r.gpu_type, 0) < r.gpus:
+        raise NoCapacity(f"{r.gpus} {r.gpu_type} no longer free")
+    new = dict(doc or {})
+    new["jobs"] = {**new.get("jobs", {}), job_id: asdict(r)}
+    if r.overflow:
+        counts = overflow_placed(doc)
+        counts[r.tenant] = counts.get(r.tenant, 0) + 1
+        new["overflow_placed"] = counts
+    return new
 
 
 def release(doc: dict | None, job_id: str, before_attempt: int | None = None) -> dict | None:
@@ -48,6 +89,6 @@ def release(doc: dict | None, job_id: str, before_attempt: int | None = None) ->
         return None
     if before_attempt is not None and doc["jobs"][job_id].get("attempt", 0) >= before_attempt:
         return None
-    jobs = dict(doc["jobs"])
-    del jobs[job_id]
-    return {"jobs": jobs}
+    new = dict(doc)
+    new["jobs"] = {k: v for k, v in doc["jobs"].items() if k != job_id}
+    return new

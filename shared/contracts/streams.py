@@ -61,8 +61,14 @@ class Topology:
         return f"{self.subjects.prefix}_reservations"
 
     @property
+    def budgets_bucket(self) -> str:
+        """Per tenant, what billing has metered: euros this month, allocation hours in all."""
+        return f"{self.subjects.prefix}_budgets"
+
+    @property
     def buckets(self) -> tuple[str, ...]:
-        return (self.jobs_bucket, self.idempotency_bucket, self.sites_bucket, self.reservations_bucket)
+        return (self.jobs_bucket, self.idempotency_bucket, self.sites_bucket, self.reservations_bucket,
+                self.budgets_bucket)
 
     def stream_configs(self) -> list[StreamConfig]:
         s = self.subjects

@@ -27,6 +27,10 @@ class Subjects:
         return f"{self.prefix}.sites.list"
 
     @property
+    def routing_overflow(self) -> str:
+        return f"{self.prefix}.routing.overflow"
+
+    @property
     def billing_statement(self) -> str:
         return f"{self.prefix}.billing.statement"
 

@@ -6,7 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.routing.policy import NO_GPU, SiteView, permanent_reasons, place
+from datetime import UTC, datetime, timedelta
+
+from services.routing.policy import NO_GPU, Holding, SiteView, TenantBudget, permanent_reasons, place
 from shared.contracts.catalog import Catalog, SiteEntry, TenantEntry
 from shared.contracts.jobs import JobSpec, Resources
 
@@ -113,7 +115,6 @@ def test_any_gpu_type_takes_the_type_with_most_free():
     s = site("s", gpus={"H100": 8, "L40S": 8})
     decision = place(job(gpus=2), tenant(), [view(s, free={"H100": 3, "L40S": 6})])
     assert decision.gpu_type == "L40S"
-    assert candidate(decision, "s").score == 4.0
 
 
 def test_a_job_without_gpus_gets_no_gpu_type():
@@ -156,7 +157,8 @@ def test_a_tenant_with_allocation_prefers_the_public_site_when_it_fits():
     decision = place(job(), tenant(allocation=100), [view(public), view(paid)])
     assert decision.site == "public"
     assert decision.overflow is False
-    assert candidate(decision, "paid").eligible  # paid was possible, public was preferred
+    # paid was possible, public comes first
+    assert candidate(decision, "paid").reasons == ["public capacity first: public can run it now"]
 
 
 def test_a_tenant_with_allocation_overflows_to_paid_when_public_is_full():
@@ -225,7 +227,7 @@ def test_eligible_candidates_carry_a_score_and_cost_parts():
     decision = place(job(gpus=2, walltime_s=1800), tenant(), [view(paid, free={"H100": 5})])
     c = candidate(decision, "paid")
     assert c.eligible and c.reasons == []
-    assert c.score == 3.0
+    assert 0.0 <= c.score <= 1.0
     assert c.parts["cost_eur"] == pytest.approx(2.0 * 2 * 0.5)
 
 
@@ -235,9 +237,15 @@ def test_ties_are_broken_by_site_id_whatever_the_input_order():
     assert {place(job(), tenant(), [view(s) for s in order]).site for order in orders} == {"alpha"}
 
 
-def test_more_free_gpus_beats_the_alphabet():
-    decision = place(job(), tenant(), [view(site("alpha"), free={"H100": 2}), view(site("bravo"))])
-    assert decision.site == "bravo"
+def test_the_cost_objective_picks_the_cheapest_and_carbon_the_cleanest():
+    cheap = site("cheap", price_eur_per_gpu_hour={"H100": 2.0})
+    clean = site("clean", price_eur_per_gpu_hour={"H100": 3.0})
+    views = [SiteView(entry=cheap, up=True, free={"H100": 8}, carbon_g_per_kwh=800.0),
+             SiteView(entry=clean, up=True, free={"H100": 8}, carbon_g_per_kwh=25.0)]
+    assert place(job(objective="cost"), tenant(), views).site == "cheap"
+    assert place(job(objective="carbon"), tenant(), views).site == "clean"
+    by_cost = place(job(objective="cost"), tenant(), views)
+    assert candidate(by_cost, "cheap").score > candidate(by_cost, "clean").score
 
 
 def test_ties_go_to_the_alphabetically_first_id_even_when_it_is_a_prefix():
@@ -304,9 +312,84 @@ def test_a_chosen_site_never_breaks_a_hard_constraint(views, spec, who):
         assert who.allocation_gpu_hours > 0
     else:
         assert spec.overflow == "allowed" and who.overflow == "allowed"
-    assert decision.overflow == (who.allocation_gpu_hours > 0 and not entry.public)
+    public_could = any(v.entry.public and not permanent_reasons(spec, who, v.entry) for v in views)
+    assert decision.overflow == (not entry.public and public_could)
     # public first: a tenant with hours only leaves public capacity when no public site could take the job now
     eligible = {c.site for c in decision.candidates if c.eligible}
     assert decision.site in eligible
     if decision.overflow:
         assert not any(v.entry.public for v in views if v.id in eligible)
+
+
+# --- governed overflow, budgets, re-placement --------------------------------------------------------------------
+
+def lab(threshold: float = 1800.0, **fields) -> TenantEntry:
+    return TenantEntry(id="acme", allocation_gpu_hours=1000, overflow_after_wait_s=threshold, **fields)
+
+
+def busy_public(ends_in_s: float) -> SiteView:
+    """A public site whose 8 H100 are all held by one job, due back in `ends_in_s`."""
+    return SiteView(entry=site("public", kind="public_hpc", gpus={"H100": 8}), up=True, free={"H100": 0},
+                    holdings=(Holding("H100", 8, ends_in_s),))
+
+
+def test_a_short_public_wait_keeps_the_job_waiting_for_public_capacity():
+    paid = site("paid", gpus={"H100": 8})
+    decision = place(job(gpus=2, gpu_type="H100"), lab(threshold=1800), [busy_public(600), view(paid)])
+    assert decision.site is None and not decision.impossible
+    assert candidate(decision, "public").reasons == ["needs 2 H100 GPUs now, 0 free (expected in 600 s)"]
+    assert "within the tenant's overflow threshold of 1800 s" in candidate(decision, "paid").reasons[0]
+
+
+def test_a_long_public_wait_overflows_to_paid_capacity():
+    paid = site("paid", gpus={"H100": 8})
+    decision = place(job(gpus=2, gpu_type="H100"), lab(threshold=1800), [busy_public(7200), view(paid)])
+    assert decision.site == "paid" and decision.overflow is True
+    assert candidate(decision, "public").parts["wait_s"] == 7200
+
+
+def test_a_deadline_that_public_cannot_meet_overflows_at_once():
+    now = datetime(2026, 11, 25, 12, tzinfo=UTC)
+    spec = job(gpus=2, gpu_type="H100", walltime_s=3600, deadline=now + timedelta(hours=1, minutes=10))
+    decision = place(spec, lab(threshold=1800), [busy_public(1200), view(site("paid"))], now=now)
+    assert decision.site == "paid" and decision.overflow is True
+
+
+def test_overflow_stays_within_the_private_sites_share():
+    paid = site("paid", gpus={"H100": 8}, overflow_share=0.5)
+    held = SiteView(entry=paid, up=True, free={"H100": 5}, holdings=(Holding("H100", 3, 100.0, overflow=True),))
+    decision = place(job(gpus=2, gpu_type="H100"), lab(threshold=0), [busy_public(7200), held])
+    assert decision.site is None
+    assert candidate(decision, "paid").reasons == ["overflow share full: overflow jobs hold 3 of 4 H100 GPUs allowed"]
+    # a tenant without public hours is not overflowing: the share does not bind it
+    assert place(job(gpus=2, gpu_type="H100"), tenant(), [held]).site == "paid"
+
+
+def test_the_tenants_remaining_budget_bounds_paid_placements():
+    paid = site("paid", price_eur_per_gpu_hour={"H100": 2.0})
+    spec = job(gpus=2, gpu_type="H100", walltime_s=3600)  # worst case 4 EUR
+    assert place(spec, tenant(), [view(paid)], budget=TenantBudget(budget_left_eur=4.0)).site == "paid"
+    decision = place(spec, tenant(), [view(paid)], budget=TenantBudget(budget_left_eur=3.99))
+    assert decision.site is None and not decision.impossible
+    assert candidate(decision, "paid").reasons == ["monthly budget spent: 3.99 EUR left, the job may cost 4.00 EUR"]
+
+
+def test_a_job_whose_own_budget_no_site_fits_is_impossible():
+    paid = site("paid", price_eur_per_gpu_hour={"H100": 2.0})
+    decision = place(job(gpus=2, gpu_type="H100", walltime_s=3600, budget_eur=3.0), tenant(), [view(paid)])
+    assert decision.impossible
+    assert candidate(decision, "paid").reasons == ["worst-case cost 4.00 EUR exceeds the job's budget 3.00 EUR"]
+
+
+def test_a_spent_allocation_stops_public_placement():
+    public = site("public", kind="public_hpc", gpus={"H100": 8}, allocation_factor={"H100": 4.0})
+    spec = job(gpus=1, gpu_type="H100", walltime_s=3600)  # 4 allocation hours at most
+    decision = place(spec, lab(), [view(public)], budget=TenantBudget(allocation_left_h=3.0))
+    assert decision.site is None
+    assert candidate(decision, "public").reasons == ["allocation spent: 3.0 h left, the job may use 4.0 h"]
+
+
+def test_a_site_that_refused_the_job_is_avoided():
+    decision = place(job(), tenant(), [view(site("a")), view(site("b"))], avoid={"a"})
+    assert decision.site == "b"
+    assert candidate(decision, "a").reasons == ["refused or lost this job recently"]

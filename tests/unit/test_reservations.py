@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.routing.reservations import NoCapacity, free, holds, release, reserve, reserved
+from services.routing.reservations import (NoCapacity, Reservation, free, holds, overflow_placed, release, reserve,
+                                           reserved)
 
 TOTAL = {"H100": 8, "L40S": 4}
 
@@ -21,57 +22,58 @@ def test_an_empty_document_holds_nothing():
 
 
 def test_reserve_holds_the_gpus():
-    doc = reserve(None, "j1", "H100", 3, TOTAL, attempt=1)
-    assert doc == {"jobs": {"j1": {"gpu_type": "H100", "gpus": 3, "attempt": 1}}}
+    doc = reserve(None, "j1", Reservation("acme", "H100", 3, attempt=1), TOTAL)
+    assert doc["jobs"]["j1"]["gpu_type"] == "H100" and doc["jobs"]["j1"]["gpus"] == 3
+    assert doc["jobs"]["j1"]["attempt"] == 1 and "overflow_placed" not in doc
     assert holds(doc, "j1")
     assert reserved(doc) == {"H100": 3}
     assert free(doc, TOTAL) == {"H100": 5, "L40S": 4}
 
 
 def test_reservations_add_up_by_type():
-    doc = reserve(None, "j1", "H100", 3, TOTAL)
-    doc = reserve(doc, "j2", "H100", 2, TOTAL)
-    doc = reserve(doc, "j3", "L40S", 4, TOTAL)
+    doc = reserve(None, "j1", Reservation("acme", "H100", 3), TOTAL)
+    doc = reserve(doc, "j2", Reservation("acme", "H100", 2), TOTAL)
+    doc = reserve(doc, "j3", Reservation("acme", "L40S", 4), TOTAL)
     assert reserved(doc) == {"H100": 5, "L40S": 4}
     assert free(doc, TOTAL) == {"H100": 3, "L40S": 0}
 
 
 def test_reserve_does_not_change_the_document_it_was_given():
-    doc = reserve(None, "j1", "H100", 3, TOTAL)
+    doc = reserve(None, "j1", Reservation("acme", "H100", 3), TOTAL)
     before = copy.deepcopy(doc)
-    reserve(doc, "j2", "H100", 1, TOTAL)
+    reserve(doc, "j2", Reservation("acme", "H100", 1), TOTAL)
     assert doc == before
 
 
 def test_reserving_all_free_gpus_is_allowed_but_one_more_is_not():
-    doc = reserve(None, "j1", "H100", 8, TOTAL)
+    doc = reserve(None, "j1", Reservation("acme", "H100", 8), TOTAL)
     assert free(doc, TOTAL)["H100"] == 0
     with pytest.raises(NoCapacity, match="1 H100 no longer free"):
-        reserve(doc, "j2", "H100", 1, TOTAL)
+        reserve(doc, "j2", Reservation("acme", "H100", 1), TOTAL)
 
 
 def test_no_capacity_for_a_type_the_site_lacks():
     with pytest.raises(NoCapacity):
-        reserve(None, "j1", "A100", 1, TOTAL)
+        reserve(None, "j1", Reservation("acme", "A100", 1), TOTAL)
 
 
 def test_a_job_without_gpus_can_always_be_reserved():
-    doc = reserve(None, "big", "H100", 8, TOTAL)
-    doc = reserve(doc, "cpu-only", "none", 0, TOTAL)
+    doc = reserve(None, "big", Reservation("acme", "H100", 8), TOTAL)
+    doc = reserve(doc, "cpu-only", Reservation("acme", "none", 0), TOTAL)
     assert holds(doc, "cpu-only")
     assert free(doc, TOTAL) == {"H100": 0, "L40S": 4}
 
 
 def test_reserve_is_idempotent():
-    doc = reserve(None, "j1", "H100", 3, TOTAL)
-    assert reserve(doc, "j1", "H100", 3, TOTAL) is None
+    doc = reserve(None, "j1", Reservation("acme", "H100", 3), TOTAL)
+    assert reserve(doc, "j1", Reservation("acme", "H100", 3), TOTAL) is None
     # even if the repeat asks for something else, or the GPUs are gone: the job holds what it holds
-    full = reserve(doc, "j2", "H100", 5, TOTAL)
-    assert reserve(full, "j1", "H100", 8, TOTAL) is None
+    full = reserve(doc, "j2", Reservation("acme", "H100", 5), TOTAL)
+    assert reserve(full, "j1", Reservation("acme", "H100", 8), TOTAL) is None
 
 
 def test_release_frees_the_gpus():
-    doc = reserve(reserve(None, "j1", "H100", 3, TOTAL), "j2", "H100", 2, TOTAL)
+    doc = reserve(reserve(None, "j1", Reservation("acme", "H100", 3), TOTAL), "j2", Reservation("acme", "H100", 2), TOTAL)
     after = release(doc, "j1")
     assert not holds(after, "j1")
     assert holds(after, "j2")
@@ -82,19 +84,19 @@ def test_release_frees_the_gpus():
 def test_release_of_a_job_not_held_is_none():
     assert release(None, "j1") is None
     assert release({"jobs": {}}, "j1") is None
-    doc = reserve(None, "j1", "H100", 1, TOTAL)
+    doc = reserve(None, "j1", Reservation("acme", "H100", 1), TOTAL)
     assert release(doc, "other") is None
     assert release(release(doc, "j1"), "j1") is None
 
 
 def test_release_before_attempt_only_frees_an_older_attempt():
-    doc = reserve(None, "j1", "H100", 2, TOTAL, attempt=2)
+    doc = reserve(None, "j1", Reservation("acme", "H100", 2, attempt=2), TOTAL)
     # a requeue of attempt 2 (or 1) must not free the placement of attempt 2
     assert release(doc, "j1", before_attempt=2) is None
     assert release(doc, "j1", before_attempt=1) is None
     # the requeue of attempt 2 frees an attempt-1 hold, or the attempt-2 hold once attempt 3 is asked
     assert not holds(release(doc, "j1", before_attempt=3), "j1")
-    older = reserve(None, "j1", "H100", 2, TOTAL, attempt=1)
+    older = reserve(None, "j1", Reservation("acme", "H100", 2, attempt=1), TOTAL)
     assert not holds(release(older, "j1", before_attempt=2), "j1")
 
 
@@ -117,7 +119,7 @@ def test_random_reserve_and_release_never_make_free_negative(ops):
     for op, job_id, gpu_type, gpus, attempt in ops:
         if op == "reserve":
             try:
-                new = reserve(doc, job_id, gpu_type, gpus, TOTAL, attempt=attempt)
+                new = reserve(doc, job_id, Reservation("acme", gpu_type, gpus, attempt=attempt), TOTAL)
             except NoCapacity:
                 new = None
         else:
@@ -131,3 +133,12 @@ def test_random_reserve_and_release_never_make_free_negative(ops):
         held = reserved(doc)
         for t, n in TOTAL.items():
             assert available[t] == n - held.get(t, 0)
+
+
+def test_overflow_placements_are_counted_in_the_same_write():
+    doc = reserve(None, "j1", Reservation("lab", "H100", 2, overflow=True), TOTAL)
+    doc = reserve(doc, "j2", Reservation("lab", "H100", 1, overflow=True), TOTAL)
+    doc = reserve(doc, "j3", Reservation("startup", "H100", 1), TOTAL)
+    assert overflow_placed(doc) == {"lab": 2}
+    assert reserve(doc, "j1", Reservation("lab", "H100", 2, overflow=True), TOTAL) is None  # no double count
+    assert overflow_placed(release(doc, "j1")) == {"lab": 2}  # a count of placements, not of current holdings
