@@ -14,10 +14,10 @@ from services.agent.backends import Backend, backend_for
 from services.agent.backends.base import Outcome
 from shared.bus import TRACEPARENT, Bus, create_app, create_bus, dumps
 from shared.contracts.catalog import Catalog, SiteEntry
-from shared.contracts.streams import consumer_config
 from shared.contracts.events import make_event, utcnow
 from shared.contracts.jobs import Dispatch, JobState, StopJob, job_event_data
 from shared.contracts.sites import Heartbeat
+from shared.contracts.streams import consumer_config
 from shared.settings import Settings
 
 log = structlog.get_logger()

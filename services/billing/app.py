@@ -15,9 +15,9 @@ from shared.bus import TRACEPARENT, Bus, create_app, create_bus
 from shared.carbon import HourlyCarbon, default_carbon
 from shared.contracts.billing import StatementRequest, UsageLine
 from shared.contracts.catalog import Catalog
-from shared.contracts.streams import consumer_config
 from shared.contracts.events import CloudEvent, make_event, utcnow
 from shared.contracts.jobs import JobState
+from shared.contracts.streams import consumer_config
 from shared.settings import Settings
 
 log = structlog.get_logger()

@@ -13,10 +13,18 @@ from services.intake.registry import apply_event
 from services.intake.validation import Rejection, check_submission
 from shared.bus import TRACEPARENT, Bus, create_app, create_bus, new_traceparent
 from shared.contracts.catalog import Catalog
-from shared.contracts.streams import consumer_config
 from shared.contracts.events import CloudEvent, make_event
-from shared.contracts.jobs import (CancelReply, CancelRequest, JobRecord, JobRef, JobState, StopJob, SubmitReply,
-                                   job_event_data)
+from shared.contracts.jobs import (
+    CancelReply,
+    CancelRequest,
+    JobRecord,
+    JobRef,
+    JobState,
+    StopJob,
+    SubmitReply,
+    job_event_data,
+)
+from shared.contracts.streams import consumer_config
 from shared.settings import Settings
 
 log = structlog.get_logger()

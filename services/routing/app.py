@@ -15,12 +15,25 @@ from faststream.middlewares import AckPolicy
 from faststream.nats import JStream, NatsMessage, PullSub
 
 from services.routing import reservations
-from services.routing.policy import SiteView, TenantBudget, place, worst_case_allocation_h, worst_case_cost
+from services.routing.policy import (
+    SiteView,
+    TenantBudget,
+    place,
+    worst_case_allocation_h,
+    worst_case_cost,
+)
 from services.routing.reservations import Reservation
 from shared.bus import TRACEPARENT, Bus, create_app, create_bus
 from shared.contracts.catalog import Catalog
 from shared.contracts.events import CloudEvent, make_event, utcnow
-from shared.contracts.jobs import Decision, Dispatch, JobRecord, JobSpec, JobState, job_event_data
+from shared.contracts.jobs import (
+    Decision,
+    Dispatch,
+    JobRecord,
+    JobSpec,
+    JobState,
+    job_event_data,
+)
 from shared.contracts.streams import consumer_config
 from shared.settings import Settings
 

@@ -128,7 +128,6 @@ def place(spec: JobSpec, tenant: TenantEntry, sites: Iterable[SiteView], budget:
           now: datetime | None = None, avoid: Iterable[str] = ()) -> Decision:
     budget = budget or TenantBudget()
     avoid = set(avoid)
-    need = spec.resources.total_gpus
     views = sorted(sites, key=lambda s: s.id)
     reasons: dict[str, list[str]] = {}
     chosen_type: dict[str, str] = {}

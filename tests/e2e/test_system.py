@@ -4,71 +4,32 @@ through the public contract with a plain nats-py client."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
-import subprocess
-import sys
-import time
 from collections import Counter
-from pathlib import Path
 
-import nats
 import orjson
 import pytest
 
 from shared.bus import request_json
 from tests.conftest import SUBJECTS, TOPOLOGY, listen, read_stream
+from tests.e2e.harness import (
+    FINAL,
+    connect_when_up,
+    record_when,
+    start_system,
+    wait_all_final,
+)
 
 pytestmark = pytest.mark.e2e
-CATALOG = Path(__file__).parent / "catalog"
 SITE_COUNTRY = {"hpc-fr": "FR", "cloud-fr": "FR", "cloud-nl": "NL", "cloud-se": "SE"}
 SITE_CERTS = {"cloud-fr": {"secnumcloud"}}
-FINAL = {"succeeded", "failed", "cancelled", "rejected"}
 NORMAL_RUN = ["accepted", "placed", "dispatched", "started"]
-
-
-class RunningSystem:
-    def __init__(self, process: subprocess.Popen, data_dir: Path, url: str) -> None:
-        self.process, self.data_dir, self.url = process, data_dir, url
-
-    def pid(self, service: str) -> int:
-        return json.loads((self.data_dir / "state.json").read_text())["services"][service]
 
 
 @pytest.fixture
 def system(nats_server, tmp_path):
-    data_dir = tmp_path / "data"
-    env = dict(os.environ, CONTINUUM_NATS_URL=nats_server.url, CONTINUUM_DATA_DIR=str(data_dir),
-               CONTINUUM_HEARTBEAT_INTERVAL_S="0.5", CONTINUUM_PLACEMENT_RETRY_S="0.2",
-               CONTINUUM_MAX_DELIVERIES="3", CONTINUUM_RETRY_BACKOFF_S="0.1")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "up", "--sites", str(CATALOG / "sites.yaml"),
-         "--tenants", str(CATALOG / "tenants.yaml")],
-        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    yield RunningSystem(process, data_dir, nats_server.url)
-    process.send_signal(signal.SIGINT)
-    try:
-        process.wait(30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        raise
-
-
-async def connect_when_up(system: RunningSystem, timeout: float = 60.0):
-    """A client, once every site of the catalog is up (the services have started)."""
-    nc = await nats.connect(system.url)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert system.process.poll() is None, "continuum up exited"
-        try:
-            reply = await request_json(nc, SUBJECTS.sites_list, {}, timeout=1.0)
-            if reply.get("sites") and all(s["state"] == "up" for s in reply["sites"]):
-                return nc
-        except RuntimeError:
-            pass
-        await asyncio.sleep(0.1)
-    raise AssertionError("the sites did not come up")
+    yield from start_system(nats_server, tmp_path)
 
 
 def job(i: int, runtime: float = 0.05, **extra) -> dict:
@@ -91,16 +52,6 @@ def job(i: int, runtime: float = 0.05, **extra) -> dict:
         spec["tenant"] = "startup"
     spec.update(extra)
     return spec
-
-
-async def record_when(nc, job_id: str, state: str, timeout: float = 30.0) -> dict:
-    """The job's record once the registry (a read model that follows the event stream) shows `state`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        record = await request_json(nc, SUBJECTS.jobs_get, {"job_id": job_id})
-        if record.get("state") == state or time.monotonic() > deadline:
-            return record
-        await asyncio.sleep(0.05)
 
 
 async def submit_all(nc, specs: list[dict]) -> list[str]:
@@ -156,16 +107,6 @@ async def check_batch(nc, job_ids: list[str], specs: list[dict]) -> None:
         line = lines_by_tenant[job_id]
         assert line["site"] == site and line["gpus"] == spec["resources"]["gpus"]
     assert set(lines_by_tenant) == set(job_ids), "one usage line per finished job"
-
-
-async def wait_all_final(events, job_ids: list[str], timeout: float) -> None:
-    def done() -> bool:
-        return all(j in events.billed for j in job_ids)
-    try:
-        await events.wait_for(done, timeout, f"{len(job_ids)} jobs to finish and be billed")
-    except AssertionError:
-        stuck = Counter(events.kinds(j)[-1] if events.kinds(j) else "none" for j in job_ids if j not in events.billed)
-        raise AssertionError(f"jobs not billed, by last event: {dict(stuck)}") from None
 
 
 async def test_a_batch_of_200_jobs_runs_end_to_end(system):

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from datetime import UTC, datetime, timedelta
-
-from services.routing.policy import NO_GPU, Holding, SiteView, TenantBudget, permanent_reasons, place
+from services.routing.policy import (
+    NO_GPU,
+    Holding,
+    SiteView,
+    TenantBudget,
+    permanent_reasons,
+    place,
+)
 from shared.contracts.catalog import Catalog, SiteEntry, TenantEntry
 from shared.contracts.jobs import JobSpec, Resources
 

@@ -8,7 +8,13 @@ import pytest
 
 from services.intake.registry import apply_event
 from shared.contracts.events import make_event
-from shared.contracts.jobs import Candidate, Decision, JobRecord, JobState, job_event_data
+from shared.contracts.jobs import (
+    Candidate,
+    Decision,
+    JobRecord,
+    JobState,
+    job_event_data,
+)
 
 JOB = "job-1"
 TENANT = "cnrs-lab"

@@ -8,8 +8,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.routing.reservations import (NoCapacity, Reservation, free, holds, overflow_placed, release, reserve,
-                                           reserved)
+from services.routing.reservations import (
+    NoCapacity,
+    Reservation,
+    free,
+    holds,
+    overflow_placed,
+    release,
+    reserve,
+    reserved,
+)
 
 TOTAL = {"H100": 8, "L40S": 4}
 

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from services.agent.backends.simulated import EXIT_CODE_LABEL, RUNTIME_LABEL, simulated_outcome
+from services.agent.backends.simulated import (
+    EXIT_CODE_LABEL,
+    RUNTIME_LABEL,
+    simulated_outcome,
+)
 from shared.contracts.jobs import Dispatch, JobSpec
 
 
