@@ -126,15 +126,17 @@ class Bus:
                 out[key] = value
         return out
 
-    async def update_json(self, bucket: str, key: str, change: Callable[[dict | None], dict | None]) -> dict | None:
+    async def update_json(self, bucket: str, key: str, change: Callable[[dict | None], dict | None],
+                          mirror: KvMirror | None = None) -> dict | None:
         """Compare-and-set: apply `change` to the current value until no other writer got in between.
 
         `change` returns the new value, or None to leave the key as it is. Concurrent replicas each retry on
-        a conflict against the value the other wrote, so no update is lost.
+        a conflict against the value the other wrote, so no update is lost. With a mirror, the first try
+        reads the mirror (a stale copy only costs a retry against the bucket itself).
         """
         kv = await self.kv(bucket)
+        current, revision = mirror.get(key) if mirror else await self.get_json(bucket, key)
         while True:
-            current, revision = await self.get_json(bucket, key)
             new = change(current)
             if new is None:
                 return current
@@ -145,7 +147,43 @@ class Bus:
                     await kv.update(key, orjson.dumps(new), last=revision)
                 return new
             except (KeyWrongLastSequenceError, BadRequestError):
-                continue  # someone else wrote first: read again and redo
+                # someone else wrote first: read again and redo
+                current, revision = await self.get_json(bucket, key)
+
+
+class KvMirror:
+    """A bucket kept in memory by a watch: reads cost no round trip; writes still compare-and-set."""
+
+    def __init__(self, kv: KeyValue) -> None:
+        self.kv = kv
+        self.values: dict[str, tuple[dict, int]] = {}
+        self._ready = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> KvMirror:
+        watcher = await self.kv.watchall()
+        self._task = asyncio.create_task(self._follow(watcher), name="kv-mirror")
+        await asyncio.wait_for(self._ready.wait(), 30)
+        return self
+
+    async def _follow(self, watcher) -> None:
+        async for entry in watcher:
+            if entry is None:  # caught up with what the bucket held
+                self._ready.set()
+            elif entry.value is None or entry.operation in ("DEL", "PURGE"):
+                self.values.pop(entry.key, None)
+            else:
+                old = self.values.get(entry.key)
+                if old is None or old[1] < entry.revision:
+                    self.values[entry.key] = (orjson.loads(entry.value), entry.revision)
+
+    def get(self, key: str) -> tuple[dict | None, int | None]:
+        value = self.values.get(key)
+        return value if value else (None, None)
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
 
 
 def create_bus(settings: Settings, service: str) -> Bus:
@@ -172,8 +210,7 @@ Hook = Callable[[], Awaitable[None]]
 
 def create_app(bus: Bus, *, on_startup: tuple[Hook, ...] = (), after_startup: tuple[Hook, ...] = (),
                on_shutdown: tuple[Hook, ...] = ()) -> FastStream:
-    app = FastStream(bus.broker, logger=None, on_startup=list(on_startup), after_startup=list(after_startup),
-                     on_shutdown=list(on_shutdown))
+    app = FastStream(bus.broker, logger=None, after_startup=list(after_startup), on_shutdown=list(on_shutdown))
 
     @app.on_startup
     async def _topology() -> None:
@@ -181,6 +218,8 @@ def create_app(bus: Bus, *, on_startup: tuple[Hook, ...] = (), after_startup: tu
         await bus.broker.connect()
         await bus.ensure_topology()
 
+    for hook in on_startup:  # after the topology: a hook may read a bucket
+        app.on_startup(hook)
     return app
 
 

@@ -97,7 +97,7 @@ class SiteAgent:
     def heartbeat(self) -> Heartbeat:
         return Heartbeat(site_id=self.site.id, time=utcnow(), interval_s=self.bus.settings.heartbeat_interval_s,
                          gpus=self.backend.capacity(), queued=len(self.backend.queue),
-                         running=sorted(self.backend.running))
+                         running=sorted(self.backend.running), waited_total=self.backend.waited_total)
 
 
 def create_agent_app(settings: Settings, site_ids: list[str] | None = None):

@@ -23,7 +23,7 @@ from services.routing.policy import (
     worst_case_cost,
 )
 from services.routing.reservations import Reservation
-from shared.bus import TRACEPARENT, Bus, create_app, create_bus
+from shared.bus import TRACEPARENT, Bus, KvMirror, create_app, create_bus
 from shared.contracts.catalog import Catalog
 from shared.contracts.events import CloudEvent, make_event, utcnow
 from shared.contracts.jobs import (
@@ -50,12 +50,27 @@ class Router:
     def __init__(self, bus: Bus, catalog: Catalog) -> None:
         self.bus = bus
         self.catalog = catalog
+        # sites, reservations and metered budgets, kept in memory by watches: a placement reads no bucket
+        self.mirrors: dict[str, KvMirror] = {}
+
+    async def start(self) -> None:
+        t = self.bus.topology
+        for bucket in (t.sites_bucket, t.reservations_bucket, t.budgets_bucket):
+            self.mirrors[bucket] = await KvMirror(await self.bus.kv(bucket)).start()
+
+    async def stop(self) -> None:
+        for mirror in self.mirrors.values():
+            await mirror.stop()
+
+    def _mirrored(self, bucket: str) -> dict[str, dict]:
+        mirror = self.mirrors[bucket]
+        return {key: value for key in self.catalog.sites if (value := mirror.get(key)[0]) is not None}
 
     async def held(self) -> dict[str, dict]:
-        return await self.bus.get_many(self.bus.topology.reservations_bucket, self.catalog.sites)
+        return self._mirrored(self.bus.topology.reservations_bucket)
 
     async def views(self, held: dict[str, dict], give_back: tuple[str, Reservation] | None = None) -> list[SiteView]:
-        statuses = await self.bus.get_many(self.bus.topology.sites_bucket, self.catalog.sites)
+        statuses = self._mirrored(self.bus.topology.sites_bucket)
         now = time.time()
         views = []
         for site in self.catalog.sites.values():
@@ -72,8 +87,7 @@ class Router:
         """The tenant's room: its allocation and monthly budget, less what billing metered and what its
         running jobs may still use (their worst case, until they end and are metered)."""
         tenant = self.catalog.tenants[tenant_id]
-        metered, _ = await self.bus.get_json(self.bus.topology.budgets_bucket, tenant_id)
-        metered = metered or {}
+        metered = self.mirrors[self.bus.topology.budgets_bucket].get(tenant_id)[0] or {}
         spent = metered.get("spent_eur", 0.0) if metered.get("period") == utcnow().strftime("%Y-%m") else 0.0
         committed_eur = committed_h = 0.0
         for doc in held.values():
@@ -93,7 +107,7 @@ class Router:
                 return site_id, r
         return None
 
-    async def place(self, event: CloudEvent, traceparent: str | None) -> None:
+    async def place(self, event: CloudEvent, traceparent: str | None, tries: int = 1) -> None:
         job_id, tenant_id = event.data["job_id"], event.data["tenant"]
         attempt = int(event.data.get("attempt", 0))
         current, _ = await self.bus.get_json(self.bus.topology.jobs_bucket, job_id)
@@ -134,8 +148,9 @@ class Router:
                 if record.state != JobState.queued:
                     await self.publish(record, JobState.queued, traceparent, attempt, decision=decision,
                                        reasons=decision.reasons)
-                # higher priorities come back sooner, so they take freed GPUs first
-                delay = self.bus.settings.placement_retry_s * (1 + (9 - spec.priority) / 9)
+                # higher priorities come back sooner, so they take freed GPUs first; a job that has waited
+                # long comes back less often, so that a crowd of waiting jobs does not swamp the bus
+                delay = self.bus.settings.placement_retry_s * (1 + (9 - spec.priority) / 9) * (1 + min(tries, 20) / 5)
                 raise NackMessage(delay=delay)
             site = self.catalog.site(decision.site)
             reservation = Reservation(
@@ -145,7 +160,8 @@ class Router:
                 allocation_h=worst_case_allocation_h(spec, site, decision.gpu_type) if site.public else 0.0)
             try:
                 await self.bus.update_json(self.bus.topology.reservations_bucket, site.id,
-                                           lambda doc: reservations.reserve(doc, job_id, reservation, site.gpus))
+                                           lambda doc: reservations.reserve(doc, job_id, reservation, site.gpus),
+                                           self.mirrors[self.bus.topology.reservations_bucket])
             except reservations.NoCapacity:
                 held = await self.held()  # another replica took those GPUs first: decide again
                 continue
@@ -175,7 +191,8 @@ class Router:
         holding = self.holder(await self.held(), job_id)
         if holding is not None:
             await self.bus.update_json(self.bus.topology.reservations_bucket, holding[0],
-                                       lambda doc: reservations.release(doc, job_id, before_attempt))
+                                       lambda doc: reservations.release(doc, job_id, before_attempt),
+                                       self.mirrors[self.bus.topology.reservations_bucket])
 
     async def overflow(self) -> dict:
         """Overflow placed so far, per site and per tenant, and the GPUs overflow jobs hold now."""
@@ -209,7 +226,7 @@ def create_routing_app(settings: Settings):
     waiting = consumer_config(max_ack_pending=100_000)
 
     async def place(event: CloudEvent, msg: NatsMessage) -> None:
-        await router.place(event, (msg.headers or {}).get(TRACEPARENT))
+        await router.place(event, (msg.headers or {}).get(TRACEPARENT), msg.raw_message.metadata.num_delivered)
 
     for kind in (JobState.accepted, JobState.requeued):
         broker.subscriber(subjects.job_event(kind=kind.value), stream=events,
@@ -237,4 +254,4 @@ def create_routing_app(settings: Settings):
             log.exception("overflow.failed")
             return {"error": f"internal error: {e}"}
 
-    return create_app(bus)
+    return create_app(bus, on_startup=(router.start,), on_shutdown=(router.stop,))

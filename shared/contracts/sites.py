@@ -22,6 +22,9 @@ class Heartbeat(BaseModel):
     gpus: dict[str, GpuCount]
     queued: int = 0
     running: list[str] = Field(default_factory=list)
+    # dispatches that found their GPUs busy since the agent started: routing promised GPUs the site did not
+    # have free (non-zero only when the site is shared with work Continuum does not place)
+    waited_total: int = 0
 
 
 class SiteStatus(BaseModel):

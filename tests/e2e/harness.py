@@ -31,9 +31,10 @@ class RunningSystem:
 
     def add_replica(self, service: str) -> None:
         """One more process of a service, beside the one `up` runs."""
+        (self.data_dir / "logs").mkdir(parents=True, exist_ok=True)
+        log = open(self.data_dir / "logs" / f"{service}-{len(self.extra) + 2}.log", "ab")  # noqa: SIM115
         self.extra.append(subprocess.Popen([sys.executable, "-m", "services.cli", "service", service], env=self.env,
-                                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                           stderr=subprocess.DEVNULL))
+                                           stdin=subprocess.DEVNULL, stdout=log, stderr=log))
 
     def stop_extra(self) -> None:
         for process in self.extra:
@@ -47,7 +48,8 @@ class RunningSystem:
 def start_system(nats_server, tmp_path, sites: str = "sites.yaml", tenants: str = "tenants.yaml"):
     """`continuum up` with a test catalog; yields the running system and stops it."""
     data_dir = tmp_path / "data"
-    env = dict(os.environ, CONTINUUM_NATS_URL=nats_server.url, CONTINUUM_DATA_DIR=str(data_dir), **FAST)
+    env = dict(os.environ, CONTINUUM_NATS_URL=nats_server.url, CONTINUUM_DATA_DIR=str(data_dir), **FAST,
+               CONTINUUM_SITES_FILE=str(CATALOG / sites), CONTINUUM_TENANTS_FILE=str(CATALOG / tenants))
     process = subprocess.Popen(
         [sys.executable, "-m", "services.cli", "up", "--sites", str(CATALOG / sites),
          "--tenants", str(CATALOG / tenants)],

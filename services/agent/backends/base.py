@@ -44,6 +44,7 @@ class Backend(ABC):
         self.queue: deque[Dispatch] = deque()
         self.running: dict[str, asyncio.Task] = {}
         self.known: set[str] = set()
+        self.waited_total = 0
 
     @abstractmethod
     async def run(self, order: Dispatch, slots: list[int]) -> Outcome:
@@ -56,6 +57,8 @@ class Backend(ABC):
         self.known.add(order.job_id)
         self.queue.append(order)
         self._start_what_fits()
+        if self.queue and self.queue[-1] is order:
+            self.waited_total += 1
         return True
 
     async def cancel(self, job_id: str, reason: str) -> bool:
