@@ -198,6 +198,24 @@ def sites(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
 
 
 @app.command()
+def overflow(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Overflow from public to paid capacity: jobs placed per site and tenant, and GPUs they hold now."""
+    reply = asyncio.run(_request(lambda s: s.routing_overflow, {}))
+    if "error" in reply:
+        raise _fail(reply["error"])
+    if as_json:
+        console.print_json(data=reply)
+        return
+    table = Table(title="overflow to paid capacity")
+    for col in ("site", "jobs", "GPUs now", "by tenant"):
+        table.add_column(col)
+    for site, row in sorted(reply["sites"].items()):
+        table.add_row(site, str(row["jobs"]), str(row["gpus_now"]),
+                      " ".join(f"{t}={n}" for t, n in sorted(row["by_tenant"].items())))
+    console.print(table)
+
+
+@app.command()
 def bill(tenant: str,
          since: Annotated[datetime | None, typer.Option(help="RFC 3339")] = None,
          until: Annotated[datetime | None, typer.Option(help="RFC 3339")] = None,

@@ -400,3 +400,56 @@ def test_a_site_that_refused_the_job_is_avoided():
     decision = place(job(), tenant(), [view(site("a")), view(site("b"))], avoid={"a"})
     assert decision.site == "b"
     assert candidate(decision, "a").reasons == ["refused or lost this job recently"]
+
+
+@st.composite
+def loaded_views(draw, site_id: str) -> SiteView:
+    """A site with prices, an overflow share and jobs holding some of its GPUs, some of them overflow."""
+    base = draw(site_views(site_id))
+    entry = base.entry.model_copy(update={
+        "price_eur_per_gpu_hour": {t: draw(st.floats(0.0, 4.0)) for t in base.entry.gpus},
+        "allocation_factor": {t: draw(st.sampled_from((1.0, 2.0, 4.0))) for t in base.entry.gpus},
+        "overflow_share": draw(st.sampled_from((0.0, 0.25, 0.5, 1.0)))})
+    holdings = tuple(Holding(t, entry.gpus[t] - base.free[t], draw(st.floats(0, 7200)), draw(st.booleans()))
+                     for t in entry.gpus if entry.gpus[t] > base.free[t])
+    return SiteView(entry=entry, up=base.up, free=base.free, holdings=holdings)
+
+
+@st.composite
+def loaded_catalogs(draw) -> list[SiteView]:
+    ids = draw(st.lists(st.sampled_from(("a", "b", "c", "d", "e")), min_size=1, max_size=5, unique=True))
+    return [draw(loaded_views(i)) for i in ids]
+
+
+budgets = st.builds(TenantBudget, allocation_left_h=st.floats(-10, 50), budget_left_eur=st.floats(-10, 50))
+thresholds = st.builds(lab, threshold=st.sampled_from((0.0, 600.0, 1800.0, 10_000.0)),
+                       overflow=st.sampled_from(("allowed", "forbidden")))
+priced_specs = st.builds(job, gpus=st.integers(1, 6), gpu_type=st.sampled_from(("any",) + TYPES),
+                         walltime_s=st.sampled_from((600, 3600, 14_400)),
+                         residency=st.sampled_from((None, "EU", "FR")), overflow=st.sampled_from(("allowed", "forbidden")),
+                         budget_eur=st.one_of(st.none(), st.floats(0, 40)))
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(views=loaded_catalogs(), spec=priced_specs, who=st.one_of(thresholds, tenants), budget=budgets)
+def test_a_placement_never_breaks_overflow_rules_or_budgets(views, spec, who, budget):
+    decision = place(spec, who, views, budget)
+    if decision.site is None:
+        return
+    chosen = next(v for v in views if v.id == decision.site)
+    entry, need, gpu_type = chosen.entry, spec.resources.total_gpus, decision.gpu_type
+    hours = spec.walltime_s / 3600
+    assert chosen.free[gpu_type] >= need
+    if entry.public:
+        assert need * hours * entry.allocation_factor.get(gpu_type, 1.0) <= budget.allocation_left_h
+        return
+    worst = need * hours * entry.price(gpu_type)
+    assert worst <= budget.budget_left_eur
+    assert spec.budget_eur is None or worst <= spec.budget_eur
+    assert spec.overflow == "allowed" and who.overflow == "allowed"
+    if decision.overflow:
+        # within the private site's share, and only past the public wait threshold
+        assert chosen.overflow_held(gpu_type) + need <= int(entry.overflow_share * entry.gpus[gpu_type])
+        public = [v for v in views if v.entry.public and not permanent_reasons(spec, who, v.entry)]
+        fits_now = [v for v in public if v.up and v.free.get(decision.gpu_type, 0) >= need]
+        assert not any(c.eligible for c in decision.candidates if c.site in {v.id for v in fits_now})
