@@ -72,6 +72,21 @@ async def _request(subject_of, body: Any, timeout: float = 5.0) -> dict:
         await nc.close()
 
 
+def _ask(subject_of, body: Any) -> dict:
+    """A request's reply; an error reply stops the command with its reason."""
+    reply = asyncio.run(_request(subject_of, body))
+    if "error" in reply:
+        raise _fail(reply["error"])
+    return reply
+
+
+def _table(title: str, columns: tuple[str, ...]) -> Table:
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column)
+    return table
+
+
 @app.command()
 def up(sites: SitesOpt = None, tenants: TenantsOpt = None) -> None:
     """Run every service and a site agent for each catalog site, until Ctrl-C."""
@@ -137,9 +152,7 @@ def submit(file: Annotated[Path, typer.Argument(help="a JobSpec, YAML or JSON", 
 @app.command()
 def status(job_id: str, as_json: Annotated[bool, typer.Option("--json", help="print the JobRecord")] = False) -> None:
     """Show a job: its state, where it runs and why, and its history."""
-    record = asyncio.run(_request(lambda s: s.jobs_get, {"job_id": job_id}))
-    if "error" in record:
-        raise _fail(record["error"])
+    record = _ask(lambda s: s.jobs_get, {"job_id": job_id})
     if as_json:
         console.print_json(data=record)
         return
@@ -152,9 +165,8 @@ def status(job_id: str, as_json: Annotated[bool, typer.Option("--json", help="pr
         console.print(f"  reason: {reason}")
     if decision:
         title = "placement" if decision.get("site") else f"why it {'waits' if record['state'] == 'queued' else 'cannot run'}"
-        table = Table(title=title + (" (overflow)" if decision.get("overflow") else ""))
-        for col in ("site", "eligible", "score", "cost EUR", "CO2e kg", "reasons"):
-            table.add_column(col)
+        table = _table(title + (" (overflow)" if decision.get("overflow") else ""),
+                       ("site", "eligible", "score", "cost EUR", "CO2e kg", "reasons"))
         for c in decision["candidates"]:
             chosen = c["site"] == decision.get("site")
             table.add_row(("* " if chosen else "  ") + c["site"], "yes" if c["eligible"] else "no",
@@ -169,24 +181,19 @@ def status(job_id: str, as_json: Annotated[bool, typer.Option("--json", help="pr
 @app.command()
 def cancel(job_id: str, reason: Annotated[str, typer.Option(help="why")] = "cancelled by the user") -> None:
     """Cancel a job wherever it is."""
-    reply = asyncio.run(_request(lambda s: s.jobs_cancel, {"job_id": job_id, "reason": reason}))
-    if "error" in reply:
-        raise _fail(reply["error"])
+    reply = _ask(lambda s: s.jobs_cancel, {"job_id": job_id, "reason": reason})
     console.print(f"{reply['job_id']}: {reply['state']}")
 
 
 @app.command()
 def sites(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """The live view of every site."""
-    reply = asyncio.run(_request(lambda s: s.sites_list, {}))
-    if "error" in reply:
-        raise _fail(reply["error"])
+    reply = _ask(lambda s: s.sites_list, {})
     if as_json:
         console.print_json(data=reply)
         return
-    table = Table(title="sites")
-    for col in ("site", "kind", "country", "state", "GPUs free/total", "queued", "gCO2/kWh", "EUR/GPU-h"):
-        table.add_column(col)
+    table = _table("sites", ("site", "kind", "country", "state", "GPUs free/total", "queued", "gCO2/kWh",
+                             "EUR/GPU-h"))
     for s in reply["sites"]:
         gpus = " ".join(f"{t} {g['free']}/{g['total']}" for t, g in s["gpus"].items())
         prices = " ".join(f"{t} {p:.2f}" for t, p in s["price_eur_per_gpu_hour"].items())
@@ -200,15 +207,11 @@ def sites(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
 @app.command()
 def overflow(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Overflow from public to paid capacity: jobs placed per site and tenant, and GPUs they hold now."""
-    reply = asyncio.run(_request(lambda s: s.routing_overflow, {}))
-    if "error" in reply:
-        raise _fail(reply["error"])
+    reply = _ask(lambda s: s.routing_overflow, {})
     if as_json:
         console.print_json(data=reply)
         return
-    table = Table(title="overflow to paid capacity")
-    for col in ("site", "jobs", "GPUs now", "by tenant"):
-        table.add_column(col)
+    table = _table("overflow to paid capacity", ("site", "jobs", "GPUs now", "by tenant"))
     for site, row in sorted(reply["sites"].items()):
         table.add_row(site, str(row["jobs"]), str(row["gpus_now"]),
                       " ".join(f"{t}={n}" for t, n in sorted(row["by_tenant"].items())))
@@ -225,9 +228,7 @@ def bill(tenant: str,
         raise _fail("--format is table, json or csv", 2)
     body: dict[str, Any] = {"tenant": tenant}
     body.update({k: v.isoformat() for k, v in (("since", since), ("until", until)) if v})
-    reply = asyncio.run(_request(lambda s: s.billing_statement, body))
-    if "error" in reply:
-        raise _fail(reply["error"])
+    reply = _ask(lambda s: s.billing_statement, body)
     columns = ("job_id", "site", "gpu_type", "gpus", "seconds", "gpu_hours", "amount_eur", "allocation_hours",
                "energy_kwh", "co2e_kg")
     if fmt == "json":

@@ -17,7 +17,8 @@ import structlog
 from faststream import FastStream
 from faststream._internal.middlewares import BaseMiddleware
 from faststream.exceptions import AckMessage, HandlerException, NackMessage
-from faststream.nats import NatsBroker
+from faststream.middlewares import AckPolicy
+from faststream.nats import JStream, NatsBroker, PullSub
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import KeyValueConfig, StorageType
@@ -29,14 +30,15 @@ from nats.js.errors import (
     NotFoundError,
 )
 from nats.js.kv import KeyValue
+from pydantic import BaseModel, ValidationError
 
 from shared.contracts.events import CloudEvent
-from shared.contracts.streams import Topology
+from shared.contracts.streams import Topology, consumer_config
 from shared.contracts.subjects import Subjects
 from shared.settings import Settings
 
 log = structlog.get_logger()
-T = TypeVar("T")
+T = TypeVar("T", bound=BaseModel)
 
 TRACEPARENT = "traceparent"
 
@@ -88,6 +90,18 @@ class Bus:
                 except BadRequestError:  # another service created it meanwhile
                     self._buckets[bucket] = await self.js.key_value(bucket)
         return self._buckets[bucket]
+
+    def consumer(self, subject: str, stream: str, role: str, batch: int = 64, **config: Any):
+        """A durable JetStream consumer of this service, shared by its replicas, with explicit acks; a failing
+        message is retried with backoff, then dead-lettered (see the middleware below)."""
+        return self.broker.subscriber(subject, stream=JStream(stream, declare=False),
+                                      durable=self.topology.durable(self.service, role),
+                                      pull_sub=PullSub(batch_size=batch, timeout=1.0),
+                                      ack_policy=AckPolicy.NACK_ON_ERROR, config=consumer_config(**config), title=role)
+
+    def responder(self, subject: str, title: str):
+        """A request/reply handler; replicas share requests in the service's queue group."""
+        return self.broker.subscriber(subject, queue=self.service, title=title)
 
     def document_events(self, subject: str, description: str) -> None:
         """Declare, for the AsyncAPI document, events this service publishes (subjects with wildcards)."""
@@ -259,6 +273,15 @@ def _dead_letter_middleware(settings: Settings, service: str, subjects: Subjects
                 raise AckMessage() from exc
 
     return DeadLetter
+
+
+def parse_request(model: type[T], body: bytes) -> T | dict:
+    """The request as its model, or the error reply that says what is wrong with it."""
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}" for err in e.errors())
+        return {"error": f"bad request: {problems}"}
 
 
 async def request_json(bus_or_nc: Any, subject: str, body: Any, timeout: float = 5.0) -> dict:

@@ -7,8 +7,7 @@ import asyncio
 from datetime import datetime
 
 import structlog
-from faststream.middlewares import AckPolicy
-from faststream.nats import JStream, NatsMessage, PullSub
+from faststream.nats import NatsMessage
 
 from services.agent.backends import Backend, backend_for
 from services.agent.backends.base import Outcome
@@ -17,7 +16,6 @@ from shared.contracts.catalog import Catalog, SiteEntry
 from shared.contracts.events import make_event, utcnow
 from shared.contracts.jobs import Dispatch, JobState, StopJob, job_event_data
 from shared.contracts.sites import Heartbeat
-from shared.contracts.streams import consumer_config
 from shared.settings import Settings
 
 log = structlog.get_logger()
@@ -111,21 +109,15 @@ def create_agent_app(settings: Settings, site_ids: list[str] | None = None):
     broker, subjects, topology = bus.broker, bus.subjects, bus.topology
     for kind in ("dispatched", "started", "succeeded", "failed", "cancelled"):
         bus.document_events(subjects.job_event(kind=kind), f"A site agent reports that a job {kind}.")
-    dispatch_stream = JStream(topology.dispatch_stream, declare=False)
-
     for agent in agents:
         def bind(agent: SiteAgent) -> None:
-            @broker.subscriber(subjects.dispatch(agent.site.id), stream=dispatch_stream,
-                               durable=topology.durable(SERVICE, f"{agent.site.id}-run"),
-                               pull_sub=PullSub(batch_size=64, timeout=1.0), ack_policy=AckPolicy.NACK_ON_ERROR, config=consumer_config(),
-                               title=f"dispatch-{agent.site.id}")
+            site = agent.site.id
+
+            @bus.consumer(subjects.dispatch(site), topology.dispatch_stream, f"{site}-run")
             async def run(order: Dispatch, msg: NatsMessage) -> None:
                 await agent.take(order, (msg.headers or {}).get(TRACEPARENT))
 
-            @broker.subscriber(subjects.stop(agent.site.id), stream=dispatch_stream,
-                               durable=topology.durable(SERVICE, f"{agent.site.id}-cancel"),
-                               pull_sub=PullSub(batch_size=16, timeout=1.0), ack_policy=AckPolicy.NACK_ON_ERROR, config=consumer_config(),
-                               title=f"cancel-{agent.site.id}")
+            @bus.consumer(subjects.stop(site), topology.dispatch_stream, f"{site}-cancel", batch=16)
             async def stop(command: StopJob, msg: NatsMessage) -> None:
                 await agent.stop(command, (msg.headers or {}).get(TRACEPARENT))
         bind(agent)

@@ -6,18 +6,16 @@ from datetime import datetime
 
 import orjson
 import structlog
-from faststream.middlewares import AckPolicy
-from faststream.nats import JStream, NatsMessage, PullSub
+from faststream.nats import NatsMessage
 
 from services.billing.ledger import Ledger
 from services.billing.rating import rate, statement
-from shared.bus import TRACEPARENT, Bus, create_app, create_bus
+from shared.bus import TRACEPARENT, Bus, create_app, create_bus, parse_request
 from shared.carbon import HourlyCarbon, default_carbon
 from shared.contracts.billing import StatementRequest, UsageLine
 from shared.contracts.catalog import Catalog
 from shared.contracts.events import CloudEvent, make_event, utcnow
 from shared.contracts.jobs import JobState
-from shared.contracts.streams import consumer_config
 from shared.settings import Settings
 
 log = structlog.get_logger()
@@ -76,24 +74,19 @@ class Billing:
 def create_billing_app(settings: Settings):
     bus = create_bus(settings, SERVICE)
     billing = Billing(bus, Catalog.load(settings.sites_file, settings.tenants_file), default_carbon())
-    broker, subjects, topology = bus.broker, bus.subjects, bus.topology
+    subjects, topology = bus.subjects, bus.topology
     bus.document_events(subjects.billing_event(kind="usage"), "The usage line of one finished job (data).")
-    events = JStream(topology.events_stream, declare=False)
-
     async def meter(event: CloudEvent, msg: NatsMessage) -> None:
         await billing.meter(event, (msg.headers or {}).get(TRACEPARENT))
 
     for kind in _FINAL:
-        broker.subscriber(subjects.job_event(kind=kind.value), stream=events,
-                          durable=topology.durable(SERVICE, kind.value), pull_sub=PullSub(batch_size=128, timeout=1.0),
-                          ack_policy=AckPolicy.NACK_ON_ERROR, config=consumer_config(), title=f"meter-{kind.value}")(meter)
+        bus.consumer(subjects.job_event(kind=kind.value), topology.events_stream, kind.value, batch=128)(meter)
 
-    @broker.subscriber(subjects.billing_statement, queue=SERVICE, title="billing.statement")
+    @bus.responder(subjects.billing_statement, "billing.statement")
     async def get_statement(msg: NatsMessage) -> dict:
-        try:
-            request = StatementRequest.model_validate_json(msg.body)
-        except ValueError as e:
-            return {"error": f"bad request: expected {{\"tenant\": str, \"since\"?, \"until\"?}}: {e}"}
+        request = parse_request(StatementRequest, msg.body)
+        if isinstance(request, dict):
+            return request
         if request.tenant not in billing.catalog.tenants:
             return {"error": f"unknown tenant {request.tenant!r}: not in the tenant catalog"}
         lines = billing.ledger.lines(request.tenant, request.since, request.until)

@@ -83,15 +83,15 @@ def create_capacity_app(settings: Settings):
     bus = create_bus(settings, SERVICE)
     catalog = Catalog.load(settings.sites_file, settings.tenants_file)
     view = CapacityView(bus, catalog, default_carbon())
-    broker, subjects = bus.broker, bus.subjects
+    subjects = bus.subjects
     bus.document_events(subjects.site_event(kind="up"), "A site sends heartbeats again; data is its SiteStatus.")
     bus.document_events(subjects.site_event(kind="down"), "A site missed 3 heartbeats; data is its SiteStatus.")
 
-    @broker.subscriber(subjects.heartbeat("*"), queue=SERVICE, title="heartbeats")
+    @bus.responder(subjects.heartbeat("*"), "heartbeats")
     async def heartbeat(beat: Heartbeat) -> None:
         await view.heartbeat(beat)
 
-    @broker.subscriber(subjects.sites_list, queue=SERVICE, title="sites.list")
+    @bus.responder(subjects.sites_list, "sites.list")
     async def sites(msg: NatsMessage) -> dict:
         try:
             return (await view.sites()).model_dump(mode="json")

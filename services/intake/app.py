@@ -6,12 +6,18 @@ import hashlib
 import uuid
 
 import structlog
-from faststream.middlewares import AckPolicy
-from faststream.nats import JStream, NatsMessage, PullSub
+from faststream.nats import NatsMessage
 
 from services.intake.registry import apply_event
 from services.intake.validation import Rejection, check_submission
-from shared.bus import TRACEPARENT, Bus, create_app, create_bus, new_traceparent
+from shared.bus import (
+    TRACEPARENT,
+    Bus,
+    create_app,
+    create_bus,
+    new_traceparent,
+    parse_request,
+)
 from shared.contracts.catalog import Catalog
 from shared.contracts.events import CloudEvent, make_event
 from shared.contracts.jobs import (
@@ -24,7 +30,6 @@ from shared.contracts.jobs import (
     SubmitReply,
     job_event_data,
 )
-from shared.contracts.streams import consumer_config
 from shared.settings import Settings
 
 log = structlog.get_logger()
@@ -104,12 +109,12 @@ class Intake:
 def create_intake_app(settings: Settings):
     bus = create_bus(settings, SERVICE)
     intake = Intake(bus, Catalog.load(settings.sites_file, settings.tenants_file))
-    broker, subjects, topology = bus.broker, bus.subjects, bus.topology
+    subjects, topology = bus.subjects, bus.topology
     bus.document_events(subjects.job_event(kind="accepted"), "A job was accepted; data.spec is its JobSpec.")
     bus.document_events(subjects.job_event(kind="rejected"), "A submission was refused; data.errors says why.")
     bus.document_events(subjects.job_event(kind="cancelled"), "A job not yet at a site was cancelled.")
 
-    @broker.subscriber(subjects.jobs_submit, queue=SERVICE, title="jobs.submit")
+    @bus.responder(subjects.jobs_submit, "jobs.submit")
     async def submit(msg: NatsMessage) -> dict:
         """Submit a JobSpec; the reply says accepted (with its job id) or rejected (with every problem)."""
         try:
@@ -119,38 +124,32 @@ def create_intake_app(settings: Settings):
             reply = SubmitReply(job_id="", state="rejected", errors=[{"loc": [], "msg": f"internal error: {e}"}])
         return reply.model_dump(mode="json")
 
-    @broker.subscriber(subjects.intake("*"), stream=JStream(topology.intake_stream, declare=False),
-                       durable=topology.durable(SERVICE, "intake"), pull_sub=PullSub(batch_size=64, timeout=1.0),
-                       ack_policy=AckPolicy.NACK_ON_ERROR, config=consumer_config(), title="intake")
+    @bus.consumer(subjects.intake("*"), topology.intake_stream, "intake")
     async def fire_and_forget(msg: NatsMessage) -> None:
         """A JobSpec from a system that emits job events; the outcome is an accepted or rejected event."""
         headers = msg.headers or {}
         await intake.submit(msg.body, subject_tenant=msg.raw_message.subject.rsplit(".", 1)[-1],
                             msg_id=headers.get("Nats-Msg-Id"), traceparent=headers.get(TRACEPARENT))
 
-    @broker.subscriber(subjects.job_events_all, stream=JStream(topology.events_stream, declare=False),
-                       durable=topology.durable(SERVICE, "registry"), pull_sub=PullSub(batch_size=128, timeout=1.0),
-                       ack_policy=AckPolicy.NACK_ON_ERROR, config=consumer_config(), title="registry")
+    @bus.consumer(subjects.job_events_all, topology.events_stream, "registry", batch=128)
     async def registry(event: CloudEvent, msg: NatsMessage) -> None:
         """Fold every job event into the job's record."""
         seq = msg.raw_message.metadata.sequence.stream
         await bus.update_json(topology.jobs_bucket, event.data["job_id"], lambda cur: apply_event(cur, event, seq))
 
-    @broker.subscriber(subjects.jobs_get, queue=SERVICE, title="jobs.get")
+    @bus.responder(subjects.jobs_get, "jobs.get")
     async def get(msg: NatsMessage) -> dict:
-        try:
-            ref = JobRef.model_validate_json(msg.body)
-        except ValueError as e:
-            return {"error": f"bad request: expected {{\"job_id\": str}}: {e.errors()[0]['msg'] if hasattr(e, 'errors') else e}"}
+        ref = parse_request(JobRef, msg.body)
+        if isinstance(ref, dict):
+            return ref
         record = await intake.get(ref.job_id)
         return record.model_dump(mode="json") if record else {"error": f"no job {ref.job_id!r}"}
 
-    @broker.subscriber(subjects.jobs_cancel, queue=SERVICE, title="jobs.cancel")
+    @bus.responder(subjects.jobs_cancel, "jobs.cancel")
     async def cancel(msg: NatsMessage) -> dict:
-        try:
-            request = CancelRequest.model_validate_json(msg.body)
-        except ValueError as e:
-            return {"error": f"bad request: expected {{\"job_id\": str, \"reason\": str}}: {e}"}
+        request = parse_request(CancelRequest, msg.body)
+        if isinstance(request, dict):
+            return request
         reply = await intake.cancel(request)
         return reply if isinstance(reply, dict) else reply.model_dump(mode="json")
 

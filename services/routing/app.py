@@ -11,8 +11,7 @@ import time
 
 import structlog
 from faststream.exceptions import NackMessage
-from faststream.middlewares import AckPolicy
-from faststream.nats import JStream, NatsMessage, PullSub
+from faststream.nats import NatsMessage
 
 from services.routing import reservations
 from services.routing.policy import (
@@ -34,7 +33,6 @@ from shared.contracts.jobs import (
     JobState,
     job_event_data,
 )
-from shared.contracts.streams import consumer_config
 from shared.settings import Settings
 
 log = structlog.get_logger()
@@ -217,26 +215,19 @@ def _recently_left(record: JobRecord) -> set[str]:
 def create_routing_app(settings: Settings):
     bus = create_bus(settings, SERVICE)
     router = Router(bus, Catalog.load(settings.sites_file, settings.tenants_file))
-    broker, subjects, topology = bus.broker, bus.subjects, bus.topology
+    subjects, topology = bus.subjects, bus.topology
     bus.document_events(subjects.job_event(kind="placed"), "A job was placed; data.decision explains why there.")
     bus.document_events(subjects.job_event(kind="queued"), "A job waits; data.reasons and data.decision say why.")
     bus.document_events(subjects.job_event(kind="rejected"), "No site in the catalog can ever run the job.")
-    events = JStream(topology.events_stream, declare=False)
-    # waiting jobs stay unacknowledged while they wait: allow many of them
-    waiting = consumer_config(max_ack_pending=100_000)
-
     async def place(event: CloudEvent, msg: NatsMessage) -> None:
         await router.place(event, (msg.headers or {}).get(TRACEPARENT), msg.raw_message.metadata.num_delivered)
 
     for kind in (JobState.accepted, JobState.requeued):
-        broker.subscriber(subjects.job_event(kind=kind.value), stream=events,
-                          durable=topology.durable(SERVICE, kind.value),
-                          pull_sub=PullSub(batch_size=64, timeout=1.0), ack_policy=AckPolicy.NACK_ON_ERROR,
-                          config=waiting, title=f"place-{kind.value}")(place)
+        # waiting jobs stay unacknowledged while they wait: allow many of them
+        bus.consumer(subjects.job_event(kind=kind.value), topology.events_stream, kind.value,
+                     max_ack_pending=100_000)(place)
 
-    @broker.subscriber(subjects.job_events_all, stream=events, durable=topology.durable(SERVICE, "release"),
-                       pull_sub=PullSub(batch_size=128, timeout=1.0), ack_policy=AckPolicy.NACK_ON_ERROR,
-                       config=consumer_config(), title="release")
+    @bus.consumer(subjects.job_events_all, topology.events_stream, "release", batch=128)
     async def release(event: CloudEvent) -> None:
         """A job that ended, was cancelled or goes back to placement frees the GPUs it held."""
         kind = JobState(event.kind)
@@ -245,7 +236,7 @@ def create_routing_app(settings: Settings):
         elif kind in _RELEASING:
             await router.release(event.data["job_id"])
 
-    @broker.subscriber(subjects.routing_overflow, queue=SERVICE, title="routing.overflow")
+    @bus.responder(subjects.routing_overflow, "routing.overflow")
     async def overflow(msg: NatsMessage) -> dict:
         """Overflow from public to paid capacity, per site and per tenant."""
         try:
