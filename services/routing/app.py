@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 
+import orjson
 import structlog
 from faststream.exceptions import NackMessage
 from faststream.nats import NatsMessage
@@ -42,6 +43,9 @@ _RELEASING = {JobState.succeeded, JobState.failed, JobState.cancelled, JobState.
 MAX_ATTEMPTS = 4
 # how long a site that refused or lost a job is avoided for it
 AVOID_S = 600.0
+# a waiting job refreshes its entry on the waiting board this often; an entry not refreshed for three
+# times as long is ignored (its job is no longer being placed: dead-lettered, say)
+WAITING_REFRESH_S = 60.0
 
 
 class Router:
@@ -53,7 +57,7 @@ class Router:
 
     async def start(self) -> None:
         t = self.bus.topology
-        for bucket in (t.sites_bucket, t.reservations_bucket, t.budgets_bucket):
+        for bucket in (t.sites_bucket, t.reservations_bucket, t.budgets_bucket, t.waiting_bucket):
             self.mirrors[bucket] = await KvMirror(await self.bus.kv(bucket)).start()
 
     async def stop(self) -> None:
@@ -136,16 +140,25 @@ class Router:
             return
 
         while True:
-            decision = place(spec, tenant, await self.views(held), await self.budget(tenant_id, held), utcnow(), avoid)
+            views = await self.views(held)
+            decision = place(spec, tenant, views, await self.budget(tenant_id, held), utcnow(), avoid)
             if decision.impossible:
                 await self.publish(record, JobState.rejected, traceparent, attempt, decision=decision,
                                    reasons=decision.reasons, reason="no site in the catalog can ever run this job")
                 log.info("job.impossible", job_id=job_id, tenant=tenant_id)
                 return
+            if decision.site is not None:
+                ahead = await self.outranked_by(spec, decision.site, views, held)
+                if ahead:
+                    reason = f"{decision.site}: yields to job {ahead} of higher priority, waiting for it"
+                    decision = decision.model_copy(update={"site": None, "gpu_type": None, "overflow": False})
+                    decision.candidates = [c.model_copy(update={"eligible": False, "reasons": [*c.reasons, reason]})
+                                           if c.eligible else c for c in decision.candidates]
             if decision.site is None:
                 if record.state != JobState.queued:
                     await self.publish(record, JobState.queued, traceparent, attempt, decision=decision,
                                        reasons=decision.reasons)
+                await self.wait_in_line(job_id, spec)
                 # higher priorities come back sooner, so they take freed GPUs first; a job that has waited
                 # long comes back less often, so that a crowd of waiting jobs does not swamp the bus
                 delay = self.bus.settings.placement_retry_s * (1 + (9 - spec.priority) / 9) * (1 + min(tries, 20) / 5)
@@ -164,7 +177,34 @@ class Router:
                 held = await self.held()  # another replica took those GPUs first: decide again
                 continue
             await self.dispatch(record, spec, decision, attempt, traceparent)
+            await self.leave_line(job_id)
             return
+
+    async def wait_in_line(self, job_id: str, spec: JobSpec) -> None:
+        """Put the job on the waiting board (or refresh it there), with what a lower priority must check."""
+        entry = self.mirrors[self.bus.topology.waiting_bucket].get(job_id)[0]
+        if entry is None or time.time() - entry["refreshed_at"] > WAITING_REFRESH_S:
+            kv = await self.bus.kv(self.bus.topology.waiting_bucket)
+            await kv.put(job_id, orjson.dumps({"priority": spec.priority, "refreshed_at": time.time(),
+                                               "spec": spec.model_dump(mode="json")}))
+
+    async def leave_line(self, job_id: str) -> None:
+        if self.mirrors[self.bus.topology.waiting_bucket].get(job_id)[0] is not None:
+            kv = await self.bus.kv(self.bus.topology.waiting_bucket)
+            await kv.delete(job_id)
+
+    async def outranked_by(self, spec: JobSpec, site_id: str, views: list[SiteView], held: dict) -> str | None:
+        """A waiting job of higher priority that the policy would place on the same site now, if any: this job
+        lets it go first, so that freed GPUs go to higher priorities."""
+        now = time.time()
+        for job_id, (entry, _) in list(self.mirrors[self.bus.topology.waiting_bucket].values.items()):
+            if entry["priority"] <= spec.priority or now - entry["refreshed_at"] > 3 * WAITING_REFRESH_S:
+                continue
+            other = JobSpec.model_validate(entry["spec"])
+            theirs = place(other, self.catalog.tenants[other.tenant], views, await self.budget(other.tenant, held))
+            if theirs.site == site_id:
+                return job_id
+        return None
 
     async def dispatch(self, record: JobRecord, spec: JobSpec, decision: Decision, attempt: int,
                        traceparent: str | None) -> None:
@@ -235,6 +275,7 @@ def create_routing_app(settings: Settings):
             await router.release(event.data["job_id"], before_attempt=int(event.data.get("attempt", 0)))
         elif kind in _RELEASING:
             await router.release(event.data["job_id"])
+            await router.leave_line(event.data["job_id"])
 
     @bus.responder(subjects.routing_overflow, "routing.overflow")
     async def overflow(msg: NatsMessage) -> dict:

@@ -66,9 +66,14 @@ class Topology:
         return f"{self.subjects.prefix}_budgets"
 
     @property
+    def waiting_bucket(self) -> str:
+        """Jobs waiting for placement, with their priority: a job yields GPUs to a higher priority."""
+        return f"{self.subjects.prefix}_waiting"
+
+    @property
     def buckets(self) -> tuple[str, ...]:
         return (self.jobs_bucket, self.idempotency_bucket, self.sites_bucket, self.reservations_bucket,
-                self.budgets_bucket)
+                self.budgets_bucket, self.waiting_bucket)
 
     def stream_configs(self) -> list[StreamConfig]:
         s = self.subjects

@@ -114,3 +114,16 @@ async def test_the_objective_picks_the_cleanest_or_the_cheapest_site(client, obj
     assert placed["site"] == site
     scores = {c["site"]: c["score"] for c in placed["decision"]["candidates"] if c["eligible"]}
     assert set(scores) == {"cloud-nl", "cloud-se"} and scores[site] == max(scores.values())
+
+
+async def test_freed_gpus_go_to_the_higher_priority_first(client):
+    blocker = await submit(client, spec("media", gpus=8, runtime=4, walltime=60))
+    assert (await reached(client, blocker, "placed"))["site"] == "cloud-fr"
+    low = await submit(client, spec("media", gpus=8, runtime=0.5, priority=1))
+    await reached(client, low, "queued")
+    high = await submit(client, spec("media", gpus=8, runtime=0.5, priority=8))
+    await reached(client, high, "queued")
+    await reached(client, low, "placed", timeout=60)
+    _, events = client
+    placed = [e["data"]["job_id"] for e in events.events if e["type"] == "continuum.job.placed"]
+    assert placed.index(high) < placed.index(low)  # the low priority came first but waited its turn
