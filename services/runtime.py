@@ -89,11 +89,15 @@ class EmbeddedNats:
     def start(self) -> EmbeddedNats:
         self.store.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port()
-        log_file = open(self.store / "nats-server.log", "ab")  # noqa: SIM115 - the server owns it
-        self.process = subprocess.Popen(
-            [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.store)],
-            stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file)
-        wait_for_port(self.port, 15.0, self.process)
+        with open(self.store / "nats-server.log", "ab") as log_file:  # the server keeps its own copy
+            self.process = subprocess.Popen(
+                [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.store)],
+                stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file)
+        try:
+            wait_for_port(self.port, 15.0, self.process)
+        except RuntimeError:
+            self.stop()
+            raise
         return self
 
     def stop(self) -> None:
@@ -118,12 +122,13 @@ class Supervisor:
     log_dir: Path | None = None
 
     def _spawn(self, name: str) -> subprocess.Popen:
-        out = subprocess.DEVNULL
-        if self.log_dir:
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-            out = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
-        return subprocess.Popen([sys.executable, "-m", "services.cli", "service", name], env=self.env,
-                                stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        if not self.log_dir:
+            return subprocess.Popen([sys.executable, "-m", "services.cli", "service", name], env=self.env,
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_dir / f"{name}.log", "ab") as out:  # the child keeps its own copy of the handle
+            return subprocess.Popen([sys.executable, "-m", "services.cli", "service", name], env=self.env,
+                                    stdin=subprocess.DEVNULL, stdout=out, stderr=out)
 
     def start(self) -> None:
         for name in self.services:

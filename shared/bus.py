@@ -160,7 +160,7 @@ class Bus:
                 else:
                     await kv.update(key, orjson.dumps(new), last=revision)
                 return new
-            except (KeyWrongLastSequenceError, BadRequestError):
+            except KeyWrongLastSequenceError:
                 # someone else wrote first: read again and redo
                 current, revision = await self.get_json(bucket, key)
 

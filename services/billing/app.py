@@ -89,7 +89,11 @@ def create_billing_app(settings: Settings):
             return request
         if request.tenant not in billing.catalog.tenants:
             return {"error": f"unknown tenant {request.tenant!r}: not in the tenant catalog"}
-        lines = billing.ledger.lines(request.tenant, request.since, request.until)
+        try:
+            lines = billing.ledger.lines(request.tenant, request.since, request.until)
+        except Exception as e:
+            log.exception("statement.failed", tenant=request.tenant)
+            return {"error": f"internal error: {e}"}
         return statement(request.tenant, lines, request.since, request.until).model_dump(mode="json")
 
     async def open_ledger() -> None:

@@ -7,6 +7,7 @@ import uuid
 
 import structlog
 from faststream.nats import NatsMessage
+from nats.js.errors import NotFoundError
 
 from services.intake.registry import apply_event
 from services.intake.validation import Rejection, check_submission
@@ -66,16 +67,26 @@ class Intake:
             if claimed["job_id"] != job_id:
                 job_id = claimed["job_id"]
                 existing, _ = await self.bus.get_json(self.jobs, job_id)
-                if existing:
+                if existing and await self.published(spec.tenant, job_id):
                     log.info("job.duplicate", job_id=job_id, tenant=spec.tenant)
                     return SubmitReply(job_id=job_id, state="accepted")
-                # the first submission crashed between claiming the key and accepting: finish it now
+                # the first submission stopped between claiming the key and publishing: finish it now
+                traceparent = (existing or {}).get("traceparent") or traceparent
         traceparent = traceparent or new_traceparent()
         event = make_event(SERVICE, "job", "accepted", job_id, job_event_data(
             job_id, spec.tenant, JobState.accepted, spec=spec.model_dump(mode="json"), traceparent=traceparent), job_id)
         await self.record(event, traceparent)
         log.info("job.accepted", job_id=job_id, tenant=spec.tenant)
         return SubmitReply(job_id=job_id, state="accepted")
+
+    async def published(self, tenant: str, job_id: str) -> bool:
+        """Is the job's accepted event in the stream?"""
+        try:
+            await self.bus.js.get_last_msg(self.bus.topology.events_stream,
+                                           self.bus.subjects.job_event(tenant, job_id, JobState.accepted.value))
+        except NotFoundError:
+            return False
+        return True
 
     async def record(self, event: CloudEvent, traceparent: str | None) -> None:
         """Write the event into the registry, then publish it: a `jobs.get` right after the reply finds the job."""
@@ -128,8 +139,10 @@ def create_intake_app(settings: Settings):
     async def fire_and_forget(msg: NatsMessage) -> None:
         """A JobSpec from a system that emits job events; the outcome is an accepted or rejected event."""
         headers = msg.headers or {}
-        await intake.submit(msg.body, subject_tenant=msg.raw_message.subject.rsplit(".", 1)[-1],
-                            msg_id=headers.get("Nats-Msg-Id"), traceparent=headers.get(TRACEPARENT))
+        # without a key of its own, the message's place in the stream keeps a redelivery from being a second job
+        key = headers.get("Nats-Msg-Id") or f"intake-seq-{msg.raw_message.metadata.sequence.stream}"
+        await intake.submit(msg.body, subject_tenant=msg.raw_message.subject.rsplit(".", 1)[-1], msg_id=key,
+                            traceparent=headers.get(TRACEPARENT))
 
     @bus.consumer(subjects.job_events_all, topology.events_stream, "registry", batch=128)
     async def registry(event: CloudEvent, msg: NatsMessage) -> None:
@@ -142,7 +155,11 @@ def create_intake_app(settings: Settings):
         ref = parse_request(JobRef, msg.body)
         if isinstance(ref, dict):
             return ref
-        record = await intake.get(ref.job_id)
+        try:
+            record = await intake.get(ref.job_id)
+        except Exception as e:
+            log.exception("get.failed", job_id=ref.job_id)
+            return {"error": f"internal error: {e}"}
         return record.model_dump(mode="json") if record else {"error": f"no job {ref.job_id!r}"}
 
     @bus.responder(subjects.jobs_cancel, "jobs.cancel")
@@ -150,7 +167,11 @@ def create_intake_app(settings: Settings):
         request = parse_request(CancelRequest, msg.body)
         if isinstance(request, dict):
             return request
-        reply = await intake.cancel(request)
+        try:
+            reply = await intake.cancel(request)
+        except Exception as e:
+            log.exception("cancel.failed", job_id=request.job_id)
+            return {"error": f"internal error: {e}"}
         return reply if isinstance(reply, dict) else reply.model_dump(mode="json")
 
     return create_app(bus)

@@ -48,10 +48,8 @@ def apply_event(current: dict | None, event: CloudEvent, seq: int) -> dict | Non
     if entry is (terminal or record.history[-1]):  # the outcome and its reasons come from the newest event
         if state in (JobState.succeeded, JobState.failed) and data.get("exit_code") is not None:
             record.exit_code = int(data["exit_code"])
-        if data.get("reasons"):
-            record.reasons = list(data["reasons"])
-        elif data.get("reason"):
-            record.reasons = [data["reason"]]
+        # reasons say why the job waits, failed or was refused: a newer event without any clears them
+        record.reasons = list(data.get("reasons") or ([data["reason"]] if data.get("reason") else []))
     return record.model_dump(mode="json")
 
 

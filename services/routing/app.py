@@ -7,6 +7,7 @@ dies while holding it loses nothing, since the event is redelivered to another.
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import orjson
@@ -176,6 +177,11 @@ class Router:
             except reservations.NoCapacity:
                 held = await self.held()  # another replica took those GPUs first: decide again
                 continue
+            latest, _ = await self.bus.get_json(self.bus.topology.jobs_bucket, job_id)
+            if latest and JobState(latest["state"]).terminal:  # cancelled while we placed it
+                await self.release(job_id)
+                await self.leave_line(job_id)
+                return
             await self.dispatch(record, spec, decision, attempt, traceparent)
             await self.leave_line(job_id)
             return
@@ -226,11 +232,11 @@ class Router:
                                      traceparent)
 
     async def release(self, job_id: str, before_attempt: int | None = None) -> None:
-        holding = self.holder(await self.held(), job_id)
+        """Free the job's GPUs, looking in the bucket itself: the mirror may not have seen the reservation yet."""
+        bucket = self.bus.topology.reservations_bucket
+        holding = self.holder(await self.bus.get_many(bucket, self.catalog.sites), job_id)
         if holding is not None:
-            await self.bus.update_json(self.bus.topology.reservations_bucket, holding[0],
-                                       lambda doc: reservations.release(doc, job_id, before_attempt),
-                                       self.mirrors[self.bus.topology.reservations_bucket])
+            await self.bus.update_json(bucket, holding[0], lambda doc: reservations.release(doc, job_id, before_attempt))
 
     async def overflow(self) -> dict:
         """Overflow placed so far, per site and per tenant, and the GPUs overflow jobs hold now."""
@@ -260,7 +266,16 @@ def create_routing_app(settings: Settings):
     bus.document_events(subjects.job_event(kind="queued"), "A job waits; data.reasons and data.decision say why.")
     bus.document_events(subjects.job_event(kind="rejected"), "No site in the catalog can ever run the job.")
     async def place(event: CloudEvent, msg: NatsMessage) -> None:
-        await router.place(event, (msg.headers or {}).get(TRACEPARENT), msg.raw_message.metadata.num_delivered)
+        tries = msg.raw_message.metadata.num_delivered
+        try:
+            await router.place(event, (msg.headers or {}).get(TRACEPARENT), tries)
+        except (NackMessage, asyncio.CancelledError):
+            raise
+        except Exception as e:
+            # JetStream counts a waiting job's rounds as deliveries too, so the dead-letter count would
+            # drop a job that waited long on its first hiccup: placement retries with backoff instead
+            log.warning("placement.retry", job_id=event.data.get("job_id"), tries=tries, reason=repr(e))
+            raise NackMessage(delay=min(30.0, bus.settings.retry_backoff_s * 2 ** min(tries, 6))) from e
 
     for kind in (JobState.accepted, JobState.requeued):
         # waiting jobs stay unacknowledged while they wait: allow many of them

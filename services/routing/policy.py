@@ -109,10 +109,20 @@ def permanent_reasons(spec: JobSpec, tenant: TenantEntry, site: SiteEntry) -> li
             reasons.append(f"offers no {spec.resources.gpu_type} GPUs")
         elif max(site.gpus[t] for t in types) < need:
             reasons.append(f"needs {need} {spec.resources.gpu_type} GPUs, has {max(site.gpus[t] for t in types)}")
-    if not site.public and spec.budget_eur is not None and types:
+    if not site.public and types:
         cheapest = min(worst_case_cost(spec, site, t) for t in types)
-        if cheapest > spec.budget_eur:
+        if tenant.monthly_budget_eur <= 0:
+            reasons.append("tenant has no budget for paid capacity")
+        elif cheapest > tenant.monthly_budget_eur:
+            reasons.append(f"worst-case cost {cheapest:.2f} EUR exceeds the tenant's monthly budget "
+                           f"{tenant.monthly_budget_eur:.2f} EUR")
+        if spec.budget_eur is not None and cheapest > spec.budget_eur:
             reasons.append(f"worst-case cost {cheapest:.2f} EUR exceeds the job's budget {spec.budget_eur:.2f} EUR")
+    if site.public and types and tenant.allocation_gpu_hours > 0:
+        hours = min(worst_case_allocation_h(spec, site, t) for t in types)
+        if hours > tenant.allocation_gpu_hours:
+            reasons.append(f"may use {hours:.1f} allocation hours, the tenant's grant is "
+                           f"{tenant.allocation_gpu_hours:.1f}")
     return reasons
 
 

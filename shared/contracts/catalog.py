@@ -40,7 +40,7 @@ class SiteEntry(BaseModel):
     kind: Literal["public_hpc", "private_cloud", "partner"]
     operator: str = ""
     country: Country
-    jurisdiction: str = "EU"
+    jurisdiction: str  # required: a site must say under which law its data lives
     carbon_zone: str | None = None
     carbon_g_per_kwh: float | None = Field(None, ge=0)
     pue: float = Field(1.2, ge=1.0, le=3.0)

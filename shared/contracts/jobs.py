@@ -18,7 +18,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 
 TENANT_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 TenantId = Annotated[str, StringConstraints(pattern=TENANT_PATTERN)]
@@ -79,7 +79,7 @@ class JobSpec(BaseModel):
     overflow: Literal["allowed", "forbidden"] = "allowed"
     objective: Literal["balanced", "time", "cost", "carbon"] = "balanced"
     priority: int = Field(4, ge=0, le=9)
-    deadline: datetime | None = None
+    deadline: AwareDatetime | None = None
     budget_eur: float | None = Field(None, ge=0)
     idempotency_key: str | None = Field(None, min_length=1, max_length=256)
     labels: dict[Annotated[str, StringConstraints(max_length=128)], Annotated[str, StringConstraints(max_length=1024)]] = Field(
@@ -101,7 +101,7 @@ class SubmitReply(BaseModel):
 class JobRef(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    job_id: str = Field(min_length=1, max_length=64)
+    job_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
 
 
 class CancelRequest(JobRef):

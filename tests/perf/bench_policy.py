@@ -30,7 +30,7 @@ def catalog(n: int, rng: random.Random) -> list[SiteView]:
         gpus = {t: rng.choice((8, 16, 32, 64)) for t in types}
         public = i % 10 == 0
         entry = SiteEntry(id=f"site-{i:04d}", kind="public_hpc" if public else rng.choice(("private_cloud", "partner")),
-                          country=rng.choice(COUNTRIES), carbon_g_per_kwh=rng.uniform(20, 800), gpus=gpus,
+                          country=rng.choice(COUNTRIES), jurisdiction="EU", carbon_g_per_kwh=rng.uniform(20, 800), gpus=gpus,
                           price_eur_per_gpu_hour={t: 0.0 if public else rng.uniform(0.7, 3.5) for t in types},
                           certifications=rng.sample(["hds", "iso27001", "secnumcloud"], rng.randint(0, 2)),
                           overflow_share=0.5)

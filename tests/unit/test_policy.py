@@ -27,7 +27,8 @@ def site(id: str, kind: str = "private_cloud", country: str = "FR", jurisdiction
 
 
 def tenant(allocation: float = 0.0, overflow: str = "allowed", residency: str = "EU") -> TenantEntry:
-    return TenantEntry(id="acme", allocation_gpu_hours=allocation, overflow=overflow, residency=residency)
+    return TenantEntry(id="acme", allocation_gpu_hours=allocation, overflow=overflow, residency=residency,
+                       monthly_budget_eur=1000)
 
 
 def job(gpus: int = 1, gpu_type: str = "any", nodes: int = 1, **fields) -> JobSpec:
@@ -331,7 +332,8 @@ def test_a_chosen_site_never_breaks_a_hard_constraint(views, spec, who):
 # --- governed overflow, budgets, re-placement --------------------------------------------------------------------
 
 def lab(threshold: float = 1800.0, **fields) -> TenantEntry:
-    return TenantEntry(id="acme", allocation_gpu_hours=1000, overflow_after_wait_s=threshold, **fields)
+    return TenantEntry(id="acme", allocation_gpu_hours=1000, overflow_after_wait_s=threshold, monthly_budget_eur=1000,
+                       **fields)
 
 
 def busy_public(ends_in_s: float) -> SiteView:
@@ -453,3 +455,15 @@ def test_a_placement_never_breaks_overflow_rules_or_budgets(views, spec, who, bu
         public = [v for v in views if v.entry.public and not permanent_reasons(spec, who, v.entry)]
         fits_now = [v for v in public if v.up and v.free.get(decision.gpu_type, 0) >= need]
         assert not any(c.eligible for c in decision.candidates if c.site in {v.id for v in fits_now})
+
+
+def test_a_job_larger_than_the_tenants_whole_budget_or_grant_is_impossible():
+    paid = site("paid", price_eur_per_gpu_hour={"H100": 2.0})
+    public = site("public", kind="public_hpc", gpus={"H100": 8}, allocation_factor={"H100": 4.0})
+    poor = TenantEntry(id="acme", allocation_gpu_hours=10, monthly_budget_eur=5)
+    decision = place(job(gpus=2, gpu_type="H100", walltime_s=7200), poor, [view(paid), view(public)])
+    assert decision.impossible
+    assert candidate(decision, "paid").reasons == ["worst-case cost 8.00 EUR exceeds the tenant's monthly budget 5.00 EUR"]
+    assert candidate(decision, "public").reasons == ["may use 16.0 allocation hours, the tenant's grant is 10.0"]
+    unfunded = TenantEntry(id="acme", monthly_budget_eur=0)
+    assert candidate(place(job(), unfunded, [view(paid)]), "paid").reasons == ["tenant has no budget for paid capacity"]

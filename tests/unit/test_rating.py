@@ -11,10 +11,10 @@ from shared.contracts.catalog import SiteEntry
 
 START = datetime(2025, 6, 2, 10, 0, tzinfo=UTC)
 
-PAID = SiteEntry(id="paid", kind="private_cloud", country="FR", carbon_g_per_kwh=50.0, pue=1.25,
+PAID = SiteEntry(id="paid", kind="private_cloud", country="FR", jurisdiction="EU", carbon_g_per_kwh=50.0, pue=1.25,
                  gpus={"H100": 8, "L4": 8}, gpu_watts={"H100": 700.0},
                  price_eur_per_gpu_hour={"H100": 2.87, "L4": 0.79})
-PUBLIC = SiteEntry(id="public", kind="public_hpc", country="FR", carbon_g_per_kwh=50.0, pue=1.2,
+PUBLIC = SiteEntry(id="public", kind="public_hpc", country="FR", jurisdiction="EU", carbon_g_per_kwh=50.0, pue=1.2,
                    gpus={"H100": 16, "A100": 32}, price_eur_per_gpu_hour={"H100": 0.0, "A100": 0.0},
                    allocation_factor={"H100": 4.0})
 

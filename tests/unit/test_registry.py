@@ -221,3 +221,15 @@ def test_events_applied_in_any_order_give_the_same_record():
     assert first["state"] == "failed" and first["site"] == "s1" and first["exit_code"] == 4
     assert first["decision"]["site"] == "s1"
     assert all(r == first for r in results)
+
+
+def test_a_placement_clears_the_reasons_the_job_waited_for():
+    from shared.contracts.events import make_event
+
+    def event(kind: str, seq: int, **data):
+        return make_event("t", "job", kind, "j1", {"job_id": "j1", "tenant": "t", "state": kind, **data}, "j1"), seq
+
+    record = None
+    for e, seq in (event("accepted", 1), event("queued", 2, reasons=["s1: busy"]), event("placed", 3, site="s1")):
+        record = apply_event(record, e, seq) or record
+    assert record["state"] == "placed" and record["reasons"] == []

@@ -91,7 +91,9 @@ class Backend(ABC):
             if need > len(slots):
                 return
             self.queue.popleft()
-            taken, self.free_slots[order.gpu_type] = slots[:need], slots[need:]
+            taken = slots[:need]
+            if need:  # a job without GPUs holds no slot
+                self.free_slots[order.gpu_type] = slots[need:]
             self.running[order.job_id] = asyncio.create_task(self._run(order, taken), name=order.job_id)
 
     async def _run(self, order: Dispatch, slots: list[int]) -> None:
@@ -105,7 +107,7 @@ class Backend(ABC):
             log.exception("job.run_failed", job_id=order.job_id, site=self.site.id)
             outcome = Outcome(None, f"{type(e).__name__}: {e}")
         finally:
-            if order.gpu_type in self.free_slots:
+            if slots:
                 self.free_slots[order.gpu_type] = sorted(self.free_slots[order.gpu_type] + slots)
             self.running.pop(order.job_id, None)
         try:
