@@ -43,6 +43,7 @@ class SiteAgent:
         if refusal:  # back to placement, elsewhere
             await self.publish(order, JobState.requeued, attempt=order.attempt + 1, reason=f"site refused: {refusal}")
             log.warning("job.refused", job_id=order.job_id, site=self.site.id, reason=refusal)
+            self.traces.pop(order.job_id, None)
             return
         await self.publish(order, JobState.dispatched)
         self.backend.submit(order)
@@ -71,6 +72,11 @@ class SiteAgent:
         await self.publish(order, JobState.started, started_at=at.isoformat())
 
     async def ended(self, order: Dispatch, started_at: datetime | None, at: datetime, outcome: Outcome) -> None:
+        if outcome.requeue:
+            await self.publish(order, JobState.requeued, attempt=order.attempt + 1, reason=outcome.reason)
+            self.traces.pop(order.job_id, None)
+            log.info("job.requeued", job_id=order.job_id, tenant=order.tenant, site=self.site.id, reason=outcome.reason)
+            return
         if outcome.cancelled:
             state = JobState.cancelled
         elif outcome.exit_code == 0:

@@ -89,3 +89,32 @@ async def test_a_command_that_cannot_start_fails_with_a_reason(client):
     _, data = await run(client, {"tenant": "team", "command": ["/no/such/program"],
                                  "resources": {"gpus": 1, "gpu_type": "L4"}}, "failed")
     assert data["exit_code"] == 127 and "cannot start" in data["reason"]
+
+
+async def test_an_agent_that_stops_gives_its_running_jobs_back(nats_server, tmp_path):
+    """A restart of a site agent must not cancel users' work: the job is requeued and its process ends."""
+    settings = Settings(nats_url=nats_server.url, data_dir=tmp_path, sites_file=CATALOG / "sites.yaml",
+                        tenants_file=CATALOG / "tenants.yaml", heartbeat_interval_s=0.2, placement_retry_s=0.1)
+    factories = _factories()
+    async with AsyncExitStack() as stack:
+        for name in ("intake", "capacity", "routing", "billing"):
+            await stack.enter_async_context(factories[name](settings))
+        agent = factories["agent"](settings)
+        await agent.start()
+        nc = await nats.connect(nats_server.url)
+        stack.push_async_callback(nc.close)
+        events = await listen(nc)
+        await events.wait_for(lambda: any(e["type"] == "continuum.site.up" for e in events.events), 10, "site up")
+        pid_file = tmp_path / "pid"
+        code = f"import os, pathlib, time; pathlib.Path({str(pid_file)!r}).write_text(str(os.getpid())); time.sleep(120)"
+        job_id, _ = await run((nc, events), python(code), "started")
+        deadline = asyncio.get_running_loop().time() + 10
+        while not pid_file.exists():  # a file, not an event: look again until it is there
+            assert asyncio.get_running_loop().time() < deadline, "the process never wrote its pid"
+            await asyncio.sleep(0.05)
+        await agent.stop()
+        await events.wait_for(lambda: "requeued" in events.kinds(job_id), 30, "the job to be given back")
+        requeued = next(e for e in events.by_job[job_id] if e["type"].endswith(".requeued"))["data"]
+        assert requeued["reason"] == "site agent stopped" and requeued["attempt"] == 1
+        assert "cancelled" not in events.kinds(job_id)
+        assert not Path(f"/proc/{pid_file.read_text()}").exists()

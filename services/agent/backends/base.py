@@ -26,6 +26,7 @@ class Outcome:
     exit_code: int | None
     reason: str | None = None
     cancelled: bool = False
+    requeue: bool = False  # the site let the job go (its agent stopped): place it again
 
 
 class Reports(Protocol):
@@ -45,6 +46,7 @@ class Backend(ABC):
         self.running: dict[str, asyncio.Task] = {}
         self.known: set[str] = set()
         self.waited_total = 0
+        self.stopping = False
 
     @abstractmethod
     async def run(self, order: Dispatch, slots: list[int]) -> Outcome:
@@ -78,8 +80,13 @@ class Backend(ABC):
         return {t: GpuCount(total=self.site.gpus[t], free=len(s)) for t, s in self.free_slots.items()}
 
     async def close(self) -> None:
+        """Stop every job and give it back for placement elsewhere: a restart must not cancel users' work."""
+        self.stopping = True
+        while self.queue:
+            order = self.queue.popleft()
+            await self.reports.ended(order, None, utcnow(), Outcome(None, "site agent stopped", requeue=True))
         for task in list(self.running.values()):
-            task.cancel("agent stopping")
+            task.cancel("site agent stopped")
         await asyncio.gather(*self.running.values(), return_exceptions=True)
 
     def _start_what_fits(self) -> None:
@@ -102,7 +109,8 @@ class Backend(ABC):
             await self.reports.started(order, started_at)
             outcome = await self.run(order, slots)
         except asyncio.CancelledError as e:
-            outcome = Outcome(None, str(e.args[0]) if e.args else "cancelled", cancelled=True)
+            reason = str(e.args[0]) if e.args else "cancelled"
+            outcome = Outcome(None, reason, requeue=True) if self.stopping else Outcome(None, reason, cancelled=True)
         except Exception as e:
             log.exception("job.run_failed", job_id=order.job_id, site=self.site.id)
             outcome = Outcome(None, f"{type(e).__name__}: {e}")
@@ -113,4 +121,5 @@ class Backend(ABC):
         try:
             await self.reports.ended(order, started_at, utcnow(), outcome)
         finally:
-            self._start_what_fits()
+            if not self.stopping:
+                self._start_what_fits()

@@ -23,13 +23,22 @@ class LocalBackend(Backend):
         except OSError as e:
             return Outcome(127, f"cannot start {order.spec.command[0]!r}: {e.strerror or e}")
         try:
-            return Outcome(await asyncio.wait_for(process.wait(), timeout=order.spec.walltime_s))
+            exit_code = await asyncio.wait_for(process.wait(), timeout=order.spec.walltime_s)
+            _kill_group(process.pid)  # what the job left running in the background ends with it
+            return Outcome(exit_code)
         except TimeoutError:
             await _stop(process)
             return Outcome(None, "walltime exceeded")
         except asyncio.CancelledError:
             await _stop(process)
             raise
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 async def _stop(process: asyncio.subprocess.Process) -> None:
@@ -41,6 +50,7 @@ async def _stop(process: asyncio.subprocess.Process) -> None:
             return
         try:
             await asyncio.wait_for(asyncio.shield(process.wait()), timeout=grace)
+            _kill_group(process.pid)
             return
         except TimeoutError:
             continue
