@@ -144,8 +144,9 @@ async def _drive(url: str, subjects: Subjects, console: Console, batch: list[dic
         for j in impossible:
             console.print(f"  rejected by routing: {names[j]} (see `continuum status {j}`)")
         console.print("\nNext: `continuum status JOB_ID` shows why a job went where it did; `continuum watch` "
-                      "streams events; `continuum bill cnrs-lab` prints a statement. Traces per job come with "
-                      "the observability work (OpenTelemetry, see README).")
+                      "streams events; `continuum bill cnrs-lab` prints a statement; `continuum overflow` counts "
+                      "overflow. Every event carries its job's W3C traceparent; rendering one trace per job "
+                      "(OpenTelemetry, Jaeger) is the next step on the roadmap.")
         if keep:
             console.print(f"[bold]the system stays up[/] on {url}: export CONTINUUM_NATS_URL={url}; Ctrl-C stops it")
             while True:
