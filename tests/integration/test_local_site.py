@@ -39,6 +39,21 @@ def python(code: str, **spec) -> dict:
             "walltime_s": 60, **spec}
 
 
+def long_job(tmp_path: Path) -> tuple[str, Path]:
+    """Python code for a job that writes its pid to a file and runs for two minutes, and that file."""
+    pid_file = tmp_path / "pid"
+    return f"import os, pathlib, time; pathlib.Path({str(pid_file)!r}).write_text(str(os.getpid())); time.sleep(120)", \
+        pid_file
+
+
+async def pid_written(pid_file: Path) -> int:
+    deadline = asyncio.get_running_loop().time() + 10
+    while not pid_file.exists():  # a file, not an event: look again until it is there
+        assert asyncio.get_running_loop().time() < deadline, "the process never wrote its pid"
+        await asyncio.sleep(0.05)
+    return int(pid_file.read_text())
+
+
 async def run(client, spec: dict, until: str) -> tuple[str, dict]:
     nc, events = client
     reply = await request_json(nc, SUBJECTS.jobs_submit, spec)
@@ -62,26 +77,21 @@ async def test_the_job_sees_its_gpu_slots_in_cuda_visible_devices(client, tmp_pa
 
 
 async def test_a_job_past_its_walltime_is_killed_and_fails(client, tmp_path):
-    pid_file = tmp_path / "pid"
-    code = f"import os, pathlib, time; pathlib.Path({str(pid_file)!r}).write_text(str(os.getpid())); time.sleep(120)"
+    code, pid_file = long_job(tmp_path)
     _, data = await run(client, python(code, walltime_s=1), "failed")
     assert data["reason"] == "walltime exceeded"
-    assert not Path(f"/proc/{pid_file.read_text()}").exists()
+    assert not Path(f"/proc/{await pid_written(pid_file)}").exists()
 
 
 async def test_cancel_kills_the_running_process(client, tmp_path):
     nc, events = client
-    pid_file = tmp_path / "pid"
-    code = f"import os, pathlib, time; pathlib.Path({str(pid_file)!r}).write_text(str(os.getpid())); time.sleep(120)"
+    code, pid_file = long_job(tmp_path)
     job_id, _ = await run(client, python(code), "started")
-    deadline = asyncio.get_running_loop().time() + 10
-    while not pid_file.exists():  # a file, not an event: look again until it is there
-        assert asyncio.get_running_loop().time() < deadline, "the process never wrote its pid"
-        await asyncio.sleep(0.05)
+    pid = await pid_written(pid_file)
     answer = await request_json(nc, SUBJECTS.jobs_cancel, {"job_id": job_id, "reason": "not needed"})
     assert answer["state"] == "cancelling"
     await events.wait_for(lambda: "cancelled" in events.kinds(job_id), 30, "the cancellation")
-    assert not Path(f"/proc/{pid_file.read_text()}").exists()
+    assert not Path(f"/proc/{pid}").exists()
     await events.wait_for(lambda: job_id in events.billed, 10, "the usage line of the cancelled run")
 
 
@@ -105,16 +115,12 @@ async def test_an_agent_that_stops_gives_its_running_jobs_back(nats_server, tmp_
         stack.push_async_callback(nc.close)
         events = await listen(nc)
         await events.wait_for(lambda: any(e["type"] == "continuum.site.up" for e in events.events), 10, "site up")
-        pid_file = tmp_path / "pid"
-        code = f"import os, pathlib, time; pathlib.Path({str(pid_file)!r}).write_text(str(os.getpid())); time.sleep(120)"
+        code, pid_file = long_job(tmp_path)
         job_id, _ = await run((nc, events), python(code), "started")
-        deadline = asyncio.get_running_loop().time() + 10
-        while not pid_file.exists():  # a file, not an event: look again until it is there
-            assert asyncio.get_running_loop().time() < deadline, "the process never wrote its pid"
-            await asyncio.sleep(0.05)
+        pid = await pid_written(pid_file)
         await agent.stop()
         await events.wait_for(lambda: "requeued" in events.kinds(job_id), 30, "the job to be given back")
         requeued = next(e for e in events.by_job[job_id] if e["type"].endswith(".requeued"))["data"]
         assert requeued["reason"] == "site agent stopped" and requeued["attempt"] == 1
         assert "cancelled" not in events.kinds(job_id)
-        assert not Path(f"/proc/{pid_file.read_text()}").exists()
+        assert not Path(f"/proc/{pid}").exists()
