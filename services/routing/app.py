@@ -69,7 +69,7 @@ class Router:
         mirror = self.mirrors[bucket]
         return {key: value for key in self.catalog.sites if (value := mirror.get(key)[0]) is not None}
 
-    async def held(self) -> dict[str, dict]:
+    def held(self) -> dict[str, dict]:
         return self._mirrored(self.bus.topology.reservations_bucket)
 
     async def views(self, held: dict[str, dict], give_back: tuple[str, Reservation] | None = None) -> list[SiteView]:
@@ -130,7 +130,7 @@ class Router:
             return
         avoid = _recently_left(record)
 
-        held = await self.held()
+        held = self.held()
         holding = self.holder(held, job_id, attempt)
         if holding is not None:  # placed before a crash: finish the same placement, explained again
             site_id, r = holding
@@ -175,7 +175,7 @@ class Router:
                                            lambda doc: reservations.reserve(doc, job_id, reservation, site.gpus),
                                            self.mirrors[self.bus.topology.reservations_bucket])
             except reservations.NoCapacity:
-                held = await self.held()  # another replica took those GPUs first: decide again
+                held = self.held()  # another replica took those GPUs first: decide again
                 continue
             latest, _ = await self.bus.get_json(self.bus.topology.jobs_bucket, job_id)
             if latest and JobState(latest["state"]).terminal:  # cancelled while we placed it
@@ -241,7 +241,7 @@ class Router:
     async def overflow(self) -> dict:
         """Overflow placed so far, per site and per tenant, and the GPUs overflow jobs hold now."""
         by_site, by_tenant = {}, {}
-        for site_id, doc in (await self.held()).items():
+        for site_id, doc in self.held().items():
             counts = reservations.overflow_placed(doc)
             now = sum(r.gpus for r in reservations.jobs(doc).values() if r.overflow)
             by_site[site_id] = {"jobs": sum(counts.values()), "by_tenant": counts, "gpus_now": now}
