@@ -47,6 +47,14 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def _check_catalog(settings: Settings) -> Catalog:
     try:
         return Catalog.load(settings.sites_file, settings.tenants_file)
@@ -88,13 +96,20 @@ def _table(title: str, columns: tuple[str, ...]) -> Table:
 
 
 @app.command()
-def up(sites: SitesOpt = None, tenants: TenantsOpt = None) -> None:
+def up(sites: SitesOpt = None, tenants: TenantsOpt = None,
+       remote_site: Annotated[list[str] | None, typer.Option(
+           "--remote-site", help="a site whose agent runs elsewhere (`continuum service agent --site SITE` on the "
+                                 "site itself); repeat for several")] = None) -> None:
     """Run every service and a site agent for each catalog site, until Ctrl-C."""
     from services.runtime import System
 
     settings = _settings(sites_file=sites, tenants_file=tenants)
     catalog = _check_catalog(settings)
-    system = System(settings)
+    unknown = sorted(set(remote_site or []) - set(catalog.sites))
+    if unknown:
+        raise _fail(f"--remote-site {', '.join(unknown)}: not in the catalog; known: {', '.join(catalog.sites)}", 2)
+    local = [s for s in catalog.sites if s not in (remote_site or [])] if remote_site else None
+    system = System(settings, agent_sites=local)
     stop = False
 
     def on_signal(*_: object) -> None:
@@ -192,13 +207,17 @@ def sites(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     if as_json:
         console.print_json(data=reply)
         return
-    table = _table("sites", ("site", "kind", "country", "state", "GPUs free/total", "queued", "gCO2/kWh",
-                             "EUR/GPU-h"))
+    table = _table("sites", ("site", "kind", "country", "state", "GPUs free/total", "queued", "est. wait",
+                             "gCO2/kWh", "EUR/GPU-h"))
     for s in reply["sites"]:
         gpus = " ".join(f"{t} {g['free']}/{g['total']}" for t, g in s["gpus"].items())
         prices = " ".join(f"{t} {p:.2f}" for t, p in s["price_eur_per_gpu_hour"].items())
-        state = f"[green]{s['state']}[/]" if s["state"] == "up" else f"[red]{s['state']}[/]"
+        if s["state"] != "up":
+            state = f"[red]down[/] since {s['down_since'][11:19]}" if s.get("down_since") else "[red]down[/]"
+        else:
+            state = "[yellow]saturated[/]" if s["saturated"] else "[green]up[/]"
         table.add_row(s["site_id"], s["kind"], s["country"], state, gpus, str(s["queued"]),
+                      _duration(s.get("est_wait_s", 0.0)) if s["state"] == "up" else "-",
                       f"{s['carbon_g_per_kwh']:.0f}", prices)
     console.print(table)
     console.print("[dim]carbon intensity: Electricity Maps 2022 hourly data[/]")
@@ -256,14 +275,20 @@ def _fmt(value: Any) -> str:
 
 @app.command()
 def watch(tenant: Annotated[str | None, typer.Option(help="only this tenant's job and billing events")] = None,
+          sites_only: Annotated[bool, typer.Option("--sites", help="only site events (up, down, saturated, "
+                                                                    "unsaturated)")] = False,
           ) -> None:
     """A live stream of events (jobs, sites, billing), until Ctrl-C."""
     from services.runtime import running_nats_url
 
     settings = _settings()
     subjects = Subjects(settings.prefix)
-    topics = [subjects.job_event(tenant, ">").rsplit(".", 1)[0], subjects.billing_event(tenant, "*")] if tenant \
-        else [subjects.events_all]
+    if sites_only:
+        topics = [subjects.site_event()]
+    elif tenant:
+        topics = [subjects.job_event(tenant, ">").rsplit(".", 1)[0], subjects.billing_event(tenant, "*")]
+    else:
+        topics = [subjects.events_all]
 
     async def stream() -> None:
         try:
@@ -278,8 +303,10 @@ def watch(tenant: Annotated[str | None, typer.Option(help="only this tenant's jo
             msg = await queue.get()
             event = orjson.loads(msg.data)
             data = event.get("data", {})
-            what = " ".join(f"{k}={data[k]}" for k in ("tenant", "site", "exit_code", "reason", "amount_eur")
-                            if data.get(k) is not None)
+            what = " ".join(f"{k}={data[k]}" for k in ("tenant", "site", "exit_code", "reason", "amount_eur",
+                                                       "queued", "est_wait_s") if data.get(k) is not None)
+            if event.get("type", "").startswith("continuum.site.") and data.get("gpus"):
+                what += " free=" + ",".join(f"{t}:{g['free']}/{g['total']}" for t, g in data["gpus"].items())
             console.print(f"{event.get('time', '')[11:23]} [bold]{event.get('type', '')}[/] "
                           f"{event.get('subject', '')} {what}")
 

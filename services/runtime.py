@@ -120,15 +120,19 @@ class Supervisor:
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     restarts: dict[str, int] = field(default_factory=dict)
     log_dir: Path | None = None
+    # the sites whose agents run here (None: all); the others run theirs elsewhere
+    agent_sites: list[str] | None = None
 
     def _spawn(self, name: str) -> subprocess.Popen:
+        command = [sys.executable, "-m", "services.cli", "service", name]
+        if name == "agent" and self.agent_sites is not None:
+            command += [arg for site in self.agent_sites for arg in ("--site", site)]
         if not self.log_dir:
-            return subprocess.Popen([sys.executable, "-m", "services.cli", "service", name], env=self.env,
-                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            return subprocess.Popen(command, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_dir / f"{name}.log", "ab") as out:  # the child keeps its own copy of the handle
-            return subprocess.Popen([sys.executable, "-m", "services.cli", "service", name], env=self.env,
-                                    stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+            return subprocess.Popen(command, env=self.env, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
 
     def start(self) -> None:
         for name in self.services:
@@ -182,8 +186,10 @@ def running_nats_url(settings: Settings) -> str:
 class System:
     """`continuum up` as an object: the embedded server (if any) and the supervised services."""
 
-    def __init__(self, settings: Settings, log_dir: Path | None = None) -> None:
+    def __init__(self, settings: Settings, log_dir: Path | None = None, agent_sites: list[str] | None = None,
+                 ) -> None:
         self.settings = settings
+        self.agent_sites = agent_sites
         self.nats: EmbeddedNats | None = None
         self.log_dir = log_dir or settings.data_dir / "logs"
         self.supervisor: Supervisor | None = None
@@ -199,7 +205,8 @@ class System:
                            ("CONTINUUM_TENANTS_FILE", self.settings.tenants_file)):
             if value:
                 env[var] = str(Path(value).resolve())
-        self.supervisor = Supervisor(self.settings, env, log_dir=self.log_dir)
+        services = SERVICES if self.agent_sites != [] else tuple(s for s in SERVICES if s != "agent")
+        self.supervisor = Supervisor(self.settings, env, services, log_dir=self.log_dir, agent_sites=self.agent_sites)
         self.supervisor.start()
         return url
 

@@ -2,7 +2,8 @@
 
 The data covers 2022; a time in another year is mapped onto the same hour of 2022 (same month, day and
 hour, 29 February read as 28), so a job in January sees a winter grid. A live feed can replace this
-provider later: everything else asks only `intensity(zone, when)`.
+provider later: everything else asks a `CarbonProvider` for `intensity(zone, when)`, through
+`site_intensity`, which also applies a catalog's fixed value.
 """
 
 from __future__ import annotations
@@ -12,11 +13,29 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from functools import lru_cache
 from importlib import resources
+from typing import Protocol
+
+from shared.contracts.catalog import SiteEntry
 
 _START = datetime(2022, 1, 1, tzinfo=UTC)
 
 
+class CarbonProvider(Protocol):
+    def intensity(self, zone: str, when: datetime) -> float:
+        """gCO2eq/kWh in `zone` during the hour that contains `when`."""
+        ...
+
+
+def site_intensity(site: SiteEntry, when: datetime, provider: CarbonProvider) -> float:
+    """The site's grid intensity at `when`: the catalog's fixed value if it has one, else its zone's."""
+    if site.carbon_g_per_kwh is not None:
+        return site.carbon_g_per_kwh
+    return provider.intensity(site.carbon_zone, when)
+
+
 class HourlyCarbon:
+    """The shipped 2022 hourly data as a CarbonProvider."""
+
     def __init__(self, zones: dict[str, list[float]]) -> None:
         self._zones = zones
 

@@ -30,13 +30,15 @@ class SiteAgent:
         self.site = site
         self.backend: Backend = backend_for(site, self)
         self.traces: dict[str, str | None] = {}
+        self.since = utcnow()  # this agent's start: capacity and routing tell a restart by it
 
     async def take(self, order: Dispatch, traceparent: str | None) -> None:
-        record, _ = await self.bus.get_json(self.bus.topology.jobs_bucket, order.job_id)
-        if record and JobState(record["state"]).terminal:
-            log.info("job.skipped", job_id=order.job_id, site=self.site.id, state=record["state"])
-            return
         if order.job_id in self.backend.known:
+            return  # a redelivered dispatch
+        record, _ = await self.bus.get_json(self.bus.topology.jobs_bucket, order.job_id)
+        stale = record and self.stale(order, record)
+        if stale:
+            log.info("job.skipped", job_id=order.job_id, site=self.site.id, state=record["state"], reason=stale)
             return
         self.traces[order.job_id] = traceparent
         refusal = self.refusal(order)
@@ -48,6 +50,17 @@ class SiteAgent:
         await self.publish(order, JobState.dispatched)
         self.backend.submit(order)
 
+    def stale(self, order: Dispatch, record: dict) -> str | None:
+        """Why a dispatch must not run here, though it was sent here: the job ended, moved on, or this site's
+        agent took it before it restarted (it was lost with that agent, and routing places it again)."""
+        if JobState(record["state"]).terminal:
+            return "the job is over"
+        if record.get("attempt", 0) > order.attempt:
+            return "the job was placed again since"
+        if record["state"] in (JobState.dispatched, JobState.started) and record.get("site") == self.site.id:
+            return "taken by this site's agent before it restarted"
+        return None
+
     def refusal(self, order: Dispatch) -> str | None:
         """Why this site cannot run the order at all (its catalog entry and the router's disagree)."""
         need = order.spec.resources.total_gpus
@@ -56,8 +69,12 @@ class SiteAgent:
         return None
 
     async def stop(self, command: StopJob, tenant_hint: str | None) -> None:
-        if await self.backend.cancel(command.job_id, command.reason):
+        if await self.backend.cancel(command.job_id, command.reason, command.superseded):
+            if command.superseded:
+                log.warning("job.superseded", job_id=command.job_id, site=self.site.id, reason=command.reason)
             return
+        if command.superseded:
+            return  # the job lives on elsewhere: nothing to stop or record here
         # not here (never arrived, or already over): record the cancellation so a late dispatch is skipped
         record, _ = await self.bus.get_json(self.bus.topology.jobs_bucket, command.job_id)
         if record and not JobState(record["state"]).terminal:
@@ -101,7 +118,8 @@ class SiteAgent:
     def heartbeat(self) -> Heartbeat:
         return Heartbeat(site_id=self.site.id, time=utcnow(), interval_s=self.bus.settings.heartbeat_interval_s,
                          gpus=self.backend.capacity(), queued=len(self.backend.queue),
-                         running=sorted(self.backend.running), waited_total=self.backend.waited_total)
+                         running=sorted(self.backend.running), waited_total=self.backend.waited_total,
+                         since=self.since, jobs=self.backend.jobs())
 
 
 def create_agent_app(settings: Settings, site_ids: list[str] | None = None):

@@ -11,7 +11,7 @@ from faststream.nats import NatsMessage
 from services.billing.ledger import Ledger
 from services.billing.rating import rate, statement
 from shared.bus import TRACEPARENT, Bus, create_app, create_bus, parse_request
-from shared.carbon import HourlyCarbon, default_carbon
+from shared.carbon import CarbonProvider, default_carbon, site_intensity
 from shared.contracts.billing import StatementRequest, UsageLine
 from shared.contracts.catalog import Catalog
 from shared.contracts.events import CloudEvent, make_event, utcnow
@@ -24,7 +24,7 @@ _FINAL = (JobState.succeeded, JobState.failed, JobState.cancelled)
 
 
 class Billing:
-    def __init__(self, bus: Bus, catalog: Catalog, carbon: HourlyCarbon) -> None:
+    def __init__(self, bus: Bus, catalog: Catalog, carbon: CarbonProvider) -> None:
         self.bus = bus
         self.catalog = catalog
         self.carbon = carbon
@@ -36,12 +36,9 @@ class Billing:
         if not data.get("started_at") or data.get("site") not in self.catalog.sites:
             return None
         site = self.catalog.site(data["site"])
-        if site.carbon_g_per_kwh is not None:
-            def intensity(_: datetime) -> float:
-                return site.carbon_g_per_kwh
-        else:
-            def intensity(at: datetime) -> float:
-                return self.carbon.intensity(site.carbon_zone, at)
+
+        def intensity(at: datetime) -> float:
+            return site_intensity(site, at, self.carbon)
         return rate(site, job_id=data["job_id"], tenant=data["tenant"], gpu_type=data.get("gpu_type", "none"),
                     gpus=int(data.get("gpus", 0)), started_at=datetime.fromisoformat(data["started_at"]),
                     ended_at=datetime.fromisoformat(data.get("ended_at") or event.time.isoformat()),

@@ -1,4 +1,5 @@
-"""capacity: the live view of every site (JetStream KV), from agent heartbeats; site up/down events."""
+"""capacity: the live view of every site (JetStream KV), from agent heartbeats; site events (up, down,
+saturated, unsaturated) when a site's state changes."""
 
 from __future__ import annotations
 
@@ -7,9 +8,17 @@ import asyncio
 import structlog
 from faststream.nats import NatsMessage
 
-from services.capacity.view import is_lost, never_seen, status_from_heartbeat
+from services.capacity.view import (
+    MISSED_BEATS_DOWN,
+    SATURATED_FREE_SHARE,
+    UNSATURATED_FREE_SHARE,
+    SiteTracker,
+    is_lost,
+    never_seen,
+    site_changes,
+)
 from shared.bus import Bus, create_app, create_bus
-from shared.carbon import HourlyCarbon, default_carbon
+from shared.carbon import CarbonProvider, default_carbon, site_intensity
 from shared.contracts.catalog import Catalog, SiteEntry
 from shared.contracts.events import make_event, utcnow
 from shared.contracts.sites import Heartbeat, SitesReply, SiteStatus
@@ -17,37 +26,51 @@ from shared.settings import Settings
 
 log = structlog.get_logger()
 SERVICE = "capacity"
+# the sweep for lost sites runs this many times per heartbeat interval, so a site is found down soon after
+# its third missed heartbeat
+SWEEPS_PER_INTERVAL = 4
 
 
 class CapacityView:
-    def __init__(self, bus: Bus, catalog: Catalog, carbon: HourlyCarbon) -> None:
+    def __init__(self, bus: Bus, catalog: Catalog, carbon: CarbonProvider) -> None:
         self.bus = bus
         self.catalog = catalog
         self.carbon = carbon
+        self.trackers: dict[str, SiteTracker] = {}
 
     def intensity(self, site: SiteEntry) -> float:
-        if site.carbon_g_per_kwh is not None:
-            return site.carbon_g_per_kwh
-        return self.carbon.intensity(site.carbon_zone, utcnow())
+        return site_intensity(site, utcnow(), self.carbon)
+
+    async def tracker(self, site: SiteEntry) -> SiteTracker:
+        if site.id not in self.trackers:  # after a restart, the wait model starts from the stored one
+            stored, _ = await self.bus.get_json(self.bus.topology.sites_bucket, site.id)
+            self.trackers[site.id] = SiteTracker(site, SiteStatus.model_validate(stored) if stored else None)
+        return self.trackers[site.id]
 
     async def heartbeat(self, beat: Heartbeat) -> None:
         site = self.catalog.sites.get(beat.site_id)
         if site is None:
             log.warning("heartbeat.unknown_site", site=beat.site_id)
             return
-        new = status_from_heartbeat(site, beat, self.intensity(site))
-        came_up = False
+        tracker = await self.tracker(site)
+        tracker.observe(beat)
+        carbon = self.intensity(site)
+        changes: list[str] = []
+        new: SiteStatus | None = None
 
         def change(current: dict | None) -> dict | None:
-            nonlocal came_up
-            if current and current.get("last_seen") and SiteStatus.model_validate(current).last_seen >= beat.time:
+            nonlocal changes, new
+            stored = SiteStatus.model_validate(current) if current else None
+            if stored and stored.last_seen and stored.last_seen >= beat.time:
+                changes = []
                 return None  # an older heartbeat, late
-            came_up = not current or current["state"] != "up"
+            new = tracker.status(beat, carbon, was_saturated=bool(stored and stored.saturated))
+            changes = site_changes(stored, new)
             return new.model_dump(mode="json")
 
         await self.bus.update_json(self.bus.topology.sites_bucket, site.id, change)
-        if came_up:
-            await self.site_event(site.id, "up", new)
+        for kind in changes:
+            await self.site_event(site.id, kind, new)
 
     async def sweep(self) -> None:
         """Mark down every site that stopped sending heartbeats."""
@@ -61,16 +84,21 @@ class CapacityView:
                     return None
                 status = SiteStatus.model_validate(current)
                 went_down = is_lost(status, now, self.bus.settings.heartbeat_interval_s)
-                return status.model_copy(update={"state": "down"}).model_dump(mode="json") if went_down else None
+                return status.model_copy(update={"state": "down", "down_since": now}).model_dump(mode="json") \
+                    if went_down else None
 
             stored = await self.bus.update_json(self.bus.topology.sites_bucket, site.id, change)
             if went_down:
                 await self.site_event(site.id, "down", SiteStatus.model_validate(stored))
 
     async def site_event(self, site_id: str, kind: str, status: SiteStatus) -> None:
-        event = make_event(SERVICE, "site", kind, site_id, status.model_dump(mode="json"), status.last_seen)
+        # the event's id comes from the site, the kind and the time of the heartbeat (or of the outage) it
+        # follows, so a replica or a retry that sees the same change publishes it once
+        at = status.down_since if kind == "down" else status.last_seen
+        event = make_event(SERVICE, "site", kind, site_id, status.model_dump(mode="json"), at)
         await self.bus.publish_event(self.bus.subjects.site_event(site_id, kind), event)
-        log.info(f"site.{kind}", site=site_id)
+        log.info(f"site.{kind}", site=site_id, free={t: g.free for t, g in status.gpus.items()},
+                 queued=status.queued, est_wait_s=status.est_wait_s)
 
     async def sites(self) -> SitesReply:
         stored = await self.bus.get_many(self.bus.topology.sites_bucket, self.catalog.sites)
@@ -84,8 +112,13 @@ def create_capacity_app(settings: Settings):
     catalog = Catalog.load(settings.sites_file, settings.tenants_file)
     view = CapacityView(bus, catalog, default_carbon())
     subjects = bus.subjects
-    bus.document_events(subjects.site_event(kind="up"), "A site sends heartbeats again; data is its SiteStatus.")
-    bus.document_events(subjects.site_event(kind="down"), "A site missed 3 heartbeats; data is its SiteStatus.")
+    for kind, meaning in (
+            ("up", "A site reports again, or its agent restarted; data is its SiteStatus."),
+            ("down", f"A site missed {MISSED_BEATS_DOWN} heartbeats; data is its SiteStatus."),
+            ("saturated", f"At most {SATURATED_FREE_SHARE:.0%} of a site's GPUs are free; data is its SiteStatus."),
+            ("unsaturated", f"A saturated site has {UNSATURATED_FREE_SHARE:.0%} of its GPUs free and nothing "
+                            "queued again.")):
+        bus.document_events(subjects.site_event(kind=kind), meaning)
 
     @bus.responder(subjects.heartbeat("*"), "heartbeats")
     async def heartbeat(beat: Heartbeat) -> None:
@@ -103,7 +136,7 @@ def create_capacity_app(settings: Settings):
 
     async def watch_for_lost_sites() -> None:
         while True:
-            await asyncio.sleep(settings.heartbeat_interval_s)
+            await asyncio.sleep(settings.heartbeat_interval_s / SWEEPS_PER_INTERVAL)
             try:
                 await view.sweep()
             except Exception:

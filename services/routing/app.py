@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import datetime
 
 import orjson
 import structlog
 from faststream.exceptions import NackMessage
 from faststream.nats import NatsMessage
+from nats.js.api import DeliverPolicy
 
 from services.routing import reservations
 from services.routing.policy import (
@@ -33,8 +35,10 @@ from shared.contracts.jobs import (
     JobRecord,
     JobSpec,
     JobState,
+    StopJob,
     job_event_data,
 )
+from shared.contracts.sites import SiteStatus
 from shared.settings import Settings
 
 log = structlog.get_logger()
@@ -81,9 +85,12 @@ class Router:
             free = reservations.free(held.get(site.id), site.gpus)
             if give_back and give_back[0] == site.id:  # explain a placement as it was made: without its own GPUs
                 free[give_back[1].gpu_type] = free.get(give_back[1].gpu_type, 0) + give_back[1].gpus
+            saturated = bool(status and status.get("saturated"))
             views.append(SiteView(entry=site, up=bool(status and status["state"] == "up"), free=free,
                                   carbon_g_per_kwh=status["carbon_g_per_kwh"] if status else 0.0,
-                                  holdings=reservations.holdings(held.get(site.id), now)))
+                                  holdings=reservations.holdings(held.get(site.id), now),
+                                  queued_at_site=status.get("queued", 0) if saturated else 0,
+                                  reported_wait_s=status.get("est_wait_s_by_type", {}) if saturated else {}))
         return views
 
     async def budget(self, tenant_id: str, held: dict[str, dict]) -> TenantBudget:
@@ -238,6 +245,63 @@ class Router:
         if holding is not None:
             await self.bus.update_json(bucket, holding[0], lambda doc: reservations.release(doc, job_id, before_attempt))
 
+    # Outages: a site that went down, or whose agent restarted, gives back the jobs it holds
+
+    async def site_down(self, site_id: str, down_since: datetime) -> None:
+        """Requeue the jobs of a site that went down: those that had not started at once, those running
+        there once the grace period is over (unless the site came back first: then `site_up` decides)."""
+        status = self.mirrors[self.bus.topology.sites_bucket].get(site_id)[0]
+        if status and status["state"] == "up":
+            return
+        grace = self.bus.settings.lost_job_grace_s
+        waited = (utcnow() - down_since).total_seconds()
+        look_again = None
+        for record, _ in await self.jobs_at(site_id):
+            if record.state in (JobState.placed, JobState.dispatched):
+                await self.requeue(record, site_id, f"site {site_id} went down before the job started there")
+            elif record.state == JobState.started and waited >= grace:
+                await self.requeue(record, site_id, f"site {site_id} has been down for {waited:.0f} s "
+                                                    f"(grace {grace:.0f} s) while the job ran there")
+            elif record.state == JobState.started:
+                look_again = grace - waited
+            else:  # being placed there right now: look again once its placement is recorded
+                look_again = min(look_again or 1.0, 1.0)
+        if look_again is not None:
+            raise NackMessage(delay=look_again)
+
+    async def site_up(self, site_id: str, since: datetime | None) -> None:
+        """A site reports again: the jobs it was given before its agent (re)started are gone with the old
+        agent (the new one reports only what it really has, and skips their dispatches): place them again."""
+        if since is None:
+            return
+        for record, entered in await self.jobs_at(site_id):
+            if record.state in (JobState.dispatched, JobState.started) and entered < since:
+                await self.requeue(record, site_id, f"site {site_id}'s agent restarted and lost the job")
+
+    async def jobs_at(self, site_id: str) -> list[tuple[JobRecord, datetime]]:
+        """The jobs whose current attempt holds GPUs at the site, with when they entered their state."""
+        held = await self.bus.get_many(self.bus.topology.reservations_bucket, [site_id])
+        found = []
+        for job_id, r in reservations.jobs(held.get(site_id)).items():
+            current, _ = await self.bus.get_json(self.bus.topology.jobs_bucket, job_id)
+            if not current:
+                continue
+            record = JobRecord.model_validate(current)
+            if record.state.terminal or record.attempt != r.attempt:
+                continue  # its GPUs are on their way back
+            entered = next((h.time for h in reversed(record.history) if h.state == record.state), utcnow())
+            found.append((record, entered))
+        return found
+
+    async def requeue(self, record: JobRecord, site_id: str, reason: str) -> None:
+        """Back to placement, elsewhere; a run of it that the site still has is stopped without a report."""
+        await self.publish(record, JobState.requeued, record.traceparent, record.attempt + 1, site=site_id,
+                           reason=reason)
+        await self.bus.publish_command(self.bus.subjects.stop(site_id),
+                                       StopJob(job_id=record.job_id, reason=reason, superseded=True),
+                                       msg_id=f"{record.job_id}.superseded.{record.attempt}")
+        log.warning("job.requeued", job_id=record.job_id, tenant=record.tenant, site=site_id, reason=reason)
+
     async def overflow(self) -> dict:
         """Overflow placed so far, per site and per tenant, and the GPUs overflow jobs hold now."""
         by_site, by_tenant = {}, {}
@@ -291,6 +355,19 @@ def create_routing_app(settings: Settings):
         elif kind in _RELEASING:
             await router.release(event.data["job_id"])
             await router.leave_line(event.data["job_id"])
+
+    # outages are acted on as they happen: a routing service deployed later does not replay old ones
+    @bus.consumer(subjects.site_event(kind="down"), topology.events_stream, "site-down", batch=8,
+                  deliver_policy=DeliverPolicy.NEW)
+    async def site_down(event: CloudEvent) -> None:
+        status = SiteStatus.model_validate(event.data)
+        await router.site_down(status.site_id, status.down_since or event.time)
+
+    @bus.consumer(subjects.site_event(kind="up"), topology.events_stream, "site-up", batch=8,
+                  deliver_policy=DeliverPolicy.NEW)
+    async def site_up(event: CloudEvent) -> None:
+        status = SiteStatus.model_validate(event.data)
+        await router.site_up(status.site_id, status.since)
 
     @bus.responder(subjects.routing_overflow, "routing.overflow")
     async def overflow(msg: NatsMessage) -> dict:

@@ -58,20 +58,30 @@ class SiteView:
     free: dict[str, int] = field(default_factory=dict)  # GPUs by type not held by any job
     carbon_g_per_kwh: float = 0.0
     holdings: tuple[Holding, ...] = ()
+    # capacity reports the site saturated with a queue of its own (work Continuum did not place, on a shared
+    # Slurm say): it takes no new job now, and a job would wait there at least as long as capacity forecasts
+    queued_at_site: int = 0
+    reported_wait_s: dict[str, float] = field(default_factory=dict)
 
     @property
     def id(self) -> str:
         return self.entry.id
 
+    @property
+    def saturated(self) -> bool:
+        return self.queued_at_site > 0
+
     def wait_s(self, gpu_type: str, need: int) -> float:
-        """When `need` GPUs of the type are expected free: now, or as held jobs reach their walltime."""
+        """When `need` GPUs of the type are expected free: now, or as held jobs reach their walltime; on a
+        saturated site, no sooner than capacity's forecast."""
+        floor = self.reported_wait_s.get(gpu_type, INF) if self.saturated else 0.0
         free = self.free.get(gpu_type, 0)
         if need <= free:
-            return 0.0
+            return floor
         for h in sorted((h for h in self.holdings if h.gpu_type == gpu_type), key=lambda h: h.ends_in_s):
             free += h.gpus
             if free >= need:
-                return h.ends_in_s
+                return max(floor, h.ends_in_s)
         return INF
 
     def overflow_held(self, gpu_type: str) -> int:
@@ -203,16 +213,19 @@ def _passing_reasons(spec: JobSpec, site: SiteView, gpu_type: str, budget: Tenan
             held = site.overflow_held(gpu_type)
             if held + need > share:
                 why.append(f"overflow share full: overflow jobs hold {held} of {share} {gpu_type} GPUs allowed")
+    wait = site.wait_s(gpu_type, need)
+    expected = f" (expected in {wait:.0f} s)" if wait < INF else ""
     if need and site.free.get(gpu_type, 0) < need:
-        wait = site.wait_s(gpu_type, need)
-        why.append(f"needs {need} {gpu_type} GPUs now, {site.free.get(gpu_type, 0)} free"
-                   + (f" (expected in {wait:.0f} s)" if wait < INF else ""))
+        why.append(f"needs {need} {gpu_type} GPUs now, {site.free.get(gpu_type, 0)} free{expected}")
+    elif site.saturated:
+        why.append(f"saturated: {site.queued_at_site} jobs queue at the site{expected}")
     return why
 
 
 def _only_waits(reasons: list[str]) -> bool:
     """The site passes every rule but free GPUs: the job could wait for it."""
-    return bool(reasons) and all(r.startswith("needs ") and " now, " in r for r in reasons)
+    return bool(reasons) and all((r.startswith("needs ") and " now, " in r) or r.startswith("saturated: ")
+                                 for r in reasons)
 
 
 def _overflow_gate(spec: JobSpec, tenant: TenantEntry, public_wait_s: float, now: datetime | None) -> str | None:

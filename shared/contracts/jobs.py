@@ -177,10 +177,14 @@ class Dispatch(BaseModel):
 
 
 class StopJob(BaseModel):
-    """intake -> agent: stop this job (JetStream, `continuum.dispatch.<site>.cancel`)."""
+    """intake -> agent: stop this job (JetStream, `continuum.dispatch.<site>.cancel`).
+
+    routing sends it with `superseded` for a job it moved elsewhere while the site was down: the agent stops
+    that run quietly (no event: the job lives on at another site) and does nothing if it does not have it."""
 
     job_id: str
     reason: str
+    superseded: bool = False
 
 
 def job_event_data(job_id: str, tenant: str, state: JobState, site: str | None = None, **extra: Any) -> dict[str, Any]:

@@ -11,6 +11,20 @@ from pydantic import BaseModel, Field
 class GpuCount(BaseModel):
     total: int
     free: int
+    # GPUs that jobs queued at the site (dispatched, not started) are waiting for
+    reserved: int = 0
+
+
+class SiteJob(BaseModel):
+    """One job the agent really has: queued at the site (no `started_at`) or running."""
+
+    job_id: str
+    attempt: int = 0
+    gpu_type: str
+    gpus: int
+    walltime_s: float
+    queued_at: datetime
+    started_at: datetime | None = None
 
 
 class Heartbeat(BaseModel):
@@ -25,6 +39,19 @@ class Heartbeat(BaseModel):
     # dispatches that found their GPUs busy since the agent started: routing promised GPUs the site did not
     # have free (non-zero only when the site is shared with work Continuum does not place)
     waited_total: int = 0
+    # when this agent started: a new value means the agent restarted and lost what it ran before
+    since: datetime | None = None
+    # every job at the site, queued ones first in the order they will start: the wait forecast's input
+    jobs: list[SiteJob] = Field(default_factory=list)
+
+
+class WaitModel(BaseModel):
+    """How a site's raw wait (its queue run out at full walltime) is corrected by the waits observed there:
+    est = start_latency_s + walltime_factor x raw."""
+
+    start_latency_s: float = 0.0
+    walltime_factor: float = 1.0
+    samples: int = 0
 
 
 class SiteStatus(BaseModel):
@@ -37,11 +64,16 @@ class SiteStatus(BaseModel):
     saturated: bool = False
     gpus: dict[str, GpuCount]
     queued: int = 0
+    # the expected wait of a 1-GPU job of the site's best type (the smallest of est_wait_s_by_type)
     est_wait_s: float = 0.0
+    est_wait_s_by_type: dict[str, float] = Field(default_factory=dict)
+    wait_model: WaitModel = Field(default_factory=WaitModel)
     carbon_g_per_kwh: float
     price_eur_per_gpu_hour: dict[str, float]
     last_seen: datetime | None = None
     running: int = 0
+    since: datetime | None = None  # when the site's agent started
+    down_since: datetime | None = None
 
 
 class SitesReply(BaseModel):

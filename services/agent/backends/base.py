@@ -14,7 +14,7 @@ import structlog
 from shared.contracts.catalog import SiteEntry
 from shared.contracts.events import utcnow
 from shared.contracts.jobs import Dispatch
-from shared.contracts.sites import GpuCount
+from shared.contracts.sites import GpuCount, SiteJob
 
 log = structlog.get_logger()
 
@@ -47,37 +47,63 @@ class Backend(ABC):
         self.known: set[str] = set()
         self.waited_total = 0
         self.stopping = False
+        # when each job arrived and started here, for the heartbeat's job list
+        self.arrived: dict[str, datetime] = {}
+        self.started: dict[str, tuple[Dispatch, datetime]] = {}
+        # runs moved to another site while this one was down: they end without a report
+        self.superseded: set[str] = set()
+        self.stop_reasons: dict[str, str] = {}
+        self.watchers: set[asyncio.Task] = set()
 
     @abstractmethod
     async def run(self, order: Dispatch, slots: list[int]) -> Outcome:
-        """Run the job on these GPU slots until it ends; cancelling the task stops the job."""
+        """Run the job on these GPU slots until it ends; cancelling the task stops the job (its clean-up
+        must then finish before the cancellation propagates)."""
 
     def submit(self, order: Dispatch) -> bool:
         """Take the order; False if this job is known already (a redelivered dispatch)."""
         if order.job_id in self.known:
             return False
         self.known.add(order.job_id)
+        self.arrived[order.job_id] = utcnow()
         self.queue.append(order)
         self._start_what_fits()
         if self.queue and self.queue[-1] is order:
             self.waited_total += 1
         return True
 
-    async def cancel(self, job_id: str, reason: str) -> bool:
-        """Stop the job wherever it is; False if this backend does not have it."""
+    async def cancel(self, job_id: str, reason: str, superseded: bool = False) -> bool:
+        """Stop the job wherever it is (without reporting it, if `superseded`); False if it is not here."""
         for order in list(self.queue):
             if order.job_id == job_id:
                 self.queue.remove(order)
-                await self.reports.ended(order, None, utcnow(), Outcome(None, reason, cancelled=True))
+                self.arrived.pop(job_id, None)
+                if not superseded:
+                    await self.reports.ended(order, None, utcnow(), Outcome(None, reason, cancelled=True))
                 return True
         task = self.running.get(job_id)
         if task is None:
             return False
+        if superseded:
+            self.superseded.add(job_id)
+        self.stop_reasons[job_id] = reason
         task.cancel(reason)
         return True
 
     def capacity(self) -> dict[str, GpuCount]:
-        return {t: GpuCount(total=self.site.gpus[t], free=len(s)) for t, s in self.free_slots.items()}
+        wanted: dict[str, int] = {}
+        for order in self.queue:
+            wanted[order.gpu_type] = wanted.get(order.gpu_type, 0) + order.spec.resources.total_gpus
+        return {t: GpuCount(total=self.site.gpus[t], free=len(s), reserved=wanted.get(t, 0))
+                for t, s in self.free_slots.items()}
+
+    def jobs(self) -> list[SiteJob]:
+        """Every job here: the queue in start order, then the running ones."""
+        def entry(order: Dispatch, started_at: datetime | None) -> SiteJob:
+            return SiteJob(job_id=order.job_id, attempt=order.attempt, gpu_type=order.gpu_type,
+                           gpus=order.spec.resources.total_gpus, walltime_s=order.spec.walltime_s,
+                           queued_at=self.arrived.get(order.job_id, started_at or utcnow()), started_at=started_at)
+        return [entry(o, None) for o in self.queue] + [entry(o, at) for o, at in self.started.values()]
 
     async def close(self) -> None:
         """Stop every job and give it back for placement elsewhere: a restart must not cancel users' work."""
@@ -85,9 +111,10 @@ class Backend(ABC):
         while self.queue:
             order = self.queue.popleft()
             await self.reports.ended(order, None, utcnow(), Outcome(None, "site agent stopped", requeue=True))
-        for task in list(self.running.values()):
+        for job_id, task in list(self.running.items()):
+            self.stop_reasons[job_id] = "site agent stopped"
             task.cancel("site agent stopped")
-        await asyncio.gather(*self.running.values(), return_exceptions=True)
+        await asyncio.gather(*self.watchers, return_exceptions=True)
 
     def _start_what_fits(self) -> None:
         # strict FIFO: a big job at the head is not overtaken by small ones behind it
@@ -101,15 +128,21 @@ class Backend(ABC):
             taken = slots[:need]
             if need:  # a job without GPUs holds no slot
                 self.free_slots[order.gpu_type] = slots[need:]
-            self.running[order.job_id] = asyncio.create_task(self._run(order, taken), name=order.job_id)
+            self.started[order.job_id] = (order, utcnow())
+            # the run is a task of its own, so that cancelling it (even before it began) still ends in _watch
+            run = asyncio.create_task(self.run(order, taken), name=order.job_id)
+            self.running[order.job_id] = run
+            watch = asyncio.create_task(self._watch(order, taken, run), name=f"{order.job_id}.watch")
+            self.watchers.add(watch)
+            watch.add_done_callback(self.watchers.discard)
 
-    async def _run(self, order: Dispatch, slots: list[int]) -> None:
-        started_at = utcnow()
+    async def _watch(self, order: Dispatch, slots: list[int], run: asyncio.Task) -> None:
+        started_at = self.started[order.job_id][1]
         try:
             await self.reports.started(order, started_at)
-            outcome = await self.run(order, slots)
-        except asyncio.CancelledError as e:
-            reason = str(e.args[0]) if e.args else "cancelled"
+            outcome = await run
+        except asyncio.CancelledError:
+            reason = self.stop_reasons.pop(order.job_id, "cancelled")
             outcome = Outcome(None, reason, requeue=True) if self.stopping else Outcome(None, reason, cancelled=True)
         except Exception as e:
             log.exception("job.run_failed", job_id=order.job_id, site=self.site.id)
@@ -118,7 +151,12 @@ class Backend(ABC):
             if slots:
                 self.free_slots[order.gpu_type] = sorted(self.free_slots[order.gpu_type] + slots)
             self.running.pop(order.job_id, None)
+            self.started.pop(order.job_id, None)
+            self.arrived.pop(order.job_id, None)
         try:
+            if order.job_id in self.superseded:
+                self.superseded.discard(order.job_id)
+                return
             await self.reports.ended(order, started_at, utcnow(), outcome)
         finally:
             if not self.stopping:
