@@ -46,8 +46,9 @@ class SiteTracker:
             # a job that arrived since the last heartbeat is forecast as routing saw the site: the last
             # heartbeat, some seconds on, with the jobs that arrived before it queued ahead
             prev_load = Load.of(prev)
-            arrivals = sorted((j for j in beat.jobs if j.queued_at >= prev.time
-                               and (j.job_id, j.attempt) not in self.forecasts), key=lambda j: j.queued_at)
+            seen = {(j.job_id, j.attempt) for j in prev.jobs}
+            arrivals = sorted((j for j in beat.jobs if (j.job_id, j.attempt) not in seen
+                               and j.queued_at >= prev.time), key=lambda j: j.queued_at)
             for i, job in enumerate(arrivals):
                 load = prev_load.later((job.queued_at - prev.time).total_seconds(), arrivals[:i])
                 self.forecasts[(job.job_id, job.attempt)] = raw_wait(load, job.gpu_type, job.gpus)

@@ -129,6 +129,8 @@ class Router:
             return
         if record.attempt > attempt or record.spec is None:
             return  # a newer attempt owns the job now
+        if record.attempt < attempt:  # the sites it left must be known before it is placed again
+            raise LookupError(f"the registry has not seen attempt {attempt} of job {job_id} yet")
         spec: JobSpec = record.spec
         tenant = self.catalog.tenants[tenant_id]
         if attempt >= MAX_ATTEMPTS:

@@ -36,23 +36,35 @@ class RunningSystem:
         self.extra.append(subprocess.Popen([sys.executable, "-m", "services.cli", "service", service], env=self.env,
                                            stdin=subprocess.DEVNULL, stdout=log, stderr=log))
 
+    def start_agent(self, site: str) -> subprocess.Popen:
+        """The agent of one site, as its own process (for a site `up` was told runs its agent elsewhere)."""
+        (self.data_dir / "logs").mkdir(parents=True, exist_ok=True)
+        log = open(self.data_dir / "logs" / f"agent-{site}-{len(self.extra)}.log", "ab")  # noqa: SIM115
+        process = subprocess.Popen([sys.executable, "-m", "services.cli", "service", "agent", "--site", site],
+                                   env=self.env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        self.extra.append(process)
+        return process
+
     def stop_extra(self) -> None:
         for process in self.extra:
-            process.send_signal(signal.SIGTERM)
-            process.wait(30)
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                process.wait(30)
 
     def pid(self, service: str) -> int:
         return json.loads((self.data_dir / "state.json").read_text())["services"][service]
 
 
-def start_system(nats_server, tmp_path, sites: str = "sites.yaml", tenants: str = "tenants.yaml"):
-    """`continuum up` with a test catalog; yields the running system and stops it."""
+def start_system(nats_server, tmp_path, sites: str = "sites.yaml", tenants: str = "tenants.yaml",
+                 args: tuple[str, ...] = (), **settings: str):
+    """`continuum up` with a test catalog (and more `up` arguments, CONTINUUM_* settings); yields the running
+    system and stops it."""
     data_dir = tmp_path / "data"
     env = dict(os.environ, CONTINUUM_NATS_URL=nats_server.url, CONTINUUM_DATA_DIR=str(data_dir), **FAST,
-               CONTINUUM_SITES_FILE=str(CATALOG / sites), CONTINUUM_TENANTS_FILE=str(CATALOG / tenants))
+               CONTINUUM_SITES_FILE=str(CATALOG / sites), CONTINUUM_TENANTS_FILE=str(CATALOG / tenants), **settings)
     process = subprocess.Popen(
         [sys.executable, "-m", "services.cli", "up", "--sites", str(CATALOG / sites),
-         "--tenants", str(CATALOG / tenants)],
+         "--tenants", str(CATALOG / tenants), *args],
         env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     system = RunningSystem(process, data_dir, nats_server.url, env)
     yield system
