@@ -143,9 +143,10 @@ async def _drive(url: str, subjects: Subjects, console: Console, batch: list[dic
                      [j for j in ours if states[j] == "rejected" and names[j] == "too-big-for-france"]
         for j in impossible:
             console.print(f"  rejected by routing: {names[j]} (see `continuum status {j}`)")
-        console.print("\nNext: `continuum status JOB_ID` shows why a job went where it did; `continuum watch` "
-                      "streams events; `continuum bill cnrs-lab` prints a statement; `continuum overflow` counts "
-                      "overflow. Every event carries its job's W3C traceparent; rendering one trace per job "
+        console.print("\nNext: `continuum status JOB_ID` shows why a job went where it did; `continuum sites` "
+                      "each site's load, forecast wait and carbon now; `continuum watch` streams events (`--sites`: "
+                      "up, down, saturated); `continuum bill cnrs-lab` prints a statement; `continuum overflow` "
+                      "counts overflow. Every event carries its job's W3C traceparent; rendering one trace per job "
                       "(OpenTelemetry, Jaeger) is the next step on the roadmap.")
         if keep:
             console.print(f"[bold]the system stays up[/] on {url}: export CONTINUUM_NATS_URL={url}; Ctrl-C stops it")

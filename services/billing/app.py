@@ -48,6 +48,11 @@ class Billing:
         line = self.usage(event)
         if line is None:
             return
+        record, _ = await self.bus.get_json(self.bus.topology.jobs_bucket, line.job_id)
+        if record and int(event.data.get("attempt", 0)) < record.get("attempt", 0):
+            # a lost site's late report of a run the job left: its current attempt is the one billed
+            log.warning("usage.superseded", job_id=line.job_id, site=line.site, attempt=event.data.get("attempt"))
+            return
         if not self.ledger.add(line):
             line = self.ledger.get(line.job_id)  # billed before (a redelivery or a replay): the first line stands
         await self.publish_metered(line.tenant)

@@ -39,8 +39,10 @@ class SiteTracker:
         self.last: Heartbeat | None = None
         self.forecasts: dict[tuple[str, int], float] = {}
 
-    def observe(self, beat: Heartbeat) -> None:
-        """Learn from the jobs that started since the last heartbeat."""
+    def observe(self, beat: Heartbeat) -> dict[tuple[str, int], float]:
+        """Forecast the jobs that arrived since the last heartbeat, and learn from those that started; returns
+        the new forecasts (raw), by (job, attempt)."""
+        new: dict[tuple[str, int], float] = {}
         prev = self.last
         if prev is not None and prev.since == beat.since and beat.time > prev.time:
             # a job that arrived since the last heartbeat is forecast as routing saw the site: the last
@@ -51,7 +53,8 @@ class SiteTracker:
                                and j.queued_at >= prev.time), key=lambda j: j.queued_at)
             for i, job in enumerate(arrivals):
                 load = prev_load.later((job.queued_at - prev.time).total_seconds(), arrivals[:i])
-                self.forecasts[(job.job_id, job.attempt)] = raw_wait(load, job.gpu_type, job.gpus)
+                new[(job.job_id, job.attempt)] = raw_wait(load, job.gpu_type, job.gpus)
+        self.forecasts.update(new)
         for job in beat.jobs:
             key = (job.job_id, job.attempt)
             if job.started_at is not None and key in self.forecasts:
@@ -59,6 +62,7 @@ class SiteTracker:
         present = {(j.job_id, j.attempt) for j in beat.jobs}
         self.forecasts = {k: v for k, v in self.forecasts.items() if k in present}
         self.last = beat
+        return new
 
     def status(self, beat: Heartbeat, carbon_g_per_kwh: float, was_saturated: bool) -> SiteStatus:
         model = self.learner.model()

@@ -3,6 +3,8 @@
 Applying an event twice changes nothing (events are known by id). Events may be applied in any order (a
 consumer handles a batch concurrently, a redelivery comes late): what the job is now is read from its
 history sorted by stream sequence, so a late event never moves it backwards; a terminal state is final.
+Events of an earlier placement attempt than the job's latest are kept in its history but ignored: the job
+left that site.
 """
 
 from __future__ import annotations
@@ -33,19 +35,21 @@ def apply_event(current: dict | None, event: CloudEvent, seq: int) -> dict | Non
     if data.get("traceparent") and not record.traceparent:
         record.traceparent = data["traceparent"]
 
-    terminal = next((h for h in record.history if h.state.terminal), None)
-    record.state = terminal.state if terminal else record.history[-1].state
-    if terminal is not None and entry.seq > terminal.seq:
-        return record.model_dump(mode="json")  # kept in the history, but the job is over
+    if "attempt" in data:
+        record.attempt = max(record.attempt, int(data["attempt"]))
+    # an event of an attempt the job has left (a site that was lost and reports late) changes nothing
+    live = [h for h in record.history if getattr(h, "attempt", record.attempt) >= record.attempt]
+    terminal = next((h for h in live if h.state.terminal), None)
+    record.state = terminal.state if terminal else live[-1].state
+    if entry not in live or terminal is not None and entry.seq > terminal.seq:
+        return record.model_dump(mode="json")  # kept in the history, but the job is over or moved on
 
     if state in (JobState.placed, JobState.queued, JobState.rejected) and data.get("decision") \
             and seq >= record.decision_seq:
         record.decision = Decision.model_validate(data["decision"])
         record.decision_seq = seq
-    record.site = _current_site(record.history)
-    if "attempt" in data:
-        record.attempt = max(record.attempt, int(data["attempt"]))
-    if entry is (terminal or record.history[-1]):  # the outcome and its reasons come from the newest event
+    record.site = _current_site(live)
+    if entry is (terminal or live[-1]):  # the outcome and its reasons come from the newest event
         if state in (JobState.succeeded, JobState.failed) and data.get("exit_code") is not None:
             record.exit_code = int(data["exit_code"])
         # reasons say why the job waits, failed or was refused: a newer event without any clears them

@@ -357,6 +357,31 @@ def test_a_long_public_wait_overflows_to_paid_capacity():
     assert candidate(decision, "public").parts["wait_s"] == 7200
 
 
+def saturated_public(queued: int, forecast_s: float) -> SiteView:
+    """A public site with GPUs free by Continuum's own reservations, that capacity reports saturated with a
+    queue of its own (a shared Slurm full of other work) and a forecast wait."""
+    return SiteView(entry=site("public", kind="public_hpc", gpus={"H100": 8}), up=True, free={"H100": 8},
+                    queued_at_site=queued, reported_wait_s={"H100": forecast_s})
+
+
+def test_a_saturated_public_site_with_a_long_forecast_lets_the_job_overflow():
+    decision = place(job(gpus=2, gpu_type="H100"), lab(threshold=1800), [saturated_public(5, 7200), view(site("paid"))])
+    assert decision.site == "paid" and decision.overflow is True
+    assert candidate(decision, "public").reasons == ["saturated: 5 jobs queue at the site (expected in 7200 s)"]
+    assert candidate(decision, "public").parts["wait_s"] == 7200
+
+
+def test_a_saturated_public_site_with_a_short_forecast_keeps_the_job_waiting():
+    decision = place(job(gpus=2, gpu_type="H100"), lab(threshold=1800), [saturated_public(5, 600), view(site("paid"))])
+    assert decision.site is None and not decision.impossible
+    assert "within the tenant's overflow threshold" in candidate(decision, "paid").reasons[0]
+
+
+def test_saturation_without_a_queue_at_the_site_changes_nothing():
+    decision = place(job(gpus=2, gpu_type="H100"), lab(threshold=1800), [saturated_public(0, 7200), view(site("paid"))])
+    assert decision.site == "public" and not decision.overflow
+
+
 def test_a_deadline_that_public_cannot_meet_overflows_at_once():
     now = datetime(2026, 11, 25, 12, tzinfo=UTC)
     spec = job(gpus=2, gpu_type="H100", walltime_s=3600, deadline=now + timedelta(hours=1, minutes=10))

@@ -233,3 +233,22 @@ def test_a_placement_clears_the_reasons_the_job_waited_for():
     for e, seq in (event("accepted", 1), event("queued", 2, reasons=["s1: busy"]), event("placed", 3, site="s1")):
         record = apply_event(record, e, seq) or record
     assert record["state"] == "placed" and record["reasons"] == []
+
+
+def test_late_events_of_an_attempt_the_job_left_change_nothing(accepted):
+    # placed and started at site a, requeued when a was lost, placed and started at b; then a, reconnected,
+    # reports its old run's end
+    record = fold(
+        (accepted, 1),
+        (event(JobState.placed, 0, site="a", attempt=0, decision=decision("a")), 2),
+        (event(JobState.started, 0, site="a", attempt=0), 3),
+        (event(JobState.requeued, 1, site="a", attempt=1, reason="site a went down"), 4),
+        (event(JobState.placed, 1, site="b", attempt=1, decision=decision("b")), 5),
+        (event(JobState.started, 1, site="b", attempt=1), 6),
+        (event(JobState.succeeded, 0, site="a", attempt=0, exit_code=0), 7),
+    )
+    job = JobRecord.model_validate(record)
+    assert (job.state, job.site, job.attempt, job.exit_code) == (JobState.started, "b", 1, None)
+    assert job.history[-1].state == JobState.succeeded  # kept, for the record
+    job = JobRecord.model_validate(apply_event(record, event(JobState.failed, 1, site="b", attempt=1, exit_code=3), 8))
+    assert (job.state, job.site, job.exit_code) == (JobState.failed, "b", 3)
