@@ -9,6 +9,7 @@ import io
 import signal
 import sys
 import time
+import uuid
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -267,6 +268,26 @@ def bill(tenant: str,
         totals = reply["totals"]
         table.add_row("total", "", "", "", "", *(_fmt(totals[c]) for c in columns[5:]), style="bold")
         console.print(table)
+
+
+@app.command()
+def topup(tenant: str,
+          eur: Annotated[float, typer.Option("--eur", min=0, help="euros added to this month's paid budget")] = 0.0,
+          hours: Annotated[float, typer.Option("--hours", min=0, help="GPU-hours added to the allocation")] = 0.0,
+          reason: Annotated[str, typer.Option(help="why, for the record")] = "",
+          topup_id: Annotated[str | None, typer.Option("--id", help="makes a retried top-up count once; "
+                                                                     "default: a new id")] = None) -> None:
+    """Add to a tenant's paid budget (this month) or public allocation; prints where it stands."""
+    if not eur and not hours:
+        raise _fail("give --eur and/or --hours", 2)
+    body = {"tenant": tenant, "amount_eur": eur, "allocation_hours": hours, "reason": reason,
+            "topup_id": topup_id or uuid.uuid4().hex}
+    reply = _ask(lambda s: s.billing_topup, body)
+    table = _table(f"budgets of {tenant}" + ("" if reply["added"] else " (this top-up was recorded before)"),
+                   ("budget", "period", "used", "limit", "share"))
+    for b in reply["budgets"]:
+        table.add_row(b["budget"], b["period"], _fmt(b["used"]), _fmt(b["limit"]), f"{b['share']:.0%}")
+    console.print(table)
 
 
 def _fmt(value: Any) -> str:

@@ -25,6 +25,8 @@ class Settings(BaseSettings):
                                     "site that went down wait for it before they are requeued elsewhere")
     max_request_bytes: int = Field(64 * 1024, gt=0, description="CONTINUUM_MAX_REQUEST_BYTES: largest JobSpec accepted")
     ledger_path: Path | None = Field(None, description="CONTINUUM_LEDGER_PATH: SQLite ledger; unset, DATA_DIR/ledger.sqlite3")
+    ledger_url: str | None = Field(None, pattern=r"^postgres(ql)?://", description="CONTINUUM_LEDGER_URL: a "
+                                   "PostgreSQL ledger (postgresql://...); unset, the SQLite file")
     log_format: Literal["auto", "json", "console"] = Field("auto", description="CONTINUUM_LOG_FORMAT")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="CONTINUUM_LOG_LEVEL")
 

@@ -4,8 +4,11 @@ and a plain nats-py client that follows what happens on the event stream."""
 from __future__ import annotations
 
 import asyncio
+import os
+import uuid
 from collections import defaultdict
 from collections.abc import Callable
+from urllib.parse import quote
 
 import nats
 import orjson
@@ -17,6 +20,32 @@ from shared.contracts.subjects import Subjects
 
 SUBJECTS = Subjects()
 TOPOLOGY = Topology(SUBJECTS)
+# the PostgreSQL the ledger tests use when it is there (this machine runs one; CI on it runs those tests)
+POSTGRES_URL = os.environ.get("CONTINUUM_TEST_POSTGRES_URL", "postgresql:///test")
+
+
+@pytest.fixture
+def postgres_url():
+    """A fresh schema in the test PostgreSQL, as a URL whose search_path is that schema; dropped after."""
+    psycopg = pytest.importorskip("psycopg")
+    try:
+        admin = psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as e:
+        pytest.skip(f"no PostgreSQL at {POSTGRES_URL} (set CONTINUUM_TEST_POSTGRES_URL): {str(e).strip()}")
+    schema = f"ledger_{uuid.uuid4().hex[:12]}"
+    admin.execute(f"CREATE SCHEMA {schema}")
+    separator = "&" if "?" in POSTGRES_URL else "?"
+    yield f"{POSTGRES_URL}{separator}options={quote(f'-csearch_path={schema}')}"
+    admin.execute(f"DROP SCHEMA {schema} CASCADE")
+    admin.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_target(request, tmp_path):
+    """Where a ledger lives: a SQLite file, or a PostgreSQL schema (the same tests run on both)."""
+    if request.param == "sqlite":
+        return tmp_path / "billing" / "ledger.db"
+    return request.getfixturevalue("postgres_url")
 
 
 @pytest.fixture

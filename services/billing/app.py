@@ -8,11 +8,18 @@ import orjson
 import structlog
 from faststream.nats import NatsMessage
 
+from services.billing import budgets
 from services.billing.ledger import Ledger
 from services.billing.rating import rate, statement
 from shared.bus import TRACEPARENT, Bus, create_app, create_bus, parse_request
 from shared.carbon import CarbonProvider, default_carbon, site_intensity
-from shared.contracts.billing import StatementRequest, UsageLine
+from shared.contracts.billing import (
+    BudgetStatus,
+    StatementRequest,
+    Topup,
+    TopupRequest,
+    UsageLine,
+)
 from shared.contracts.catalog import Catalog
 from shared.contracts.events import CloudEvent, make_event, utcnow
 from shared.contracts.jobs import JobState
@@ -55,22 +62,52 @@ class Billing:
             return
         if not self.ledger.add(line):
             line = self.ledger.get(line.job_id)  # billed before (a redelivery or a replay): the first line stands
-        await self.publish_metered(line.tenant)
+        await self.account(line.tenant)
         # publishing again after a crash is harmless: the usage event's id is the job's
         usage = make_event(SERVICE, "billing", "usage", line.tenant, line.model_dump(mode="json"), line.job_id)
         await self.bus.publish_event(self.bus.subjects.billing_event(line.tenant, "usage"), usage, traceparent)
         log.info("job.billed", job_id=line.job_id, tenant=line.tenant, site=line.site, amount_eur=line.amount_eur)
 
+    def budgets(self, tenant_id: str) -> list[BudgetStatus]:
+        """The tenant's paid budget this month and its allocation, with top-ups, against what was metered."""
+        tenant = self.catalog.tenants[tenant_id]
+        month = budgets.month_start(utcnow())
+        spent_eur, _ = self.ledger.totals(tenant_id, since=month)
+        _, allocation_used = self.ledger.totals(tenant_id)
+        topup_eur, _ = self.ledger.topups(tenant_id, since=month)
+        _, topup_hours = self.ledger.topups(tenant_id)
+        return [budgets.status(tenant_id, "monthly_eur", month.strftime("%Y-%m"), spent_eur,
+                               tenant.monthly_budget_eur + topup_eur),
+                budgets.status(tenant_id, "allocation_hours", budgets.WHOLE_GRANT, allocation_used,
+                               tenant.allocation_gpu_hours + topup_hours)]
 
-    async def publish_metered(self, tenant: str) -> None:
-        """What routing needs to keep the tenant within its budget and allocation (KV, one key a tenant)."""
-        now = utcnow()
-        month = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-        spent_eur, _ = self.ledger.totals(tenant, since=month)
-        _, allocation_h = self.ledger.totals(tenant)
+    async def account(self, tenant: str) -> list[BudgetStatus]:
+        """Tell routing where the tenant stands (KV, one key a tenant), and announce the budget events due."""
+        paid, allocation = self.budgets(tenant)
         kv = await self.bus.kv(self.bus.topology.budgets_bucket)
-        await kv.put(tenant, orjson.dumps({"period": now.strftime("%Y-%m"), "spent_eur": spent_eur,
-                                           "allocation_used_h": allocation_h}))
+        await kv.put(tenant, orjson.dumps({"period": paid.period, "spent_eur": paid.used, "budget_eur": paid.limit,
+                                           "allocation_used_h": allocation.used,
+                                           "allocation_h": allocation.limit}))
+        for budget in (paid, allocation):
+            for kind in budgets.events_due(budget):
+                key = (tenant, budget.budget, budget.period, kind, budget.limit)
+                if self.ledger.announced(*key):
+                    continue
+                # published before it is recorded: a crash in between publishes it again, with the same id
+                event = make_event(SERVICE, "billing", kind, tenant, budget.model_dump(mode="json"), *key[1:])
+                await self.bus.publish_event(self.bus.subjects.billing_event(tenant, kind), event)
+                self.ledger.announce(*key)
+                log.warning(f"tenant.{kind}", tenant=tenant, budget=budget.budget, used=budget.used,
+                            limit=budget.limit)
+        return [paid, allocation]
+
+    async def topup(self, request: TopupRequest) -> dict:
+        added = self.ledger.add_topup(Topup(at=utcnow(), **request.model_dump()))
+        log.info("tenant.topup", tenant=request.tenant, amount_eur=request.amount_eur,
+                 allocation_hours=request.allocation_hours, added=added)
+        standing = await self.account(request.tenant)
+        return {"tenant": request.tenant, "topup_id": request.topup_id, "added": added,
+                "budgets": [b.model_dump(mode="json") for b in standing]}
 
 
 def create_billing_app(settings: Settings):
@@ -78,6 +115,10 @@ def create_billing_app(settings: Settings):
     billing = Billing(bus, Catalog.load(settings.sites_file, settings.tenants_file), default_carbon())
     subjects, topology = bus.subjects, bus.topology
     bus.document_events(subjects.billing_event(kind="usage"), "The usage line of one finished job (data).")
+    bus.document_events(subjects.billing_event(kind="budget_warning"),
+                        "A tenant used 80 % of its monthly paid budget or of its allocation (data: BudgetStatus).")
+    bus.document_events(subjects.billing_event(kind="budget_exhausted"),
+                        "A tenant used all of its monthly paid budget or of its allocation (data: BudgetStatus).")
     async def meter(event: CloudEvent, msg: NatsMessage) -> None:
         await billing.meter(event, (msg.headers or {}).get(TRACEPARENT))
 
@@ -98,8 +139,21 @@ def create_billing_app(settings: Settings):
             return {"error": f"internal error: {e}"}
         return statement(request.tenant, lines, request.since, request.until).model_dump(mode="json")
 
+    @bus.responder(subjects.billing_topup, "billing.topup")
+    async def topup(msg: NatsMessage) -> dict:
+        request = parse_request(TopupRequest, msg.body)
+        if isinstance(request, dict):
+            return request
+        if request.tenant not in billing.catalog.tenants:
+            return {"error": f"unknown tenant {request.tenant!r}: not in the tenant catalog"}
+        try:
+            return await billing.topup(request)
+        except Exception as e:
+            log.exception("topup.failed", tenant=request.tenant)
+            return {"error": f"internal error: {e}"}
+
     async def open_ledger() -> None:
-        billing.ledger = Ledger(settings.ledger)
+        billing.ledger = Ledger(settings.ledger_url or settings.ledger)
 
     async def close() -> None:
         billing.ledger.close()

@@ -1,78 +1,188 @@
-"""The ledger: usage lines on disk, one per job, never two (SQLite in WAL mode by default)."""
+"""The ledger: usage lines, one per job and never two, and budget top-ups.
+
+SQLite on disk (WAL mode) by default; PostgreSQL when given a `postgresql://` URL (`CONTINUUM_LEDGER_URL`).
+One code path for both: the SQL below is written once (`?` parameters, `ON CONFLICT DO NOTHING`, text
+instants in one sortable form) and a small adapter runs it on either database. Migrations run once each, in
+order, under a lock, recorded in `ledger_schema`, so replicas that start together migrate once.
+"""
 
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
-from shared.contracts.billing import UsageLine
+from shared.contracts.billing import Topup, UsageLine
 
 _FIELDS = tuple(UsageLine.model_fields)
+_TOPUP_FIELDS = tuple(Topup.model_fields)
 
-# Each migration runs once, in order; the ledger records how far it has got.
 MIGRATIONS = (
     """CREATE TABLE usage_lines (
         job_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, site TEXT NOT NULL, gpu_type TEXT NOT NULL,
         gpus INTEGER NOT NULL, started_at TEXT NOT NULL, ended_at TEXT NOT NULL, state TEXT NOT NULL,
-        seconds REAL NOT NULL, gpu_hours REAL NOT NULL, amount_eur REAL NOT NULL, allocation_hours REAL NOT NULL,
-        energy_kwh REAL NOT NULL, co2e_kg REAL NOT NULL)""",
+        seconds DOUBLE PRECISION NOT NULL, gpu_hours DOUBLE PRECISION NOT NULL,
+        amount_eur DOUBLE PRECISION NOT NULL, allocation_hours DOUBLE PRECISION NOT NULL,
+        energy_kwh DOUBLE PRECISION NOT NULL, co2e_kg DOUBLE PRECISION NOT NULL)""",
     "CREATE INDEX usage_lines_tenant_ended ON usage_lines (tenant, ended_at)",
+    """CREATE TABLE topups (
+        topup_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, at TEXT NOT NULL, amount_eur DOUBLE PRECISION NOT NULL,
+        allocation_hours DOUBLE PRECISION NOT NULL, reason TEXT NOT NULL)""",
+    # budget events announced, so that each is published once per period, limit and level
+    """CREATE TABLE budget_events (
+        tenant TEXT NOT NULL, budget TEXT NOT NULL, period TEXT NOT NULL, level TEXT NOT NULL,
+        budget_limit DOUBLE PRECISION NOT NULL, at TEXT NOT NULL,
+        PRIMARY KEY (tenant, budget, period, level, budget_limit))""",
 )
 
 
-class Ledger:
+class _Sqlite:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(path, isolation_level=None)
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA busy_timeout=5000")
+
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> Any:
+        return self.db.execute(sql, args)
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """A transaction that holds the write lock from its start."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def adopt_legacy_version(self) -> int:
+        """Ledgers made before `ledger_schema` counted their migrations in SQLite's user_version."""
+        return self.db.execute("PRAGMA user_version").fetchone()[0]
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class _Postgres:
+    def __init__(self, url: str) -> None:
+        import psycopg  # only a PostgreSQL ledger needs it
+
+        self.db = psycopg.connect(url, autocommit=True)
+
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> Any:
+        return self.db.execute(sql.replace("?", "%s"), args)
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        with self.db.transaction():
+            # one migrating replica at a time (released at commit)
+            self.db.execute("SELECT pg_advisory_xact_lock(hashtext('continuum_ledger_schema'))")
+            yield
+
+    def adopt_legacy_version(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class Ledger:
+    def __init__(self, target: Path | str) -> None:
+        """`target`: a SQLite file, or a `postgresql://` URL."""
+        is_url = isinstance(target, str) and target.startswith(("postgresql://", "postgres://"))
+        self.db: _Sqlite | _Postgres = _Postgres(target) if is_url else _Sqlite(Path(target))
+        self.kind = "postgresql" if is_url else "sqlite"
         self._migrate()
 
+    @property
+    def version(self) -> int:
+        return self.db.execute("SELECT COALESCE(MAX(version), 0) FROM ledger_schema").fetchone()[0]
+
     def _migrate(self) -> None:
-        (version,) = self.db.execute("PRAGMA user_version").fetchone()
-        for number, sql in enumerate(MIGRATIONS[version:], start=version + 1):
-            with self.db:
-                self.db.execute("BEGIN IMMEDIATE")
+        self.db.execute("CREATE TABLE IF NOT EXISTS ledger_schema (version INTEGER PRIMARY KEY, applied_at TEXT)")
+        with self.db.locked():
+            legacy = self.db.adopt_legacy_version()
+            if self.version == 0 and legacy:
+                for number in range(1, legacy + 1):
+                    self.db.execute("INSERT INTO ledger_schema VALUES (?, ?)", [number, "before ledger_schema"])
+            for number, sql in enumerate(MIGRATIONS[self.version:], start=self.version + 1):
                 self.db.execute(sql)
-                self.db.execute(f"PRAGMA user_version={number}")
+                self.db.execute("INSERT INTO ledger_schema VALUES (?, ?)", [number, _iso(datetime.now(UTC))])
 
     def add(self, line: UsageLine) -> bool:
         """Record the line; False if the job has one already (the line is keyed on the job, not the message)."""
         row = line.model_dump(mode="json") | {"started_at": _iso(line.started_at), "ended_at": _iso(line.ended_at)}
-        cursor = self.db.execute(
-            f"INSERT OR IGNORE INTO usage_lines ({', '.join(_FIELDS)}) VALUES ({', '.join('?' * len(_FIELDS))})",
-            [row[f] for f in _FIELDS])
-        return cursor.rowcount == 1
+        return self._insert("usage_lines", "job_id", _FIELDS, row)
 
     def get(self, job_id: str) -> UsageLine | None:
         rows = self._select("job_id = ?", [job_id])
         return rows[0] if rows else None
 
     def lines(self, tenant: str, since: datetime | None = None, until: datetime | None = None) -> list[UsageLine]:
-        where, args = ["tenant = ?"], [tenant]
-        if since:
-            where.append("ended_at >= ?")
-            args.append(_iso(since))
-        if until:
-            where.append("ended_at < ?")
-            args.append(_iso(until))
-        return self._select(" AND ".join(where), args)
+        where, args = self._window(tenant, since, until)
+        return self._select(where, args)
 
-    def totals(self, tenant: str, since: datetime | None = None) -> tuple[float, float]:
-        """(euros, allocation hours) metered for the tenant since `since` (or ever)."""
-        where, args = "tenant = ?", [tenant]
-        if since:
-            where += " AND ended_at >= ?"
-            args.append(_iso(since))
+    def all_lines(self) -> list[UsageLine]:
+        return self._select("1 = 1", [])
+
+    def totals(self, tenant: str, since: datetime | None = None, until: datetime | None = None) -> tuple[float, float]:
+        """(euros, allocation hours) metered for the tenant in the window (ended within it)."""
+        where, args = self._window(tenant, since, until)
         row = self.db.execute(f"SELECT COALESCE(SUM(amount_eur), 0), COALESCE(SUM(allocation_hours), 0) "
                               f"FROM usage_lines WHERE {where}", args).fetchone()
         return float(row[0]), float(row[1])
 
+    def add_topup(self, topup: Topup) -> bool:
+        """Record the top-up; False if one with its id exists (a retried request)."""
+        return self._insert("topups", "topup_id", _TOPUP_FIELDS, topup.model_dump(mode="json") | {"at": _iso(topup.at)})
+
+    def topups(self, tenant: str, since: datetime | None = None, until: datetime | None = None) -> tuple[float, float]:
+        """(euros, allocation hours) added to the tenant's budget and allocation in the window."""
+        where, args = self._window(tenant, since, until, "at")
+        row = self.db.execute(f"SELECT COALESCE(SUM(amount_eur), 0), COALESCE(SUM(allocation_hours), 0) "
+                              f"FROM topups WHERE {where}", args).fetchone()
+        return float(row[0]), float(row[1])
+
+    def announced(self, tenant: str, budget: str, period: str, level: str, limit: float) -> bool:
+        """Whether this budget event was published already."""
+        return self.db.execute("SELECT 1 FROM budget_events WHERE tenant = ? AND budget = ? AND period = ? "
+                               "AND level = ? AND budget_limit = ?", [tenant, budget, period, level, limit]
+                               ).fetchone() is not None
+
+    def announce(self, tenant: str, budget: str, period: str, level: str, limit: float) -> bool:
+        """Record that a budget event was published; False if it was before."""
+        row = {"tenant": tenant, "budget": budget, "period": period, "level": level, "budget_limit": limit,
+               "at": _iso(datetime.now(UTC))}
+        return self._insert("budget_events", "tenant, budget, period, level, budget_limit", tuple(row), row)
+
+    def _insert(self, table: str, key: str, fields: tuple[str, ...], row: dict) -> bool:
+        cursor = self.db.execute(
+            f"INSERT INTO {table} ({', '.join(fields)}) VALUES ({', '.join('?' * len(fields))}) "
+            f"ON CONFLICT ({key}) DO NOTHING", [row[f] for f in fields])
+        return cursor.rowcount == 1
+
+    @staticmethod
+    def _window(tenant: str, since: datetime | None, until: datetime | None, column: str = "ended_at",
+                ) -> tuple[str, list]:
+        where, args = ["tenant = ?"], [tenant]
+        if since:
+            where.append(f"{column} >= ?")
+            args.append(_iso(since))
+        if until:
+            where.append(f"{column} < ?")
+            args.append(_iso(until))
+        return " AND ".join(where), args
+
     def _select(self, where: str, args: list) -> list[UsageLine]:
-        cursor = self.db.execute(f"SELECT {', '.join(_FIELDS)} FROM usage_lines WHERE {where} ORDER BY ended_at, job_id", args)
-        return [UsageLine.model_validate(dict(zip(_FIELDS, row, strict=True))) for row in cursor]
+        cursor = self.db.execute(
+            f"SELECT {', '.join(_FIELDS)} FROM usage_lines WHERE {where} ORDER BY ended_at, job_id", args)
+        return [UsageLine.model_validate(dict(zip(_FIELDS, row, strict=True))) for row in cursor.fetchall()]
 
     def close(self) -> None:
         self.db.close()

@@ -98,16 +98,19 @@ class Router:
         running jobs may still use (their worst case, until they end and are metered)."""
         tenant = self.catalog.tenants[tenant_id]
         metered = self.mirrors[self.bus.topology.budgets_bucket].get(tenant_id)[0] or {}
-        spent = metered.get("spent_eur", 0.0) if metered.get("period") == utcnow().strftime("%Y-%m") else 0.0
+        this_month = metered.get("period") == utcnow().strftime("%Y-%m")
+        spent = metered.get("spent_eur", 0.0) if this_month else 0.0
+        # billing's limits include top-ups; a new month starts again from the catalog's budget
+        budget_eur = metered.get("budget_eur", tenant.monthly_budget_eur) if this_month else tenant.monthly_budget_eur
+        allocation_h = metered.get("allocation_h", tenant.allocation_gpu_hours)
         committed_eur = committed_h = 0.0
         for doc in held.values():
             for r in reservations.jobs(doc).values():
                 if r.tenant == tenant_id:
                     committed_eur += r.cost_eur
                     committed_h += r.allocation_h
-        return TenantBudget(
-            allocation_left_h=tenant.allocation_gpu_hours - metered.get("allocation_used_h", 0.0) - committed_h,
-            budget_left_eur=tenant.monthly_budget_eur - spent - committed_eur)
+        return TenantBudget(allocation_left_h=allocation_h - metered.get("allocation_used_h", 0.0) - committed_h,
+                            budget_left_eur=budget_eur - spent - committed_eur)
 
     def holder(self, held: dict[str, dict], job_id: str, attempt: int | None = None) -> tuple[str, Reservation] | None:
         """The site whose GPUs the job holds (for this attempt, if given)."""

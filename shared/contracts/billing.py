@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -46,3 +47,38 @@ class StatementRequest(BaseModel):
     tenant: str = Field(min_length=1, max_length=64)
     since: datetime | None = None
     until: datetime | None = None
+
+
+class Topup(BaseModel):
+    """More paid budget (this month) or allocation hours for a tenant, recorded in the ledger."""
+
+    topup_id: str
+    tenant: str
+    at: datetime
+    amount_eur: float = 0.0
+    allocation_hours: float = 0.0
+    reason: str = ""
+
+
+class TopupRequest(BaseModel):
+    """`continuum.billing.topup`: the id makes a retried request count once."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tenant: str = Field(min_length=1, max_length=64)
+    topup_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$")
+    amount_eur: float = Field(0.0, ge=0, le=1e9)
+    allocation_hours: float = Field(0.0, ge=0, le=1e9)
+    reason: str = Field("", max_length=500)
+
+
+class BudgetStatus(BaseModel):
+    """A tenant's budgets now: what `budget_warning` and `budget_exhausted` events carry (and the top-up
+    reply). `budget` says which: the paid `monthly_eur` of `period`, or public `allocation_hours`."""
+
+    tenant: str
+    budget: Literal["monthly_eur", "allocation_hours"]
+    period: str
+    used: float
+    limit: float
+    share: float

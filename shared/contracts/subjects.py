@@ -34,6 +34,10 @@ class Subjects:
     def billing_statement(self) -> str:
         return f"{self.prefix}.billing.statement"
 
+    @property
+    def billing_topup(self) -> str:
+        return f"{self.prefix}.billing.topup"
+
     # fire-and-forget intake (JetStream)
     def intake(self, tenant: str = "*") -> str:
         return f"{self.prefix}.intake.{tenant}"

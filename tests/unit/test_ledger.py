@@ -1,4 +1,5 @@
-"""services/billing/ledger.py: usage lines in SQLite, one per job."""
+"""services/billing/ledger.py: usage lines, one per job, top-ups and budget events, on SQLite and PostgreSQL
+(the same tests on both; PostgreSQL's are skipped, with the reason, where there is none)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 
 from services.billing.ledger import MIGRATIONS, Ledger
-from shared.contracts.billing import UsageLine
+from shared.contracts.billing import Topup, UsageLine
 
 T0 = datetime(2025, 5, 1, 0, 0, tzinfo=UTC)
 
@@ -21,8 +22,8 @@ def line(job_id: str, tenant: str = "acme", ended: datetime | None = None, amoun
 
 
 @pytest.fixture
-def ledger(tmp_path):
-    book = Ledger(tmp_path / "billing" / "ledger.db")
+def ledger(ledger_target):
+    book = Ledger(ledger_target)
     yield book
     book.close()
 
@@ -78,52 +79,85 @@ def test_lines_come_in_time_order(ledger):
     assert [x.job_id for x in ledger.lines("acme")] == ["early", "middle", "late"]
 
 
-def test_data_survives_reopening_the_file(tmp_path):
-    path = tmp_path / "ledger.db"
-    first = Ledger(path)
+def test_data_survives_reopening(ledger_target):
+    first = Ledger(ledger_target)
     first.add(line("j1"))
     first.close()
 
-    again = Ledger(path)
+    again = Ledger(ledger_target)
     try:
         assert again.get("j1") == line("j1")
         assert again.add(line("j1")) is False  # still one line per job after a restart
         assert again.add(line("j2")) is True
+        assert again.version == len(MIGRATIONS)  # reopening ran no migration twice
     finally:
         again.close()
 
 
-def test_migrations_set_user_version(tmp_path):
-    path = tmp_path / "ledger.db"
-    Ledger(path).close()
-    Ledger(path).close()  # reopening does not run the migrations again
-    db = sqlite3.connect(path)
+def test_totals_sum_euros_and_allocation_hours_in_the_window(ledger):
+    ledger.add(line("j1", amount=1.25, ended=T0 + timedelta(hours=1)))
+    ledger.add(line("j2", amount=2.5, ended=T0 + timedelta(hours=5)))
+    ledger.add(line("other", tenant="beta", amount=100.0))
+    assert ledger.totals("acme") == (3.75, 0.0)
+    assert ledger.totals("acme", since=T0 + timedelta(hours=2)) == (2.5, 0.0)
+    assert ledger.totals("acme", until=T0 + timedelta(hours=2)) == (1.25, 0.0)
+    assert ledger.totals("nobody") == (0.0, 0.0)
+
+
+def test_a_topup_counts_once_and_in_its_window(ledger):
+    topup = Topup(topup_id="t1", tenant="acme", at=T0, amount_eur=50.0, allocation_hours=10.0, reason="grant")
+    assert ledger.add_topup(topup) is True
+    assert ledger.add_topup(topup.model_copy(update={"amount_eur": 999.0})) is False  # a retried request
+    ledger.add_topup(Topup(topup_id="t2", tenant="acme", at=T0 + timedelta(days=40), amount_eur=5.0))
+    assert ledger.topups("acme") == (55.0, 10.0)
+    assert ledger.topups("acme", since=T0 + timedelta(days=31)) == (5.0, 0.0)
+    assert ledger.topups("beta") == (0.0, 0.0)
+
+
+def test_a_budget_event_is_announced_once_per_limit(ledger):
+    key = ("acme", "monthly_eur", "2025-05", "budget_warning", 100.0)
+    assert not ledger.announced(*key)
+    assert ledger.announce(*key) is True
+    assert ledger.announced(*key) and ledger.announce(*key) is False
+    assert not ledger.announced("acme", "monthly_eur", "2025-05", "budget_warning", 150.0)  # after a top-up
+
+
+def test_two_ledgers_on_one_database_migrate_once_and_share_lines(ledger_target):
+    first, second = Ledger(ledger_target), Ledger(ledger_target)  # two billing replicas
     try:
-        assert db.execute("PRAGMA user_version").fetchone() == (len(MIGRATIONS),)
-        assert len(MIGRATIONS) == 2
-        names = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
-        assert {"usage_lines", "usage_lines_tenant_ended"} <= names
+        assert first.add(line("j1")) is True
+        assert second.add(line("j1")) is False
+        assert second.version == first.version == len(MIGRATIONS)
     finally:
-        db.close()
+        first.close()
+        second.close()
 
 
-def test_the_ledger_uses_wal(ledger):
-    assert ledger.db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+# SQLite only
+
+def test_the_sqlite_ledger_uses_wal(tmp_path):
+    book = Ledger(tmp_path / "ledger.db")
+    try:
+        assert book.db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    finally:
+        book.close()
 
 
-def test_an_older_ledger_only_runs_the_migrations_it_lacks(tmp_path):
+def test_a_ledger_from_before_ledger_schema_only_runs_the_migrations_it_lacks(tmp_path):
+    # ledgers made by earlier versions counted their two migrations in SQLite's user_version
     path = tmp_path / "ledger.db"
     db = sqlite3.connect(path)
     db.execute(MIGRATIONS[0])
-    db.execute("PRAGMA user_version=1")
+    db.execute(MIGRATIONS[1])
+    db.execute("INSERT INTO usage_lines VALUES ('old', 'acme', 's', 'H100', 1, 'a', 'b', 'succeeded', 1, 1, 1, 0, 1, 1)")
+    db.execute("PRAGMA user_version=2")
     db.commit()
     db.close()
 
     book = Ledger(path)
     try:
-        assert book.db.execute("PRAGMA user_version").fetchone() == (2,)
-        indexes = {row[0] for row in book.db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
-        assert "usage_lines_tenant_ended" in indexes
-        assert book.add(line("j1")) is True
+        assert book.version == len(MIGRATIONS)
+        assert book.add_topup(Topup(topup_id="t", tenant="acme", at=T0, amount_eur=1.0)) is True
+        assert book.add(line("old")) is False  # the old line is still there
     finally:
         book.close()

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import csv
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
 from services.billing.rating import hourly_slices, rate, statement
+from shared.carbon import default_carbon, site_intensity
 from shared.contracts.catalog import SiteEntry
 
 START = datetime(2025, 6, 2, 10, 0, tzinfo=UTC)
@@ -124,3 +127,20 @@ def test_an_empty_statement_is_all_zeros():
     assert result.lines == []
     assert result.totals.model_dump() == {"gpu_hours": 0, "amount_eur": 0, "allocation_hours": 0, "energy_kwh": 0,
                                           "co2e_kg": 0}
+
+
+def test_carbon_of_a_run_across_an_hour_uses_the_data_files_two_hours():
+    # FR on 14 July at 15:00 and 16:00 UTC, read from the shipped file by hand, not through the provider
+    path = Path(__file__).resolve().parents[2] / "shared" / "data" / "carbon_intensity_2022_eu_hourly.csv"
+    with path.open(newline="") as f:
+        rows = {row["datetime_utc"]: float(row["FR"]) for row in csv.DictReader(f)}
+    first, second = rows["2022-07-14 15:00"], rows["2022-07-14 16:00"]
+    assert first != second
+    site = PAID.model_copy(update={"carbon_g_per_kwh": None, "carbon_zone": "FR"})
+    start = datetime(2026, 7, 14, 15, 45, tzinfo=UTC)  # 15 minutes in the first hour, 30 in the second
+    line = run(site, "H100", 2, start, start + timedelta(minutes=45),
+               intensity=lambda at: site_intensity(site, at, default_carbon()))
+    kw = 2 * 0.7 * 1.25  # two H100 at 700 W, PUE 1.25
+    assert line.energy_kwh == pytest.approx(kw * 0.75)
+    assert line.co2e_kg == pytest.approx((kw * 0.25 * first + kw * 0.5 * second) / 1000, abs=1e-6)
+    assert line.amount_eur == pytest.approx(2 * 0.75 * 2.87)
