@@ -20,6 +20,7 @@ from shared.settings import Settings
 
 log = structlog.get_logger()
 SERVICE = "agent"
+LOST_IN_RESTART = "taken by this site's agent before it restarted"
 
 
 class SiteAgent:
@@ -37,6 +38,10 @@ class SiteAgent:
             return  # a redelivered dispatch
         record, _ = await self.bus.get_json(self.bus.topology.jobs_bucket, order.job_id)
         stale = record and self.stale(order, record)
+        if stale == LOST_IN_RESTART:
+            # routing requeues it too when it sees this agent's new start (the same event: one id)
+            await self.publish(order, JobState.requeued, attempt=order.attempt + 1,
+                               reason=f"site {self.site.id}'s agent restarted and lost the job")
         if stale:
             log.info("job.skipped", job_id=order.job_id, site=self.site.id, state=record["state"], reason=stale)
             return
@@ -58,7 +63,7 @@ class SiteAgent:
         if record.get("attempt", 0) > order.attempt:
             return "the job was placed again since"
         if record["state"] in (JobState.dispatched, JobState.started) and record.get("site") == self.site.id:
-            return "taken by this site's agent before it restarted"
+            return LOST_IN_RESTART
         return None
 
     def refusal(self, order: Dispatch) -> str | None:
@@ -69,7 +74,7 @@ class SiteAgent:
         return None
 
     async def stop(self, command: StopJob, tenant_hint: str | None) -> None:
-        if await self.backend.cancel(command.job_id, command.reason, command.superseded):
+        if await self.backend.cancel(command.job_id, command.reason, command.superseded, command.attempt):
             if command.superseded:
                 log.warning("job.superseded", job_id=command.job_id, site=self.site.id, reason=command.reason)
             return
@@ -79,8 +84,8 @@ class SiteAgent:
         record, _ = await self.bus.get_json(self.bus.topology.jobs_bucket, command.job_id)
         if record and not JobState(record["state"]).terminal:
             event = make_event(f"agent/{self.site.id}", "job", "cancelled", command.job_id, job_event_data(
-                command.job_id, record["tenant"], JobState.cancelled, self.site.id, reason=command.reason),
-                command.job_id)
+                command.job_id, record["tenant"], JobState.cancelled, self.site.id, reason=command.reason,
+                attempt=record.get("attempt", 0)), command.job_id)
             await self.bus.publish_event(self.bus.subjects.job_event(record["tenant"], command.job_id, "cancelled"),
                                          event, tenant_hint)
 

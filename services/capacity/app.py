@@ -120,7 +120,9 @@ def create_capacity_app(settings: Settings):
                             "queued again.")):
         bus.document_events(subjects.site_event(kind=kind), meaning)
 
-    @bus.responder(subjects.heartbeat("*"), "heartbeats")
+    # every replica sees every heartbeat (no queue group): each keeps a whole tracker of every site, and
+    # their writes of the same status meet in the compare-and-set, which lets one through
+    @bus.broker.subscriber(subjects.heartbeat("*"), title="heartbeats")
     async def heartbeat(beat: Heartbeat) -> None:
         await view.heartbeat(beat)
 

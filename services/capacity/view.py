@@ -44,6 +44,8 @@ class SiteTracker:
         the new forecasts (raw), by (job, attempt)."""
         new: dict[tuple[str, int], float] = {}
         prev = self.last
+        if prev is not None and beat.time <= prev.time and beat.since == prev.since:
+            return new  # a late heartbeat: nothing in it is news
         if prev is not None and prev.since == beat.since and beat.time > prev.time:
             # a job that arrived since the last heartbeat is forecast as routing saw the site: the last
             # heartbeat, some seconds on, with the jobs that arrived before it queued ahead

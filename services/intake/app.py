@@ -105,15 +105,21 @@ class Intake:
             return {"error": f"no job {request.job_id!r}"}
         if record.state.terminal:
             return CancelReply(job_id=record.job_id, state=record.state.value)
-        if record.site is None:
-            # not at a site yet: routing sees the cancelled state before it places the job
+        site_down = False
+        if record.site is not None:
+            # the site stops it, and if it is down, stops it when it is back (a cancel is never lost)
+            await self.bus.publish_command(self.bus.subjects.stop(record.site),
+                                           StopJob(job_id=record.job_id, reason=request.reason, attempt=record.attempt),
+                                           msg_id=f"{record.job_id}.stop.{record.attempt}",
+                                           traceparent=record.traceparent)
+            status, _ = await self.bus.get_json(self.bus.topology.sites_bucket, record.site)
+            site_down = not status or status["state"] != "up"
+        if record.site is None or site_down:
+            # not at a working site: cancelled now, so routing neither places it nor moves it elsewhere
             await self.record(make_event(SERVICE, "job", "cancelled", record.job_id, job_event_data(
-                record.job_id, record.tenant, JobState.cancelled, reason=request.reason), record.job_id),
-                record.traceparent)
+                record.job_id, record.tenant, JobState.cancelled, record.site, reason=request.reason),
+                record.job_id), record.traceparent)
             return CancelReply(job_id=record.job_id, state=JobState.cancelled.value)
-        await self.bus.publish_command(self.bus.subjects.stop(record.site),
-                                       StopJob(job_id=record.job_id, reason=request.reason),
-                                       msg_id=f"{record.job_id}.stop.{record.attempt}", traceparent=record.traceparent)
         return CancelReply(job_id=record.job_id, state="cancelling")
 
 

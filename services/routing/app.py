@@ -8,6 +8,7 @@ dies while holding it loses nothing, since the event is redelivered to another.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from datetime import datetime
 
@@ -252,15 +253,16 @@ class Router:
 
     # Outages: a site that went down, or whose agent restarted, gives back the jobs it holds
 
-    async def site_down(self, site_id: str, down_since: datetime) -> None:
+    async def site_down(self, site_id: str, down_since: datetime, first_look: bool) -> None:
         """Requeue the jobs of a site that went down: those that had not started at once, those running
         there once the grace period is over (unless the site came back first: then `site_up` decides)."""
-        status = self.mirrors[self.bus.topology.sites_bucket].get(site_id)[0]
-        if status and status["state"] == "up":
+        status, _ = await self.bus.get_json(self.bus.topology.sites_bucket, site_id)  # not the mirror: it may lag
+        if status and status["state"] == "up" and datetime.fromisoformat(status["last_seen"]) > down_since:
             return
         grace = self.bus.settings.lost_job_grace_s
         waited = (utcnow() - down_since).total_seconds()
-        look_again = None
+        # one more look soon in any case: a placement decided just before the site went down may land after
+        look_again = 1.0 if first_look else None
         for record, _ in await self.jobs_at(site_id):
             if record.state in (JobState.placed, JobState.dispatched):
                 await self.requeue(record, site_id, f"site {site_id} went down before the job started there")
@@ -268,9 +270,9 @@ class Router:
                 await self.requeue(record, site_id, f"site {site_id} has been down for {waited:.0f} s "
                                                     f"(grace {grace:.0f} s) while the job ran there")
             elif record.state == JobState.started:
-                look_again = grace - waited
+                look_again = min(look_again or math.inf, grace - waited)
             else:  # being placed there right now: look again once its placement is recorded
-                look_again = min(look_again or 1.0, 1.0)
+                look_again = min(look_again or math.inf, 1.0)
         if look_again is not None:
             raise NackMessage(delay=look_again)
 
@@ -299,12 +301,18 @@ class Router:
         return found
 
     async def requeue(self, record: JobRecord, site_id: str, reason: str) -> None:
-        """Back to placement, elsewhere; a run of it that the site still has is stopped without a report."""
-        await self.publish(record, JobState.requeued, record.traceparent, record.attempt + 1, site=site_id,
-                           reason=reason)
+        """Back to placement, elsewhere. The site is told first to stop the run without a report if it still
+        has it (so that a crash in between cannot leave it running there)."""
         await self.bus.publish_command(self.bus.subjects.stop(site_id),
-                                       StopJob(job_id=record.job_id, reason=reason, superseded=True),
+                                       StopJob(job_id=record.job_id, reason=reason, superseded=True,
+                                               attempt=record.attempt),
                                        msg_id=f"{record.job_id}.superseded.{record.attempt}")
+        # the id is the attempt being left, as an agent's requeue has: one event whoever sends it
+        event = make_event(SERVICE, "job", JobState.requeued.value, record.job_id, job_event_data(
+            record.job_id, record.tenant, JobState.requeued, site_id, attempt=record.attempt + 1, reason=reason),
+            record.job_id, record.attempt)
+        await self.bus.publish_event(self.bus.subjects.job_event(record.tenant, record.job_id, "requeued"), event,
+                                     record.traceparent)
         log.warning("job.requeued", job_id=record.job_id, tenant=record.tenant, site=site_id, reason=reason)
 
     async def overflow(self) -> dict:
@@ -364,9 +372,16 @@ def create_routing_app(settings: Settings):
     # outages are acted on as they happen: a routing service deployed later does not replay old ones
     @bus.consumer(subjects.site_event(kind="down"), topology.events_stream, "site-down", batch=8,
                   deliver_policy=DeliverPolicy.NEW)
-    async def site_down(event: CloudEvent) -> None:
+    async def site_down(event: CloudEvent, msg: NatsMessage) -> None:
         status = SiteStatus.model_validate(event.data)
-        await router.site_down(status.site_id, status.down_since or event.time)
+        tries = msg.raw_message.metadata.num_delivered
+        try:
+            await router.site_down(status.site_id, status.down_since or event.time, first_look=tries == 1)
+        except (NackMessage, asyncio.CancelledError):
+            raise
+        except Exception as e:  # its waits count as deliveries too: retried with backoff, never dead-lettered
+            log.warning("site_down.retry", site=status.site_id, tries=tries, reason=repr(e))
+            raise NackMessage(delay=min(30.0, bus.settings.retry_backoff_s * 2 ** min(tries, 6))) from e
 
     @bus.consumer(subjects.site_event(kind="up"), topology.events_stream, "site-up", batch=8,
                   deliver_policy=DeliverPolicy.NEW)

@@ -185,6 +185,8 @@ class StopJob(BaseModel):
     job_id: str
     reason: str
     superseded: bool = False
+    # the placement attempt to stop (None: whichever the site has): a late stop never hits a newer attempt
+    attempt: int | None = None
 
 
 def job_event_data(job_id: str, tenant: str, state: JobState, site: str | None = None, **extra: Any) -> dict[str, Any]:

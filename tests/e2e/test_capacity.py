@@ -190,3 +190,26 @@ async def test_an_agent_that_restarts_at_once_gives_back_what_it_lost(client, sy
         assert events.kinds(job_id).count("succeeded") == 1
         # placed again elsewhere: fr-a lost it recently
         assert placements(events, job_id) == [("fr-a", 0), ("fr-b", 1)]
+
+
+@pytest.mark.parametrize("system", [600.0], indirect=True)
+async def test_a_job_cancelled_while_its_site_is_down_stays_cancelled(client, system):
+    """Within the grace period a down site keeps its running jobs; a cancel then ends the job at once, and
+    the agent's return gives back only the others (it lost them with its restart)."""
+    nc, events, agent = client
+    jobs = [await submit(nc, spec("FR", runtime=1)) for _ in range(3)]
+    await events.wait_for(lambda: all("started" in events.kinds(j) for j in jobs), 20, "jobs started at fr-a")
+    agent.send_signal(signal.SIGKILL)
+    agent.wait()
+    await events.wait_for(lambda: "down" in site_events(events, "fr-a"), 10, "fr-a down")
+    cancelled, *others = jobs
+    reply = await request_json(nc, SUBJECTS.jobs_cancel, {"job_id": cancelled, "reason": "no longer needed"})
+    assert reply["state"] == "cancelled"
+    assert all(events.kinds(j)[-1] == "started" for j in others)  # waiting out the grace period
+
+    system.start_agent("fr-a")
+    await events.wait_for(lambda: all(j in events.billed for j in others), 30, "the others run again and end")
+    for job_id in others:
+        assert placements(events, job_id) == [("fr-a", 0), ("fr-b", 1)]
+    record = await request_json(nc, SUBJECTS.jobs_get, {"job_id": cancelled})
+    assert record["state"] == "cancelled" and placements(events, cancelled) == [("fr-a", 0)]

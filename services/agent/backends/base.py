@@ -72,23 +72,29 @@ class Backend(ABC):
             self.waited_total += 1
         return True
 
-    async def cancel(self, job_id: str, reason: str, superseded: bool = False) -> bool:
-        """Stop the job wherever it is (without reporting it, if `superseded`); False if it is not here."""
+    async def cancel(self, job_id: str, reason: str, superseded: bool = False, attempt: int | None = None) -> bool:
+        """Stop the job wherever it is (without reporting it, if `superseded`); False if it is not here (or
+        not at that attempt)."""
         for order in list(self.queue):
-            if order.job_id == job_id:
+            if order.job_id == job_id and attempt in (None, order.attempt):
                 self.queue.remove(order)
-                self.arrived.pop(job_id, None)
+                self._forget(job_id)
                 if not superseded:
                     await self.reports.ended(order, None, utcnow(), Outcome(None, reason, cancelled=True))
                 return True
         task = self.running.get(job_id)
-        if task is None:
+        if task is None or attempt not in (None, self.started[job_id][0].attempt):
             return False
         if superseded:
             self.superseded.add(job_id)
         self.stop_reasons[job_id] = reason
         task.cancel(reason)
         return True
+
+    def _forget(self, job_id: str) -> None:
+        """The job has left this site: a later dispatch of it (a new attempt) is a new job here."""
+        self.known.discard(job_id)
+        self.arrived.pop(job_id, None)
 
     def capacity(self) -> dict[str, GpuCount]:
         wanted: dict[str, int] = {}
@@ -148,16 +154,19 @@ class Backend(ABC):
             log.exception("job.run_failed", job_id=order.job_id, site=self.site.id)
             outcome = Outcome(None, f"{type(e).__name__}: {e}")
         finally:
+            if not run.done():  # the start could not be reported: the run must not outlive its GPUs
+                run.cancel("its start could not be reported")
+                await asyncio.gather(run, return_exceptions=True)
             if slots:
                 self.free_slots[order.gpu_type] = sorted(self.free_slots[order.gpu_type] + slots)
             self.running.pop(order.job_id, None)
             self.started.pop(order.job_id, None)
-            self.arrived.pop(order.job_id, None)
         try:
             if order.job_id in self.superseded:
                 self.superseded.discard(order.job_id)
                 return
             await self.reports.ended(order, started_at, utcnow(), outcome)
         finally:
+            self._forget(order.job_id)  # once its end is out, so a redelivered dispatch finds it over
             if not self.stopping:
                 self._start_what_fits()
