@@ -27,6 +27,14 @@ def system(nats_server, tmp_path):
     yield from start_system(nats_server, tmp_path, "billing_sites.yaml", "billing_tenants.yaml")
 
 
+@pytest.fixture
+def system_on_any_ledger(nats_server, tmp_path, ledger_target):
+    """The system with its billing ledger in SQLite or in PostgreSQL."""
+    ledger = {"CONTINUUM_LEDGER_URL": ledger_target} if isinstance(ledger_target, str) else \
+        {"CONTINUUM_LEDGER_PATH": str(ledger_target)}
+    yield from start_system(nats_server, tmp_path, "billing_sites.yaml", "billing_tenants.yaml", **ledger)
+
+
 def spec(gpus: int = 1, runtime: float = 4, walltime: int = 4) -> dict:
     return {"tenant": "pocket-lab", "command": ["train"], "resources": {"gpus": gpus, "gpu_type": "H100"},
             "walltime_s": walltime, "labels": {"sim.runtime_s": str(runtime)}}
@@ -47,7 +55,8 @@ def budget_events(events) -> list[tuple[str, str, float]]:
             if e["type"] in ("continuum.billing.budget_warning", "continuum.billing.budget_exhausted")]
 
 
-async def test_a_spent_budget_stops_paid_overflow_until_a_top_up(system):
+async def test_a_spent_budget_stops_paid_overflow_until_a_top_up(system_on_any_ledger):
+    system = system_on_any_ledger
     nc = await connect_when_up(system)
     events = await listen(nc)
     # the public site full for an hour: past the tenant's 60 s threshold, its jobs overflow
