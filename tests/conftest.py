@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import uuid
 from collections import defaultdict
 from collections.abc import Callable
+from pathlib import Path
 from urllib.parse import quote
 
 import nats
@@ -38,6 +40,21 @@ def postgres_url():
     yield f"{POSTGRES_URL}{separator}options={quote(f'-csearch_path={schema}')}"
     admin.execute(f"DROP SCHEMA {schema} CASCADE")
     admin.close()
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """The one-node Slurm test cluster, installed and started by the project's script (Debian's packages)."""
+    script = Path(__file__).resolve().parents[1] / "deploy" / "slurm" / "test-cluster.sh"
+    log = Path(os.environ.get("TMPDIR", "/tmp")) / "continuum-slurm-start.log"
+    with log.open("w") as out:
+        code = subprocess.run(["bash", str(script), "start"], stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                              timeout=600).returncode
+    if code == 77:
+        pytest.skip(f"no Slurm test cluster on this machine: {log.read_text().strip()}")
+    assert code == 0, f"deploy/slurm/test-cluster.sh start failed: {log.read_text()}"
+    subprocess.run(["scancel", "--user", str(os.getuid())], check=False)  # nothing left from an earlier run
+    return "gpu"
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

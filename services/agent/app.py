@@ -11,6 +11,7 @@ from faststream.nats import NatsMessage
 
 from services.agent.backends import Backend, backend_for
 from services.agent.backends.base import Outcome
+from services.agent.backends.slurm import SlurmBackend, SubmitError
 from shared.bus import TRACEPARENT, Bus, create_app, create_bus, dumps
 from shared.contracts.catalog import Catalog, SiteEntry
 from shared.contracts.events import make_event, utcnow
@@ -29,7 +30,7 @@ class SiteAgent:
     def __init__(self, bus: Bus, site: SiteEntry) -> None:
         self.bus = bus
         self.site = site
-        self.backend: Backend = backend_for(site, self)
+        self.backend: Backend | SlurmBackend = backend_for(site, self)
         self.traces: dict[str, str | None] = {}
         self.since = utcnow()  # this agent's start: capacity and routing tell a restart by it
 
@@ -53,7 +54,12 @@ class SiteAgent:
             self.traces.pop(order.job_id, None)
             return
         await self.publish(order, JobState.dispatched)
-        self.backend.submit(order)
+        try:
+            await self.backend.submit(order)
+        except SubmitError as e:  # the site's scheduler refused it: back to placement, elsewhere
+            await self.publish(order, JobState.requeued, attempt=order.attempt + 1, reason=f"site refused: {e}")
+            log.warning("job.refused", job_id=order.job_id, site=self.site.id, reason=str(e))
+            self.traces.pop(order.job_id, None)
 
     def stale(self, order: Dispatch, record: dict) -> str | None:
         """Why a dispatch must not run here, though it was sent here: the job ended, moved on, or this site's
@@ -122,7 +128,7 @@ class SiteAgent:
 
     def heartbeat(self) -> Heartbeat:
         return Heartbeat(site_id=self.site.id, time=utcnow(), interval_s=self.bus.settings.heartbeat_interval_s,
-                         gpus=self.backend.capacity(), queued=len(self.backend.queue),
+                         gpus=self.backend.capacity(), queued=self.backend.queued(),
                          running=sorted(self.backend.running), waited_total=self.backend.waited_total,
                          since=self.since, jobs=self.backend.jobs())
 
@@ -163,6 +169,8 @@ def create_agent_app(settings: Settings, site_ids: list[str] | None = None):
             await asyncio.sleep(settings.heartbeat_interval_s)
 
     async def start_heartbeats() -> None:
+        for agent in agents:
+            await agent.backend.start()
         tasks.append(asyncio.create_task(beat(), name="heartbeats"))
 
     async def stop_all() -> None:

@@ -77,7 +77,7 @@ class SiteTracker:
             gpus=beat.gpus, queued=beat.queued, running=len(beat.running),
             est_wait_s=min(waits.values(), default=0.0), est_wait_s_by_type=waits, wait_model=model,
             carbon_g_per_kwh=carbon_g_per_kwh, price_eur_per_gpu_hour=dict(self.site.price_eur_per_gpu_hour),
-            last_seen=beat.time, since=beat.since,
+            last_seen=beat.time, since=beat.since, jobs=[j.job_id for j in beat.jobs],
         )
 
 

@@ -276,13 +276,14 @@ class Router:
         if look_again is not None:
             raise NackMessage(delay=look_again)
 
-    async def site_up(self, site_id: str, since: datetime | None) -> None:
-        """A site reports again: the jobs it was given before its agent (re)started are gone with the old
-        agent (the new one reports only what it really has, and skips their dispatches): place them again."""
+    async def site_up(self, site_id: str, since: datetime | None, present: set[str]) -> None:
+        """A site reports again: the jobs it was given before its agent (re)started and that it does not report
+        having are gone with the old agent (the new one skips their dispatches): place them again."""
         if since is None:
             return
         for record, entered in await self.jobs_at(site_id):
-            if record.state in (JobState.dispatched, JobState.started) and entered < since:
+            if record.state in (JobState.dispatched, JobState.started) and entered < since \
+                    and record.job_id not in present:
                 await self.requeue(record, site_id, f"site {site_id}'s agent restarted and lost the job")
 
     async def jobs_at(self, site_id: str) -> list[tuple[JobRecord, datetime]]:
@@ -387,7 +388,7 @@ def create_routing_app(settings: Settings):
                   deliver_policy=DeliverPolicy.NEW)
     async def site_up(event: CloudEvent) -> None:
         status = SiteStatus.model_validate(event.data)
-        await router.site_up(status.site_id, status.since)
+        await router.site_up(status.site_id, status.since, set(status.jobs))
 
     @bus.responder(subjects.routing_overflow, "routing.overflow")
     async def overflow(msg: NatsMessage) -> dict:

@@ -74,6 +74,7 @@ class SiteStatus(BaseModel):
     running: int = 0
     since: datetime | None = None  # when the site's agent started
     down_since: datetime | None = None
+    jobs: list[str] = Field(default_factory=list)  # the jobs the agent reports it really has
 
 
 class SitesReply(BaseModel):

@@ -96,7 +96,7 @@ async def replay(args) -> dict[str, list[float]]:
         await asyncio.sleep(max(0.0, t0 + offset / speedup - loop.time()))
         spec = JobSpec(tenant="replay", command=["x"], walltime_s=walltime_for(duration),
                        resources={"gpus": gpus, "gpu_type": "H100"}, labels={RUNTIME_LABEL: str(duration / speedup)})
-        backend.submit(Dispatch(job_id=f"job-{i}", tenant="replay", site=site.id, gpu_type="H100", attempt=0,
+        await backend.submit(Dispatch(job_id=f"job-{i}", tenant="replay", site=site.id, gpu_type="H100", attempt=0,
                                 spec=spec))
         arrived[f"job-{i}"] = backend.arrived[f"job-{i}"]
         if i % 200 == 0:

@@ -49,8 +49,8 @@ async def ended(reports: Reports, job_id: str) -> Outcome:
 
 async def test_the_heartbeat_lists_queued_then_running_jobs_and_reserved_gpus():
     backend = SimulatedBackend(SITE, Reports())
-    backend.submit(order("a", gpus=2))
-    backend.submit(order("b", gpus=1))
+    await backend.submit(order("a", gpus=2))
+    await backend.submit(order("b", gpus=1))
     await asyncio.sleep(0)  # let a's run begin
     jobs = backend.jobs()
     assert [(j.job_id, j.started_at is not None) for j in jobs] == [("b", False), ("a", True)]
@@ -61,7 +61,7 @@ async def test_the_heartbeat_lists_queued_then_running_jobs_and_reserved_gpus():
 async def test_a_job_cancelled_before_its_run_began_gives_its_gpus_back():
     reports = Reports()
     backend = SimulatedBackend(SITE, reports)
-    backend.submit(order("a", gpus=2))
+    await backend.submit(order("a", gpus=2))
     assert await backend.cancel("a", "user asked")  # at once, before the run's first step
     outcome = await ended(reports, "a")
     assert outcome.cancelled and outcome.reason == "user asked"
@@ -71,7 +71,7 @@ async def test_a_job_cancelled_before_its_run_began_gives_its_gpus_back():
 async def test_a_superseded_stop_ends_the_run_without_a_report_and_the_job_can_come_back():
     reports = Reports()
     backend = SimulatedBackend(SITE, reports)
-    backend.submit(order("a", attempt=0))
+    await backend.submit(order("a", attempt=0))
     await asyncio.sleep(0)
     assert not await backend.cancel("a", "moved", superseded=True, attempt=1)  # not the attempt it runs
     assert await backend.cancel("a", "moved", superseded=True, attempt=0)
@@ -80,14 +80,14 @@ async def test_a_superseded_stop_ends_the_run_without_a_report_and_the_job_can_c
     assert [k for k, *_ in reports.log] == ["started"]  # no end reported
     assert backend.capacity()["H100"].free == 2
     # placed here again later (a new attempt): a new job for this site, not a redelivery
-    assert backend.submit(order("a", runtime=0, attempt=2)) is True
+    assert await backend.submit(order("a", runtime=0, attempt=2)) is True
     assert (await ended(reports, "a")).exit_code == 0
 
 
 async def test_a_run_whose_start_cannot_be_reported_does_not_outlive_its_gpus():
     reports = Reports(fail_start=True)
     backend = SimulatedBackend(SITE, reports)
-    backend.submit(order("a", gpus=2))
+    await backend.submit(order("a", gpus=2))
     outcome = await ended(reports, "a")
     assert outcome.exit_code is None and "no NATS" in outcome.reason
     assert backend.running == {} and backend.capacity()["H100"].free == 2
@@ -96,6 +96,6 @@ async def test_a_run_whose_start_cannot_be_reported_does_not_outlive_its_gpus():
 @pytest.mark.parametrize("runtime", [0.0, 0.05])
 async def test_a_redelivered_dispatch_of_a_job_it_has_is_ignored(runtime):
     backend = SimulatedBackend(SITE, Reports())
-    assert backend.submit(order("a", runtime=runtime)) is True
-    assert backend.submit(order("a", runtime=runtime)) is False
+    assert await backend.submit(order("a", runtime=runtime)) is True
+    assert await backend.submit(order("a", runtime=runtime)) is False
     await backend.close()

@@ -6,15 +6,16 @@ from __future__ import annotations
 from services.agent.backends.base import Backend, Reports
 from services.agent.backends.local import LocalBackend
 from services.agent.backends.simulated import SimulatedBackend
+from services.agent.backends.slurm import SlurmBackend
 from shared.contracts.catalog import SiteEntry
 
 
-def backend_for(site: SiteEntry, reports: Reports) -> Backend:
+def backend_for(site: SiteEntry, reports: Reports) -> Backend | SlurmBackend:
     if site.backend == "simulated":
         return SimulatedBackend(site, reports)
     if site.backend == "local":
         return LocalBackend(site, reports)
-    raise ValueError(f"site {site.id}: backend {site.backend!r} is not available yet")
+    return SlurmBackend(site, reports)
 
 
 __all__ = ["Backend", "Reports", "backend_for"]

@@ -60,7 +60,13 @@ class Backend(ABC):
         """Run the job on these GPU slots until it ends; cancelling the task stops the job (its clean-up
         must then finish before the cancellation propagates)."""
 
-    def submit(self, order: Dispatch) -> bool:
+    async def start(self) -> None:
+        """Called once the agent is connected (a backend whose jobs outlive the agent takes them back)."""
+
+    def queued(self) -> int:
+        return len(self.queue)
+
+    async def submit(self, order: Dispatch) -> bool:
         """Take the order; False if this job is known already (a redelivered dispatch)."""
         if order.job_id in self.known:
             return False

@@ -1,0 +1,365 @@
+"""The Slurm site: jobs run in a real Slurm cluster through its commands (sbatch, scontrol, sinfo, scancel).
+
+Slurm queues and schedules; this backend submits, then follows every job it tracks with one `scontrol`
+query per poll (not one per job) and turns Slurm's states into lifecycle reports:
+
+    PENDING                                      dispatched (already reported when sbatch accepted it)
+    RUNNING, COMPLETING                          started
+    COMPLETED                                    succeeded (exit code 0) or failed (the exit code)
+    FAILED, TIMEOUT, OUT_OF_MEMORY, NODE_FAIL,
+    BOOT_FAIL, DEADLINE                          failed, with Slurm's state as the reason and the exit code
+    CANCELLED                                    cancelled
+    PREEMPTED, REQUEUED                          requeued (placed again by routing)
+
+Each job carries its Dispatch order (base64 JSON in its Slurm comment), so a restarted agent finds the jobs
+its predecessor submitted and follows them on: a Slurm job outlives its agent. Capacity comes from Slurm
+too: GPU GRES per node (total and used) and the partition's whole queue, other users' jobs included.
+The parsing is pure; the class only runs commands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import shlex
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import structlog
+
+from services.agent.backends.base import Outcome, Reports
+from shared.contracts.catalog import SiteEntry
+from shared.contracts.events import utcnow
+from shared.contracts.jobs import Dispatch
+from shared.contracts.sites import GpuCount, SiteJob
+
+log = structlog.get_logger()
+
+POLL_S = 1.0
+NAME_PREFIX = "continuum-"
+RUNNING = {"RUNNING", "COMPLETING", "STAGE_OUT"}
+FAILED = {"FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"}
+REQUEUED = {"PREEMPTED", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD"}
+ENDED = FAILED | REQUEUED | {"COMPLETED", "CANCELLED"}
+
+
+class SubmitError(Exception):
+    """sbatch refused the job: the site cannot run it as asked."""
+
+
+@dataclass
+class SlurmJob:
+    """One job as `scontrol -o show job` shows it."""
+
+    slurm_id: str
+    name: str
+    state: str
+    reason: str
+    exit_code: int | None
+    signal: int
+    start: datetime | None
+    end: datetime | None
+    time_limit_s: float | None
+    partition: str
+    gpus: dict[str, int]  # GRES per node by type, lower case as Slurm has them
+    nodes: int
+    comment: str
+
+    @property
+    def order(self) -> Dispatch | None:
+        """The Dispatch a Continuum agent submitted this job for, if it is one of ours."""
+        if not self.name.startswith(NAME_PREFIX) or not self.comment:
+            return None
+        try:
+            return Dispatch.model_validate_json(base64.b64decode(self.comment))
+        except ValueError:
+            return None
+
+
+def sbatch_args(order: Dispatch, site: SiteEntry, output: str) -> list[str]:
+    """JobSpec to sbatch options."""
+    spec, r = order.spec, order.spec.resources
+    args = ["--parsable", f"--job-name={NAME_PREFIX}{order.job_id}", f"--time={max(1, -(-spec.walltime_s // 60))}",
+            f"--nodes={r.nodes}", f"--cpus-per-task={r.cpus}", f"--mem={max(1, int(r.memory_gb * 1024))}M",
+            f"--output={output}", "--comment=" + base64.b64encode(order.model_dump_json().encode()).decode(),
+            f"--export=ALL,CONTINUUM_JOB_ID={order.job_id}",
+            "--no-requeue"]  # a job Slurm lets go is requeued by routing, which may place it elsewhere
+    if r.gpus:
+        args.append(f"--gres=gpu:{order.gpu_type.lower()}:{r.gpus}")
+    options = site.slurm
+    if options and options.partition:
+        args.append(f"--partition={options.partition}")
+    if options and options.account:
+        args.append(f"--account={options.account}")
+    return args
+
+
+def parse_jobs(text: str) -> dict[str, SlurmJob]:
+    """`scontrol -o show job` (one job a line, `Key=value` fields) by Slurm job id."""
+    jobs = {}
+    for line in text.splitlines():
+        fields = _fields(line)
+        if "JobId" not in fields:
+            continue
+        code, _, sig = fields.get("ExitCode", "0:0").partition(":")
+        jobs[fields["JobId"]] = SlurmJob(
+            slurm_id=fields["JobId"], name=fields.get("JobName", ""), state=fields.get("JobState", ""),
+            reason=fields.get("Reason", "None"), exit_code=int(code) if code.isdigit() else None,
+            signal=int(sig) if sig.isdigit() else 0, start=_time(fields.get("StartTime")),
+            end=_time(fields.get("EndTime")), time_limit_s=_duration(fields.get("TimeLimit")),
+            partition=fields.get("Partition", ""), gpus=_gres(fields.get("TresPerNode", "")),
+            nodes=int(fields.get("NumNodes", "1").split("-")[0] or 1), comment=fields.get("Comment", ""))
+    return jobs
+
+
+def parse_gres(text: str) -> tuple[dict[str, int], dict[str, int]]:
+    """(total, used) GPUs by type (lower case) from `sinfo -N -h -O NodeList:|,Gres:|,GresUsed:|,StateLong`
+    lines; nodes that are down or drained offer nothing."""
+    total: dict[str, int] = {}
+    used: dict[str, int] = {}
+    for line in text.splitlines():
+        parts = [p.strip() for p in line.split("|")]
+        if len(parts) < 4 or any(s in parts[3] for s in ("down", "drain", "fail")):
+            continue
+        for t, n in _gres(parts[1]).items():
+            total[t] = total.get(t, 0) + n
+        for t, n in _gres(parts[2]).items():
+            used[t] = used.get(t, 0) + n
+    return total, used
+
+
+def outcome_of(job: SlurmJob) -> Outcome:
+    """How an ended Slurm job went, as a lifecycle outcome."""
+    if job.state == "COMPLETED":
+        return Outcome(job.exit_code if job.exit_code is not None else 0)
+    if job.state == "CANCELLED":
+        return Outcome(None, "CANCELLED", cancelled=True)
+    if job.state in REQUEUED:
+        return Outcome(None, f"{job.state} by Slurm", requeue=True)
+    exit_code = job.exit_code if job.exit_code else None
+    detail = f" (signal {job.signal})" if job.signal else ""
+    return Outcome(exit_code, f"{job.state}: {job.reason}{detail}" if job.reason not in ("None", "") else
+                   job.state + detail)
+
+
+def _fields(line: str) -> dict[str, str]:
+    fields = {}
+    for token in line.split():
+        key, sep, value = token.partition("=")
+        if sep:
+            fields[key] = value
+    return fields
+
+
+def _gres(text: str) -> dict[str, int]:
+    """`gres:gpu:h100:3`, `gpu:h100:8`, `gpu:h100:6(IDX:0-5)`, several comma-separated: GPUs by type."""
+    out: dict[str, int] = {}
+    for item in text.split(","):
+        parts = item.split("(")[0].split(":")
+        if parts and parts[0] == "gres":
+            parts = parts[1:]
+        if len(parts) >= 3 and parts[0] == "gpu" and parts[2].isdigit():
+            out[parts[1].lower()] = out.get(parts[1].lower(), 0) + int(parts[2])
+        elif len(parts) == 2 and parts[0] == "gpu" and parts[1].isdigit():
+            out["gpu"] = out.get("gpu", 0) + int(parts[1])
+    return out
+
+
+def _time(text: str | None) -> datetime | None:
+    if not text or text in ("Unknown", "None", "N/A"):
+        return None
+    return datetime.fromisoformat(text).astimezone(UTC)  # Slurm writes the local time, without a zone
+
+
+def _duration(text: str | None) -> float | None:
+    """`[days-]hours:minutes:seconds`, `minutes:seconds`; None for UNLIMITED."""
+    if not text or not text[0].isdigit():
+        return None
+    days, _, rest = text.rpartition("-")
+    parts = [int(p) for p in rest.split(":")]
+    while len(parts) < 3:
+        parts.insert(0, 0)
+    return (int(days or 0) * 24 + parts[0]) * 3600 + parts[1] * 60 + parts[2]
+
+
+@dataclass
+class Tracked:
+    order: Dispatch
+    slurm_id: str
+    arrived: datetime
+    started_at: datetime | None = None
+    stop_reason: str | None = None
+    superseded: bool = False
+
+
+@dataclass
+class SlurmView:
+    """The last poll: Continuum's jobs as Slurm has them, the partition's other jobs, and GPUs."""
+
+    jobs: dict[str, SlurmJob] = field(default_factory=dict)
+    total: dict[str, int] = field(default_factory=dict)
+    used: dict[str, int] = field(default_factory=dict)
+
+
+class SlurmBackend:
+    """Runs dispatched jobs in Slurm. Same surface as the slot backends (see `base.Backend`)."""
+
+    def __init__(self, site: SiteEntry, reports: Reports, poll_s: float = POLL_S) -> None:
+        self.site = site
+        self.reports = reports
+        self.poll_s = poll_s
+        self.partition = site.slurm.partition if site.slurm else None
+        self.tracked: dict[str, Tracked] = {}
+        self.view = SlurmView()
+        self.waited_total = 0
+        self.output_dir = "/tmp"
+        self._poller: asyncio.Task | None = None
+        self._types = {t.lower(): t for t in site.gpus}
+
+    # the surface the agent uses
+    @property
+    def known(self) -> set[str]:
+        return set(self.tracked)
+
+    @property
+    def queue(self) -> list[Dispatch]:
+        return [t.order for t in self.tracked.values() if t.started_at is None]
+
+    @property
+    def running(self) -> dict[str, Tracked]:
+        return {j: t for j, t in self.tracked.items() if t.started_at is not None}
+
+    def queued(self) -> int:
+        """Every job waiting in the partition, other users' too: what saturates the site."""
+        return sum(1 for j in self._partition_jobs() if j.state == "PENDING")
+
+    async def submit(self, order: Dispatch) -> bool:
+        if order.job_id in self.tracked:
+            return False
+        self._ensure_polling()
+        output = f"{self.output_dir}/continuum-{order.job_id}-{order.attempt}.out"
+        script = "#!/bin/sh\nexec " + shlex.join(order.spec.command) + "\n"
+        code, out, err = await _run("sbatch", *sbatch_args(order, self.site, output), stdin=script)
+        if code != 0:
+            raise SubmitError(f"sbatch: {(err or out).strip()[:500]}")
+        slurm_id = out.strip().split(";")[0]
+        self.tracked[order.job_id] = Tracked(order, slurm_id, utcnow())
+        log.info("slurm.submitted", job_id=order.job_id, slurm_id=slurm_id, site=self.site.id)
+        return True
+
+    async def cancel(self, job_id: str, reason: str, superseded: bool = False, attempt: int | None = None) -> bool:
+        tracked = self.tracked.get(job_id)
+        if tracked is None or attempt not in (None, tracked.order.attempt):
+            return False
+        tracked.stop_reason, tracked.superseded = reason, superseded
+        code, _, err = await _run("scancel", tracked.slurm_id)
+        if code != 0:
+            log.warning("slurm.scancel_failed", job_id=job_id, slurm_id=tracked.slurm_id, error=err.strip())
+        return True
+
+    def capacity(self) -> dict[str, GpuCount]:
+        counts = {}
+        for t, n in self.site.gpus.items():
+            total = self.view.total.get(t.lower(), n) if self.view.total else n
+            free = max(0, total - self.view.used.get(t.lower(), 0))
+            wanted = sum(j.gpus.get(t.lower(), 0) * j.nodes for j in self._partition_jobs() if j.state == "PENDING")
+            counts[t] = GpuCount(total=total, free=free, reserved=wanted)
+        return counts
+
+    def jobs(self) -> list[SiteJob]:
+        """The partition's queue in Slurm's order (pending first, by id), then what runs: other users' jobs
+        too, since they hold the GPUs and the queue that Continuum's jobs wait behind."""
+        out = []
+        for job in sorted(self._partition_jobs(), key=lambda j: (j.state != "PENDING", int(j.slurm_id.split("_")[0]))):
+            order = job.order
+            gpu_type, gpus = next(iter(job.gpus.items()), ("none", 0))
+            tracked = self.tracked.get(order.job_id) if order else None
+            out.append(SiteJob(
+                job_id=order.job_id if order else f"slurm-{job.slurm_id}", attempt=order.attempt if order else 0,
+                gpu_type=self._types.get(gpu_type, gpu_type.upper()), gpus=gpus * job.nodes,
+                walltime_s=job.time_limit_s or 0.0, queued_at=tracked.arrived if tracked else (job.start or utcnow()),
+                started_at=job.start if job.state in RUNNING else None))
+        return out
+
+    async def close(self) -> None:
+        """Stop following the jobs; they run on in Slurm, and the next agent picks them up again."""
+        if self._poller:
+            self._poller.cancel()
+
+    # following Slurm
+    def _partition_jobs(self) -> list[SlurmJob]:
+        return [j for j in self.view.jobs.values() if j.state == "PENDING" or j.state in RUNNING
+                if self.partition in (None, j.partition)]
+
+    def _ensure_polling(self) -> None:
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.create_task(self._follow(), name=f"slurm-{self.site.id}")
+
+    async def start(self) -> None:
+        """Take back the jobs a previous agent submitted, then follow Slurm."""
+        await self.poll()
+        for job in self.view.jobs.values():
+            order = job.order
+            if order and order.site == self.site.id and order.job_id not in self.tracked and job.state not in ENDED:
+                self.tracked[order.job_id] = Tracked(order, job.slurm_id, job.start or utcnow(),
+                                                     started_at=job.start if job.state in RUNNING else None)
+                log.info("slurm.reattached", job_id=order.job_id, slurm_id=job.slurm_id, state=job.state)
+        self._ensure_polling()
+
+    async def _follow(self) -> None:
+        while True:
+            try:
+                await self.poll()
+                await self.report()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("slurm.poll_failed", site=self.site.id)
+            await asyncio.sleep(self.poll_s)
+
+    async def poll(self) -> None:
+        """Two commands for everything: every job Slurm knows, and every node's GPUs."""
+        code, out, err = await _run("scontrol", "-o", "show", "job")
+        if code != 0 and "No jobs in the system" not in out + err:
+            raise RuntimeError(f"scontrol: {err.strip()}")
+        jobs = parse_jobs(out)
+        args = ["sinfo", "-N", "-h", "-O", "NodeList:|,Gres:|,GresUsed:|,StateLong"]
+        if self.partition:
+            args += ["-p", self.partition]
+        code, out, err = await _run(*args)
+        if code != 0:
+            raise RuntimeError(f"sinfo: {err.strip()}")
+        total, used = parse_gres(out)
+        self.view = SlurmView(jobs, total, used)
+
+    async def report(self) -> None:
+        by_slurm_id = {t.slurm_id: t for t in self.tracked.values()}
+        for slurm_id, tracked in list(by_slurm_id.items()):
+            job = self.view.jobs.get(slurm_id)
+            order = tracked.order
+            if job is None:  # Slurm forgot it (purged, or its controller lost its state)
+                await self._end(tracked, Outcome(None, "the job vanished from Slurm"))
+                continue
+            if tracked.started_at is None and (job.state in RUNNING or (job.state in ENDED and job.start)):
+                tracked.started_at = job.start or utcnow()
+                if not tracked.superseded:
+                    await self.reports.started(order, tracked.started_at)
+            if job.state in ENDED:
+                outcome = outcome_of(job)
+                if outcome.cancelled and tracked.stop_reason:
+                    outcome = Outcome(None, tracked.stop_reason, cancelled=True)
+                await self._end(tracked, outcome, job.end)
+
+    async def _end(self, tracked: Tracked, outcome: Outcome, at: datetime | None = None) -> None:
+        self.tracked.pop(tracked.order.job_id, None)
+        if tracked.superseded:
+            return
+        await self.reports.ended(tracked.order, tracked.started_at, at or utcnow(), outcome)
+
+
+async def _run(*command: str, stdin: str | None = None) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        *command, stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await process.communicate(stdin.encode() if stdin is not None else None)
+    return process.returncode, out.decode(errors="replace"), err.decode(errors="replace")

@@ -1,0 +1,107 @@
+"""A real public-HPC site: jobs routed to it run in the real Slurm cluster that deploy/slurm/test-cluster.sh
+installs and starts (skipped, with the reason, only where that cannot run: not root, no apt-get)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+
+import pytest
+
+from shared.bus import request_json
+from tests.conftest import SUBJECTS, listen
+from tests.e2e.harness import connect_when_up, start_system
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def system(slurm_cluster, nats_server, tmp_path):
+    yield from start_system(nats_server, tmp_path, "slurm_sites.yaml", "slurm_tenants.yaml")
+    subprocess.run(["scancel", "--partition", slurm_cluster], check=False)
+
+
+@pytest.fixture
+async def client(system):
+    nc = await connect_when_up(system)
+    events = await listen(nc)
+    yield nc, events
+    await nc.close()
+
+
+def spec(command: list[str], gpus: int = 1, walltime: int = 600, **extra) -> dict:
+    return {"tenant": "lab", "command": command, "resources": {"gpus": gpus, "gpu_type": "H100"},
+            "walltime_s": walltime, "overflow": "forbidden", **extra}
+
+
+async def submit(nc, body: dict) -> str:
+    reply = await request_json(nc, SUBJECTS.jobs_submit, body)
+    assert reply["state"] == "accepted", reply
+    return reply["job_id"]
+
+
+def data(events, job_id: str, kind: str) -> dict:
+    return next(e for e in events.by_job[job_id] if e["type"].endswith("." + kind))["data"]
+
+
+def slurm_job(job_id: str) -> dict[str, str]:
+    """The job as Slurm itself shows it (scontrol), found by the name Continuum gave it."""
+    out = subprocess.run(["scontrol", "-o", "show", "job"], capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        fields = dict(token.split("=", 1) for token in line.split() if "=" in token)
+        if fields.get("JobName") == f"continuum-{job_id}":
+            return fields
+    raise AssertionError(f"no Slurm job for {job_id}")
+
+
+async def test_jobs_run_in_slurm_and_their_states_come_back(client):
+    nc, events = client
+    ok = await submit(nc, spec(["sh", "-c", 'test -n "$CUDA_VISIBLE_DEVICES"'], gpus=2))
+    bad = await submit(nc, spec(["sh", "-c", "exit 3"]))
+    final = {"succeeded", "failed", "cancelled"}
+    await events.wait_for(lambda: all(set(events.kinds(j)) & final for j in (ok, bad)), 60, "both jobs end")
+    assert events.kinds(ok)[-3:] == ["dispatched", "started", "succeeded"]
+    assert data(events, ok, "succeeded")["exit_code"] == 0 and data(events, ok, "placed")["site"] == "hpc-slurm"
+    assert data(events, bad, "failed")["exit_code"] == 3
+    assert "FAILED" in data(events, bad, "failed")["reason"]
+    assert data(events, ok, "started")["started_at"]
+    # Slurm ran them, with the GPUs asked for
+    assert slurm_job(ok)["JobState"] == "COMPLETED" and slurm_job(ok)["TresPerNode"] == "gres:gpu:h100:2"
+    assert slurm_job(bad)["JobState"] == "FAILED" and slurm_job(bad)["ExitCode"] == "3:0"
+    await events.wait_for(lambda: ok in events.billed and bad in events.billed, 20, "both billed")
+
+
+async def test_cancel_runs_scancel_and_walltime_ends_in_timeout(client):
+    nc, events = client
+    long = await submit(nc, spec(["sleep", "600"]))
+    late = await submit(nc, spec(["sleep", "600"], walltime=60))  # Slurm counts walltime in minutes
+    await events.wait_for(lambda: all("started" in events.kinds(j) for j in (long, late)), 60, "both started")
+    reply = await request_json(nc, SUBJECTS.jobs_cancel, {"job_id": long, "reason": "no longer needed"})
+    assert reply["state"] == "cancelling"
+    await events.wait_for(lambda: "cancelled" in events.kinds(long), 30, "the cancel")
+    assert data(events, long, "cancelled")["reason"] == "no longer needed"
+    assert slurm_job(long)["JobState"] == "CANCELLED"
+    # one minute of walltime, and Slurm's own check of time limits (every 30 s or so)
+    await events.wait_for(lambda: "failed" in events.kinds(late), 150, "the walltime to end the job")
+    assert data(events, late, "failed")["reason"].startswith("TIMEOUT")
+    assert slurm_job(late)["JobState"] == "TIMEOUT"
+
+
+async def test_a_full_slurm_with_a_queue_is_saturated_and_overflow_goes_private(client, slurm_cluster):
+    nc, events = client
+    # other users' work, straight into Slurm: every GPU for ten minutes, and more waiting behind
+    for _ in range(2):
+        subprocess.run(["sbatch", "--parsable", f"--partition={slurm_cluster}", "--gres=gpu:h100:8", "--time=10",
+                        "--output=/dev/null", "--wrap", "sleep 600"], check=True, capture_output=True)
+    await events.wait_for(lambda: any(e["type"] == "continuum.site.saturated" and e["subject"] == "hpc-slurm"
+                                      for e in events.events), 30, "hpc-slurm saturated")
+    status = next(s for s in (await request_json(nc, SUBJECTS.sites_list, {}))["sites"] if s["site_id"] == "hpc-slurm")
+    assert status["saturated"] and status["queued"] >= 1 and status["gpus"]["H100"]["free"] == 0
+    assert status["est_wait_s_by_type"]["H100"] > 60  # the running job's ten minutes, as forecast
+    job = await submit(nc, spec(["true"], overflow="allowed", labels={"sim.runtime_s": "0"}))
+    await events.wait_for(lambda: "placed" in events.kinds(job), 30, "the job placed")
+    placed = data(events, job, "placed")
+    assert placed["site"] == "cloud-fr" and placed["overflow"] is True
+    reasons = {c["site"]: c["reasons"] for c in placed["decision"]["candidates"]}
+    assert reasons["hpc-slurm"][0].startswith("saturated: ")
+    await asyncio.wait_for(events.wait_for(lambda: job in events.billed, 30, "billed"), 40)
