@@ -122,8 +122,29 @@ class Router:
         return None
 
     async def place(self, event: CloudEvent, traceparent: str | None, tries: int = 1) -> None:
-        job_id, tenant_id = event.data["job_id"], event.data["tenant"]
-        attempt = int(event.data.get("attempt", 0))
+        await self.place_job(event.data["job_id"], event.data["tenant"], int(event.data.get("attempt", 0)),
+                             traceparent, tries)
+
+    async def wake(self, limit: int = 8) -> None:
+        """GPUs came back: try waiting jobs now, highest priority and longest waiting first, rather than at
+        their next retry. A job placed here finds itself placed when its own event comes back (the same
+        placement, dispatched once: ids and reservations make it idempotent)."""
+        now = time.time()
+        board = [(job_id, entry) for job_id, (entry, _) in self.mirrors[self.bus.topology.waiting_bucket].values.items()
+                 if now - entry["refreshed_at"] <= 3 * WAITING_REFRESH_S]
+        for job_id, entry in sorted(board, key=lambda e: (-e[1]["priority"], e[1].get("since", 0)))[:limit]:
+            current, _ = await self.bus.get_json(self.bus.topology.jobs_bucket, job_id)
+            if not current or current["state"] != JobState.queued:
+                continue
+            try:
+                await self.place_job(job_id, current["tenant"], current.get("attempt", 0), current.get("traceparent"))
+            except NackMessage:
+                continue  # still no room for it
+            except Exception as e:  # its own event retries it
+                log.warning("wake.failed", job_id=job_id, reason=repr(e))
+
+    async def place_job(self, job_id: str, tenant_id: str, attempt: int, traceparent: str | None,
+                        tries: int = 1) -> None:
         current, _ = await self.bus.get_json(self.bus.topology.jobs_bucket, job_id)
         record = JobRecord.model_validate(current) if current else None
         if record is None:
@@ -205,6 +226,7 @@ class Router:
         if entry is None or time.time() - entry["refreshed_at"] > WAITING_REFRESH_S:
             kv = await self.bus.kv(self.bus.topology.waiting_bucket)
             await kv.put(job_id, orjson.dumps({"priority": spec.priority, "refreshed_at": time.time(),
+                                               "since": entry["since"] if entry else time.time(),
                                                "spec": spec.model_dump(mode="json")}))
 
     async def leave_line(self, job_id: str) -> None:
@@ -369,6 +391,9 @@ def create_routing_app(settings: Settings):
         elif kind in _RELEASING:
             await router.release(event.data["job_id"])
             await router.leave_line(event.data["job_id"])
+        else:
+            return
+        await router.wake()
 
     # outages are acted on as they happen: a routing service deployed later does not replay old ones
     @bus.consumer(subjects.site_event(kind="down"), topology.events_stream, "site-down", batch=8,

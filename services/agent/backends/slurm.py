@@ -35,7 +35,9 @@ from shared.contracts.sites import GpuCount, SiteJob
 
 log = structlog.get_logger()
 
-POLL_S = 1.0
+POLL_S = 0.5
+# a job Slurm accepted but no poll has shown for this long is lost
+VANISHED_AFTER_S = 60.0
 NAME_PREFIX = "continuum-"
 RUNNING = {"RUNNING", "COMPLETING", "STAGE_OUT"}
 FAILED = {"FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"}
@@ -190,6 +192,7 @@ class Tracked:
     started_at: datetime | None = None
     stop_reason: str | None = None
     superseded: bool = False
+    seen: bool = False  # in a poll's answer at least once
 
 
 @dataclass
@@ -199,6 +202,7 @@ class SlurmView:
     jobs: dict[str, SlurmJob] = field(default_factory=dict)
     total: dict[str, int] = field(default_factory=dict)
     used: dict[str, int] = field(default_factory=dict)
+    taken_at: datetime | None = None  # when the poll began
 
 
 class SlurmBackend:
@@ -319,6 +323,7 @@ class SlurmBackend:
 
     async def poll(self) -> None:
         """Two commands for everything: every job Slurm knows, and every node's GPUs."""
+        taken_at = utcnow()
         code, out, err = await _run("scontrol", "-o", "show", "job")
         if code != 0 and "No jobs in the system" not in out + err:
             raise RuntimeError(f"scontrol: {err.strip()}")
@@ -330,16 +335,20 @@ class SlurmBackend:
         if code != 0:
             raise RuntimeError(f"sinfo: {err.strip()}")
         total, used = parse_gres(out)
-        self.view = SlurmView(jobs, total, used)
+        self.view = SlurmView(jobs, total, used, taken_at)
 
     async def report(self) -> None:
         by_slurm_id = {t.slurm_id: t for t in self.tracked.values()}
         for slurm_id, tracked in list(by_slurm_id.items()):
             job = self.view.jobs.get(slurm_id)
             order = tracked.order
-            if job is None:  # Slurm forgot it (purged, or its controller lost its state)
-                await self._end(tracked, Outcome(None, "the job vanished from Slurm"))
+            if job is None:
+                # submitted after the poll began, or Slurm forgot it (purged, or its controller lost its state)
+                taken_at = self.view.taken_at
+                if tracked.seen or (taken_at and (taken_at - tracked.arrived).total_seconds() > VANISHED_AFTER_S):
+                    await self._end(tracked, Outcome(None, "the job vanished from Slurm"))
                 continue
+            tracked.seen = True
             if tracked.started_at is None and (job.state in RUNNING or (job.state in ENDED and job.start)):
                 tracked.started_at = job.start or utcnow()
                 if not tracked.superseded:
