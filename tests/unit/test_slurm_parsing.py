@@ -7,7 +7,12 @@ from datetime import UTC, datetime
 
 import pytest
 
-from services.agent.backends.slurm import outcome_of, parse_gres, parse_jobs, sbatch_args
+from services.agent.backends.slurm import (
+    outcome_of,
+    parse_gres,
+    parse_jobs,
+    sbatch_args,
+)
 from shared.contracts.catalog import SiteEntry, SlurmOptions
 from shared.contracts.jobs import Dispatch, JobSpec
 
@@ -50,6 +55,7 @@ def test_scontrol_lines_are_read():
     assert (running.name, running.state, running.gpus, running.time_limit_s) == ("continuum-abc", "RUNNING",
                                                                                    {"h100": 3}, 120)
     assert running.start == datetime.fromisoformat("2026-11-25T17:48:45").astimezone(UTC)
+    assert running.submitted == datetime.fromisoformat("2026-11-25T17:48:44").astimezone(UTC)
     assert (pending.start, pending.time_limit_s, pending.nodes, pending.gpus) == (None, 26 * 3600, 2, {"h100": 6})
     assert (failed.exit_code, failed.reason) == (3, "NonZeroExitCode")
 

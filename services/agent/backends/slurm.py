@@ -59,6 +59,7 @@ class SlurmJob:
     reason: str
     exit_code: int | None
     signal: int
+    submitted: datetime | None
     start: datetime | None
     end: datetime | None
     time_limit_s: float | None
@@ -107,7 +108,8 @@ def parse_jobs(text: str) -> dict[str, SlurmJob]:
         jobs[fields["JobId"]] = SlurmJob(
             slurm_id=fields["JobId"], name=fields.get("JobName", ""), state=fields.get("JobState", ""),
             reason=fields.get("Reason", "None"), exit_code=int(code) if code.isdigit() else None,
-            signal=int(sig) if sig.isdigit() else 0, start=_time(fields.get("StartTime")),
+            signal=int(sig) if sig.isdigit() else 0, submitted=_time(fields.get("SubmitTime")),
+            start=_time(fields.get("StartTime")),
             end=_time(fields.get("EndTime")), time_limit_s=_duration(fields.get("TimeLimit")),
             partition=fields.get("Partition", ""), gpus=_gres(fields.get("TresPerNode", "")),
             nodes=int(fields.get("NumNodes", "1").split("-")[0] or 1), comment=fields.get("Comment", ""))
@@ -281,7 +283,8 @@ class SlurmBackend:
             out.append(SiteJob(
                 job_id=order.job_id if order else f"slurm-{job.slurm_id}", attempt=order.attempt if order else 0,
                 gpu_type=self._types.get(gpu_type, gpu_type.upper()), gpus=gpus * job.nodes,
-                walltime_s=job.time_limit_s or 0.0, queued_at=tracked.arrived if tracked else (job.start or utcnow()),
+                walltime_s=job.time_limit_s or 0.0,
+                queued_at=tracked.arrived if tracked else (job.submitted or job.start or utcnow()),
                 started_at=job.start if job.state in RUNNING else None))
         return out
 
