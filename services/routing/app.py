@@ -151,6 +151,7 @@ class Router:
             raise LookupError(f"job {job_id} is not in the registry yet")
         if record.state.terminal:
             await self.release(job_id)  # cancelled while waiting: nothing to place
+            await self.leave_line(job_id)
             return
         if record.attempt > attempt or record.spec is None:
             return  # a newer attempt owns the job now
@@ -166,12 +167,16 @@ class Router:
 
         held = self.held()
         holding = self.holder(held, job_id, attempt)
+        if holding is not None and record.state in (JobState.dispatched, JobState.started):
+            await self.leave_line(job_id)
+            return  # at its site already (woken when GPUs came back, or by another replica): nothing left to do
         if holding is not None:  # placed before a crash: finish the same placement, explained again
             site_id, r = holding
             decision = place(spec, tenant, await self.views(held, give_back=holding),
                              await self.budget(tenant_id, held), utcnow(), avoid)
             decision = decision.model_copy(update={"site": site_id, "gpu_type": r.gpu_type, "overflow": r.overflow})
             await self.dispatch(record, spec, decision, attempt, traceparent)
+            await self.leave_line(job_id)
             return
 
         while True:
@@ -243,8 +248,14 @@ class Router:
                 continue
             other = JobSpec.model_validate(entry["spec"])
             theirs = place(other, self.catalog.tenants[other.tenant], views, await self.budget(other.tenant, held))
-            if theirs.site == site_id:
+            if theirs.site != site_id:
+                continue
+            record, _ = await self.bus.get_json(self.bus.topology.jobs_bucket, job_id)
+            if record and record["state"] in (JobState.accepted, JobState.queued, JobState.requeued):
                 return job_id
+            # an entry left behind by a job placed or ended meanwhile (another replica's write crossed ours)
+            kv = await self.bus.kv(self.bus.topology.waiting_bucket)
+            await kv.delete(job_id)
         return None
 
     async def dispatch(self, record: JobRecord, spec: JobSpec, decision: Decision, attempt: int,
