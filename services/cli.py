@@ -338,6 +338,42 @@ def watch(tenant: Annotated[str | None, typer.Option(help="only this tenant's jo
 
 
 @app.command()
+def trace(job_id: str,
+          width: Annotated[int, typer.Option(help="width of the time bars, in characters")] = 40) -> None:
+    """A job's trace as a waterfall: every span from submission to billing, from the embedded span file
+    (DATA_DIR/traces/spans.jsonl; with OTEL_EXPORTER_OTLP_ENDPOINT set, look in your tracing backend)."""
+    from rich.text import Text
+
+    from services.traces import job_trace, read_spans
+    from shared.telemetry import TRACES_FILE, Attr
+
+    path = _settings().data_dir / TRACES_FILE
+    if not path.is_file():
+        raise _fail(f"no span file at {path}: spans are written there by `continuum up` when no "
+                    "OTEL_EXPORTER_OTLP_ENDPOINT is set")
+    rows = job_trace(read_spans(path), job_id)
+    if not rows:
+        raise _fail(f"no spans of job {job_id} in {path} (spans are written about a second after they end)")
+    start = min(r.span["start_ns"] for r in rows)
+    total = max(max(r.span["end_ns"] for r in rows) - start, 1)
+    table = Table(title=f"trace {rows[0].span['trace_id']}  job {job_id}  {total / 1e6:.1f} ms")
+    for column in ("span", "service", "start", "duration", "", "what"):
+        table.add_column(column, no_wrap=column != "what")
+    shown = (Attr.SITE, Attr.OUTCOME, Attr.OVERFLOW, Attr.SCORE, Attr.EXIT_CODE, Attr.AMOUNT_EUR, Attr.BILLED_CO2E_KG)
+    for row in rows:
+        span, attrs = row.span, row.span.get("attributes", {})
+        begin = round((span["start_ns"] - start) / total * width)
+        length = max(1, round((span["end_ns"] - span["start_ns"]) / total * width))
+        bar = Text(" " * min(begin, width - 1)) + Text("█" * min(length, width - min(begin, width - 1)),
+                                                         style="red" if span.get("status") == "ERROR" else "cyan")
+        what = " ".join(f"{key.rsplit('.', 1)[-1]}={attrs[key]}" for key in shown if key in attrs)
+        table.add_row("  " * row.depth + span["name"], (span.get("service") or "").removeprefix("continuum-"),
+                      f"+{(span['start_ns'] - start) / 1e6:.1f} ms", f"{(span['end_ns'] - span['start_ns']) / 1e6:.1f} ms",
+                      bar, what)
+    console.print(table)
+
+
+@app.command()
 def demo(jobs: Annotated[int, typer.Option(help="how many jobs in the batch")] = 36,
          keep: Annotated[bool, typer.Option(help="keep the system running after the summary")] = False) -> None:
     """Start the system, submit a realistic mixed batch, show it run, and sum it up."""

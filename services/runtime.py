@@ -20,6 +20,7 @@ import structlog
 
 from shared.logging import configure_logging
 from shared.settings import Settings
+from shared.telemetry import setup_telemetry
 
 log = structlog.get_logger()
 
@@ -41,10 +42,15 @@ SERVICES = ("intake", "capacity", "routing", "billing", "agent")
 
 def run_service(name: str, settings: Settings, sites: list[str] | None = None) -> None:
     configure_logging(settings.log_level, settings.log_format, service=name)
+    telemetry = setup_telemetry(name, settings.data_dir, settings.metrics_port)
     factory = _factories()[name]
     app = factory(settings, sites) if name == "agent" else factory(settings)
-    log.info("service.starting", nats=settings.nats_url)
-    asyncio.run(app.run())
+    log.info("service.starting", nats=settings.nats_url, traces=telemetry.exporter,
+             metrics=f"http://127.0.0.1:{settings.metrics_port}/metrics" if settings.metrics_port else None)
+    try:
+        asyncio.run(app.run())
+    finally:
+        telemetry.shutdown()
 
 
 def nats_server_binary() -> str:
@@ -118,6 +124,8 @@ class Supervisor:
     env: dict[str, str]
     services: tuple[str, ...] = SERVICES
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    # each service's Prometheus endpoint, kept across its restarts
+    metrics_ports: dict[str, int] = field(default_factory=dict)
     restarts: dict[str, int] = field(default_factory=dict)
     log_dir: Path | None = None
     # the sites whose agents run here (None: all); the others run theirs elsewhere
@@ -127,12 +135,13 @@ class Supervisor:
         command = [sys.executable, "-m", "services.cli", "service", name]
         if name == "agent" and self.agent_sites is not None:
             command += [arg for site in self.agent_sites for arg in ("--site", site)]
+        env = dict(self.env, CONTINUUM_METRICS_PORT=str(self.metrics_ports.setdefault(name, free_port())))
         if not self.log_dir:
-            return subprocess.Popen(command, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            return subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_dir / f"{name}.log", "ab") as out:  # the child keeps its own copy of the handle
-            return subprocess.Popen(command, env=self.env, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+            return subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
 
     def start(self) -> None:
         for name in self.services:
@@ -152,7 +161,8 @@ class Supervisor:
 
     def write_state(self) -> None:
         state = {"nats_url": self.env["CONTINUUM_NATS_URL"], "pid": os.getpid(), "prefix": self.settings.prefix,
-                 "services": {n: p.pid for n, p in self.processes.items()}}
+                 "services": {n: p.pid for n, p in self.processes.items()},
+                 "metrics": {n: f"http://127.0.0.1:{port}/metrics" for n, port in self.metrics_ports.items()}}
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.settings.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=2))

@@ -7,7 +7,6 @@ No broker exists at import time: a service's `create_app(settings)` calls `creat
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -36,16 +35,10 @@ from shared.contracts.events import CloudEvent
 from shared.contracts.streams import Topology, consumer_config
 from shared.contracts.subjects import Subjects
 from shared.settings import Settings
+from shared.telemetry import TRACEPARENT, current_traceparent, dead_lettered
 
 log = structlog.get_logger()
 T = TypeVar("T", bound=BaseModel)
-
-TRACEPARENT = "traceparent"
-
-
-def new_traceparent() -> str:
-    """A fresh W3C trace context: one trace per job, started at intake unless the submitter sent one."""
-    return f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-01"
 
 
 def dumps(value: Any) -> bytes:
@@ -109,17 +102,12 @@ class Bus:
 
     async def publish_event(self, subject: str, event: CloudEvent, traceparent: str | None = None) -> None:
         """Publish to the event stream; the event id is the Nats-Msg-Id, so a redone step is not doubled."""
-        headers = {"Nats-Msg-Id": event.id}
-        if traceparent:
-            headers[TRACEPARENT] = traceparent
         await self.broker.publish(event.model_dump_json().encode(), subject, stream=self.topology.events_stream,
-                                  headers=headers)
+                                  headers=_headers(event.id, traceparent))
 
     async def publish_command(self, subject: str, body: Any, msg_id: str, traceparent: str | None = None) -> None:
-        headers = {"Nats-Msg-Id": msg_id}
-        if traceparent:
-            headers[TRACEPARENT] = traceparent
-        await self.broker.publish(dumps(body), subject, stream=self.topology.dispatch_stream, headers=headers)
+        await self.broker.publish(dumps(body), subject, stream=self.topology.dispatch_stream,
+                                  headers=_headers(msg_id, traceparent))
 
     async def get_json(self, bucket: str, key: str) -> tuple[dict | None, int | None]:
         kv = await self.kv(bucket)
@@ -163,6 +151,15 @@ class Bus:
             except KeyWrongLastSequenceError:
                 # someone else wrote first: read again and redo
                 current, revision = await self.get_json(bucket, key)
+
+
+def _headers(msg_id: str, traceparent: str | None) -> dict[str, str]:
+    """The message id, and the trace context: the span in progress (the next hop is its child), else the
+    traceparent given (the job's own, for work done outside any span)."""
+    headers = {"Nats-Msg-Id": msg_id}
+    if context := current_traceparent() or traceparent:
+        headers[TRACEPARENT] = context
+    return headers
 
 
 class KvMirror:
@@ -269,6 +266,7 @@ def _dead_letter_middleware(settings: Settings, service: str, subjects: Subjects
                                 "Continuum-Service": service, "Continuum-Tries": str(tries)})
                 await bus_ref[0].broker.publish(raw.data, subjects.dead_letter(service),
                                                 stream=topology.dead_letter_stream, headers=headers)
+                dead_lettered.add(1, {"service": service})
                 log.error("message.dead_lettered", subject=raw.subject, tries=tries, reason=reason)
                 raise AckMessage() from exc
 

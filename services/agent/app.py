@@ -12,7 +12,8 @@ from faststream.nats import NatsMessage
 from services.agent.backends import Backend, backend_for
 from services.agent.backends.base import Outcome
 from services.agent.backends.slurm import SlurmBackend, SubmitError
-from shared.bus import TRACEPARENT, Bus, create_app, create_bus, dumps
+from shared import telemetry
+from shared.bus import Bus, create_app, create_bus, dumps
 from shared.contracts.catalog import Catalog, SiteEntry
 from shared.contracts.events import make_event, utcnow
 from shared.contracts.jobs import Dispatch, JobState, StopJob, job_event_data
@@ -31,12 +32,22 @@ class SiteAgent:
         self.bus = bus
         self.site = site
         self.backend: Backend | SlurmBackend = backend_for(site, self)
+        # each job's trace context here: its dispatch span's, then its run's (the parent of what it reports)
         self.traces: dict[str, str | None] = {}
+        self.runs: dict[str, telemetry.Span] = {}
         self.since = utcnow()  # this agent's start: capacity and routing tell a restart by it
 
     async def take(self, order: Dispatch, traceparent: str | None) -> None:
         if order.job_id in self.backend.known:
             return  # a redelivered dispatch
+        with telemetry.job_span(telemetry.SpanName.DISPATCH, traceparent, order.job_id, order.tenant,
+                                **{telemetry.Attr.SITE: self.site.id, telemetry.Attr.ATTEMPT: order.attempt,
+                                   telemetry.Attr.GPU_TYPE: order.gpu_type,
+                                   telemetry.Attr.GPUS: order.spec.resources.total_gpus}) as span:
+            span.set_attribute(telemetry.Attr.OUTCOME, await self._take(order))
+
+    async def _take(self, order: Dispatch) -> str:
+        """Run the order here, or say why not; the outcome names what happened."""
         record, _ = await self.bus.get_json(self.bus.topology.jobs_bucket, order.job_id)
         stale = record and self.stale(order, record)
         if stale == LOST_IN_RESTART:
@@ -45,14 +56,13 @@ class SiteAgent:
                                reason=f"site {self.site.id}'s agent restarted and lost the job")
         if stale:
             log.info("job.skipped", job_id=order.job_id, site=self.site.id, state=record["state"], reason=stale)
-            return
-        self.traces[order.job_id] = traceparent
+            return f"skipped: {stale}"
         refusal = self.refusal(order)
         if refusal:  # back to placement, elsewhere
             await self.publish(order, JobState.requeued, attempt=order.attempt + 1, reason=f"site refused: {refusal}")
             log.warning("job.refused", job_id=order.job_id, site=self.site.id, reason=refusal)
-            self.traces.pop(order.job_id, None)
-            return
+            return f"refused: {refusal}"
+        self.traces[order.job_id] = telemetry.current_traceparent()
         await self.publish(order, JobState.dispatched)
         try:
             await self.backend.submit(order)
@@ -60,6 +70,8 @@ class SiteAgent:
             await self.publish(order, JobState.requeued, attempt=order.attempt + 1, reason=f"site refused: {e}")
             log.warning("job.refused", job_id=order.job_id, site=self.site.id, reason=str(e))
             self.traces.pop(order.job_id, None)
+            return f"refused: {e}"
+        return JobState.dispatched.value
 
     def stale(self, order: Dispatch, record: dict) -> str | None:
         """Why a dispatch must not run here, though it was sent here: the job ended, moved on, or this site's
@@ -79,7 +91,7 @@ class SiteAgent:
             return f"has {self.site.gpus.get(order.gpu_type, 0)} {order.gpu_type} GPUs, the job needs {need}"
         return None
 
-    async def stop(self, command: StopJob, tenant_hint: str | None) -> None:
+    async def stop(self, command: StopJob, traceparent: str | None) -> None:
         if await self.backend.cancel(command.job_id, command.reason, command.superseded, command.attempt):
             if command.superseded:
                 log.warning("job.superseded", job_id=command.job_id, site=self.site.id, reason=command.reason)
@@ -93,29 +105,44 @@ class SiteAgent:
                 command.job_id, record["tenant"], JobState.cancelled, self.site.id, reason=command.reason,
                 attempt=record.get("attempt", 0)), command.job_id)
             await self.bus.publish_event(self.bus.subjects.job_event(record["tenant"], command.job_id, "cancelled"),
-                                         event, tenant_hint)
+                                         event, traceparent)
 
-    # Reports, called by the backend
+    # Reports, called by the backend. The run is a span from the job's start to its end at the site: the
+    # parent of the events it reports, and so of billing's rating.
     async def started(self, order: Dispatch, at: datetime) -> None:
+        run = telemetry.tracer.start_span(
+            telemetry.SpanName.RUN, context=telemetry.context_of(self.traces.get(order.job_id)),
+            start_time=_ns(at), attributes={telemetry.Attr.JOB_ID: order.job_id, telemetry.Attr.TENANT: order.tenant,
+                                            telemetry.Attr.SITE: self.site.id, telemetry.Attr.ATTEMPT: order.attempt,
+                                            telemetry.Attr.GPU_TYPE: order.gpu_type,
+                                            telemetry.Attr.GPUS: order.spec.resources.total_gpus})
+        self.runs[order.job_id] = run
+        self.traces[order.job_id] = telemetry.traceparent_of(run)
         await self.publish(order, JobState.started, started_at=at.isoformat())
 
     async def ended(self, order: Dispatch, started_at: datetime | None, at: datetime, outcome: Outcome) -> None:
         if outcome.requeue:
-            await self.publish(order, JobState.requeued, attempt=order.attempt + 1, reason=outcome.reason)
-            self.traces.pop(order.job_id, None)
-            log.info("job.requeued", job_id=order.job_id, tenant=order.tenant, site=self.site.id, reason=outcome.reason)
-            return
-        if outcome.cancelled:
-            state = JobState.cancelled
-        elif outcome.exit_code == 0:
-            state = JobState.succeeded
+            state = JobState.requeued
+            await self.publish(order, state, attempt=order.attempt + 1, reason=outcome.reason)
         else:
-            state = JobState.failed
-        await self.publish(order, state, exit_code=outcome.exit_code, reason=outcome.reason,
-                           started_at=started_at.isoformat() if started_at else None, ended_at=at.isoformat())
+            if outcome.cancelled:
+                state = JobState.cancelled
+            elif outcome.exit_code == 0:
+                state = JobState.succeeded
+            else:
+                state = JobState.failed
+            await self.publish(order, state, exit_code=outcome.exit_code, reason=outcome.reason,
+                               started_at=started_at.isoformat() if started_at else None, ended_at=at.isoformat())
         self.traces.pop(order.job_id, None)
-        log.info(f"job.{state.value}", job_id=order.job_id, tenant=order.tenant, site=self.site.id,
-                 exit_code=outcome.exit_code, reason=outcome.reason)
+        if run := self.runs.pop(order.job_id, None):
+            run.set_attribute(telemetry.Attr.OUTCOME, state.value)
+            if outcome.exit_code is not None:
+                run.set_attribute(telemetry.Attr.EXIT_CODE, outcome.exit_code)
+            if outcome.reason:
+                run.set_attribute(telemetry.Attr.REASON, outcome.reason)
+            if state == JobState.failed:
+                run.set_status(telemetry.Status(telemetry.StatusCode.ERROR, outcome.reason or f"exit {outcome.exit_code}"))
+            run.end(end_time=_ns(at))
 
     async def publish(self, order: Dispatch, state: JobState, **data) -> None:
         data.setdefault("attempt", order.attempt)
@@ -123,14 +150,22 @@ class SiteAgent:
                               gpus=order.spec.resources.total_gpus, **data)
         event = make_event(f"agent/{self.site.id}", "job", state.value, order.job_id, body, order.job_id,
                            order.attempt)
-        await self.bus.publish_event(self.bus.subjects.job_event(order.tenant, order.job_id, state.value), event,
-                                     self.traces.get(order.job_id))
+        # the child of the job's dispatch here, or of its run once it started
+        with telemetry.in_trace(self.traces.get(order.job_id), order.job_id, order.tenant):
+            await self.bus.publish_event(self.bus.subjects.job_event(order.tenant, order.job_id, state.value), event)
+            if state != JobState.dispatched:
+                log.info(f"job.{state.value}", site=self.site.id,
+                         **{k: data[k] for k in ("attempt", "exit_code", "reason") if data.get(k) is not None})
 
     def heartbeat(self) -> Heartbeat:
         return Heartbeat(site_id=self.site.id, time=utcnow(), interval_s=self.bus.settings.heartbeat_interval_s,
                          gpus=self.backend.capacity(), queued=self.backend.queued(),
                          running=sorted(self.backend.running), waited_total=self.backend.waited_total,
                          since=self.since, jobs=self.backend.jobs())
+
+
+def _ns(at: datetime) -> int:
+    return int(at.timestamp() * 1e9)
 
 
 def create_agent_app(settings: Settings, site_ids: list[str] | None = None):
@@ -150,11 +185,11 @@ def create_agent_app(settings: Settings, site_ids: list[str] | None = None):
 
             @bus.consumer(subjects.dispatch(site), topology.dispatch_stream, f"{site}-run")
             async def run(order: Dispatch, msg: NatsMessage) -> None:
-                await agent.take(order, (msg.headers or {}).get(TRACEPARENT))
+                await agent.take(order, (msg.headers or {}).get(telemetry.TRACEPARENT))
 
             @bus.consumer(subjects.stop(site), topology.dispatch_stream, f"{site}-cancel", batch=16)
             async def stop(command: StopJob, msg: NatsMessage) -> None:
-                await agent.stop(command, (msg.headers or {}).get(TRACEPARENT))
+                await agent.stop(command, (msg.headers or {}).get(telemetry.TRACEPARENT))
         bind(agent)
 
     tasks: list[asyncio.Task] = []

@@ -11,7 +11,8 @@ from faststream.nats import NatsMessage
 from services.billing import budgets
 from services.billing.ledger import Ledger
 from services.billing.rating import rate, statement
-from shared.bus import TRACEPARENT, Bus, create_app, create_bus, parse_request
+from shared import telemetry
+from shared.bus import Bus, create_app, create_bus, parse_request
 from shared.carbon import CarbonProvider, default_carbon, site_intensity
 from shared.contracts.billing import (
     BudgetStatus,
@@ -55,18 +56,30 @@ class Billing:
         line = self.usage(event)
         if line is None:
             return
-        record, _ = await self.bus.get_json(self.bus.topology.jobs_bucket, line.job_id)
-        if record and int(event.data.get("attempt", 0)) < record.get("attempt", 0):
-            # a lost site's late report of a run the job left: its current attempt is the one billed
-            log.warning("usage.superseded", job_id=line.job_id, site=line.site, attempt=event.data.get("attempt"))
-            return
-        if not self.ledger.add(line):
-            line = self.ledger.get(line.job_id)  # billed before (a redelivery or a replay): the first line stands
-        await self.account(line.tenant)
-        # publishing again after a crash is harmless: the usage event's id is the job's
-        usage = make_event(SERVICE, "billing", "usage", line.tenant, line.model_dump(mode="json"), line.job_id)
-        await self.bus.publish_event(self.bus.subjects.billing_event(line.tenant, "usage"), usage, traceparent)
-        log.info("job.billed", job_id=line.job_id, tenant=line.tenant, site=line.site, amount_eur=line.amount_eur)
+        with telemetry.job_span(telemetry.SpanName.RATE, traceparent, line.job_id, line.tenant,
+                                **{telemetry.Attr.SITE: line.site}) as span:
+            record, _ = await self.bus.get_json(self.bus.topology.jobs_bucket, line.job_id)
+            if record and int(event.data.get("attempt", 0)) < record.get("attempt", 0):
+                # a lost site's late report of a run the job left: its current attempt is the one billed
+                span.set_attribute(telemetry.Attr.OUTCOME, "superseded")
+                log.warning("usage.superseded", site=line.site, attempt=event.data.get("attempt"))
+                return
+            if self.ledger.add(line):
+                attributes = {"tenant": line.tenant, "site": line.site}
+                telemetry.billed_cost.add(line.amount_eur, attributes)
+                telemetry.billed_co2e.add(line.co2e_kg, attributes)
+                telemetry.billed_gpu_hours.add(line.gpu_hours, attributes)
+            else:
+                line = self.ledger.get(line.job_id)  # billed before (a redelivery or a replay): the first line stands
+            span.set_attributes({telemetry.Attr.OUTCOME: "billed", telemetry.Attr.AMOUNT_EUR: line.amount_eur,
+                                 telemetry.Attr.ALLOCATION_HOURS: line.allocation_hours,
+                                 telemetry.Attr.GPU_HOURS: line.gpu_hours, telemetry.Attr.ENERGY_KWH: line.energy_kwh,
+                                 telemetry.Attr.BILLED_CO2E_KG: line.co2e_kg})
+            await self.account(line.tenant)
+            # publishing again after a crash is harmless: the usage event's id is the job's
+            usage = make_event(SERVICE, "billing", "usage", line.tenant, line.model_dump(mode="json"), line.job_id)
+            await self.bus.publish_event(self.bus.subjects.billing_event(line.tenant, "usage"), usage)
+            log.info("job.billed", site=line.site, amount_eur=line.amount_eur, co2e_kg=line.co2e_kg)
 
     def budgets(self, tenant_id: str) -> list[BudgetStatus]:
         """The tenant's paid budget this month and its allocation, with top-ups, against what was metered."""
@@ -120,7 +133,7 @@ def create_billing_app(settings: Settings):
     bus.document_events(subjects.billing_event(kind="budget_exhausted"),
                         "A tenant used all of its monthly paid budget or of its allocation (data: BudgetStatus).")
     async def meter(event: CloudEvent, msg: NatsMessage) -> None:
-        await billing.meter(event, (msg.headers or {}).get(TRACEPARENT))
+        await billing.meter(event, (msg.headers or {}).get(telemetry.TRACEPARENT))
 
     for kind in _FINAL:
         bus.consumer(subjects.job_event(kind=kind.value), topology.events_stream, kind.value, batch=128)(meter)

@@ -17,6 +17,7 @@ from services.capacity.view import (
     never_seen,
     site_changes,
 )
+from shared import telemetry
 from shared.bus import Bus, create_app, create_bus
 from shared.carbon import CarbonProvider, default_carbon, site_intensity
 from shared.contracts.catalog import Catalog, SiteEntry
@@ -37,6 +38,7 @@ class CapacityView:
         self.catalog = catalog
         self.carbon = carbon
         self.trackers: dict[str, SiteTracker] = {}
+        self.latest: dict[str, SiteStatus] = {}  # what this replica last wrote or saw of each site, for metrics
 
     def intensity(self, site: SiteEntry) -> float:
         return site_intensity(site, utcnow(), self.carbon)
@@ -69,6 +71,8 @@ class CapacityView:
             return new.model_dump(mode="json")
 
         await self.bus.update_json(self.bus.topology.sites_bucket, site.id, change)
+        if new is not None:
+            self.latest[site.id] = new
         for kind in changes:
             await self.site_event(site.id, kind, new)
 
@@ -89,7 +93,8 @@ class CapacityView:
 
             stored = await self.bus.update_json(self.bus.topology.sites_bucket, site.id, change)
             if went_down:
-                await self.site_event(site.id, "down", SiteStatus.model_validate(stored))
+                self.latest[site.id] = SiteStatus.model_validate(stored)
+                await self.site_event(site.id, "down", self.latest[site.id])
 
     async def site_event(self, site_id: str, kind: str, status: SiteStatus) -> None:
         # the event's id comes from the site, the kind and the time of the heartbeat (or of the outage) it
@@ -99,6 +104,14 @@ class CapacityView:
         await self.bus.publish_event(self.bus.subjects.site_event(site_id, kind), event)
         log.info(f"site.{kind}", site=site_id, free={t: g.free for t, g in status.gpus.items()},
                  queued=status.queued, est_wait_s=status.est_wait_s)
+
+    def free_gpus(self) -> list[tuple[int, dict]]:
+        """Free GPUs per site and type, for the metrics (none counted at a site that is down)."""
+        return [(g.free if status.state == "up" else 0, {"site": site_id, "gpu_type": gpu_type})
+                for site_id, status in self.latest.items() for gpu_type, g in status.gpus.items()]
+
+    def queued(self) -> list[tuple[int, dict]]:
+        return [(status.queued, {"site": site_id}) for site_id, status in self.latest.items()]
 
     async def sites(self) -> SitesReply:
         stored = await self.bus.get_many(self.bus.topology.sites_bucket, self.catalog.sites)
@@ -134,6 +147,8 @@ def create_capacity_app(settings: Settings):
             log.exception("sites.failed")
             return {"error": f"internal error: {e}"}
 
+    telemetry.observe(telemetry.SITE_GPUS_FREE, "Free GPUs per site and type", "{gpu}", view.free_gpus)
+    telemetry.observe(telemetry.SITE_QUEUED, "Jobs queued at each site", "{job}", view.queued)
     tasks: list[asyncio.Task] = []
 
     async def watch_for_lost_sites() -> None:

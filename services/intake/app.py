@@ -11,14 +11,8 @@ from nats.js.errors import NotFoundError
 
 from services.intake.registry import apply_event
 from services.intake.validation import Rejection, check_submission
-from shared.bus import (
-    TRACEPARENT,
-    Bus,
-    create_app,
-    create_bus,
-    new_traceparent,
-    parse_request,
-)
+from shared import telemetry
+from shared.bus import Bus, create_app, create_bus, parse_request
 from shared.contracts.catalog import Catalog
 from shared.contracts.events import CloudEvent, make_event
 from shared.contracts.jobs import (
@@ -45,11 +39,23 @@ class Intake:
 
     async def submit(self, body: bytes, *, subject_tenant: str | None = None, msg_id: str | None = None,
                      traceparent: str | None = None) -> SubmitReply:
+        """Validate and accept (or reject) a submission: the root of the job's trace, or the child of the
+        submitter's own `traceparent`."""
+        with telemetry.job_span(telemetry.SpanName.SUBMIT, traceparent) as span:
+            reply = await self._submit(body, subject_tenant, msg_id, traceparent, span)
+            span.set_attribute(telemetry.Attr.OUTCOME, reply.state)
+            return reply
+
+    async def _submit(self, body: bytes, subject_tenant: str | None, msg_id: str | None, traceparent: str | None,
+                      span) -> SubmitReply:
+        job_id = uuid.uuid4().hex
         try:
-            spec = check_submission(body, self.catalog, max_bytes=self.bus.settings.max_request_bytes,
-                                    subject_tenant=subject_tenant)
+            with telemetry.tracer.start_as_current_span(telemetry.SpanName.VALIDATE):
+                spec = check_submission(body, self.catalog, max_bytes=self.bus.settings.max_request_bytes,
+                                        subject_tenant=subject_tenant)
         except Rejection as rejection:
-            job_id = uuid.uuid4().hex
+            telemetry.name_job(span, job_id, rejection.tenant)
+            span.set_attribute(telemetry.Attr.REASON, str(rejection))
             errors = [e.model_dump() for e in rejection.errors]
             await self.record(make_event(SERVICE, "job", "rejected", job_id, job_event_data(
                 job_id, rejection.tenant, JobState.rejected, errors=errors, reason=str(rejection)), job_id),
@@ -57,8 +63,8 @@ class Intake:
             log.info("job.rejected", job_id=job_id, tenant=rejection.tenant, reason=str(rejection))
             return SubmitReply(job_id=job_id, state="rejected", errors=rejection.errors)
 
-        job_id = uuid.uuid4().hex
         key = spec.idempotency_key or msg_id
+        kept_context = None
         if key:
             # same tenant + same key = same job: the first writer of the key owns it
             slot = f"{spec.tenant}.{hashlib.sha256(key.encode()).hexdigest()[:40]}"
@@ -67,12 +73,16 @@ class Intake:
             if claimed["job_id"] != job_id:
                 job_id = claimed["job_id"]
                 existing, _ = await self.bus.get_json(self.jobs, job_id)
+                telemetry.name_job(span, job_id, spec.tenant)
                 if existing and await self.published(spec.tenant, job_id):
+                    span.set_attribute(telemetry.Attr.REASON, "the same idempotency key: the same job")
                     log.info("job.duplicate", job_id=job_id, tenant=spec.tenant)
                     return SubmitReply(job_id=job_id, state="accepted")
                 # the first submission stopped between claiming the key and publishing: finish it now
-                traceparent = (existing or {}).get("traceparent") or traceparent
-        traceparent = traceparent or new_traceparent()
+                kept_context = (existing or {}).get("traceparent")
+        telemetry.name_job(span, job_id, spec.tenant)
+        # the job's own trace context, kept in its record for the hops that start without a message
+        traceparent = kept_context or telemetry.current_traceparent() or traceparent or telemetry.new_traceparent()
         event = make_event(SERVICE, "job", "accepted", job_id, job_event_data(
             job_id, spec.tenant, JobState.accepted, spec=spec.model_dump(mode="json"), traceparent=traceparent), job_id)
         await self.record(event, traceparent)
@@ -88,10 +98,21 @@ class Intake:
             return False
         return True
 
+    async def apply(self, event: CloudEvent, seq: int) -> None:
+        """Fold the event into the job's record; a job entering a state is counted once, not on a redelivery."""
+        applied: list[dict | None] = []
+
+        def change(current: dict | None) -> dict | None:
+            applied.append(apply_event(current, event, seq))
+            return applied[-1]
+        record = await self.bus.update_json(self.jobs, event.data["job_id"], change)
+        if applied[-1] is not None and record is applied[-1]:
+            telemetry.job_transitions.add(1, {"state": event.kind, "site": event.data.get("site") or "none"})
+
     async def record(self, event: CloudEvent, traceparent: str | None) -> None:
         """Write the event into the registry, then publish it: a `jobs.get` right after the reply finds the job."""
         data = event.data
-        await self.bus.update_json(self.jobs, data["job_id"], lambda cur: apply_event(cur, event, seq=0))
+        await self.apply(event, seq=0)
         await self.bus.publish_event(self.bus.subjects.job_event(data["tenant"], data["job_id"], event.kind), event,
                                      traceparent)
 
@@ -105,19 +126,25 @@ class Intake:
             return {"error": f"no job {request.job_id!r}"}
         if record.state.terminal:
             return CancelReply(job_id=record.job_id, state=record.state.value)
+        with telemetry.job_span(telemetry.SpanName.CANCEL, record.traceparent, record.job_id, record.tenant,
+                                **{telemetry.Attr.REASON: request.reason}) as span:
+            reply = await self._cancel(record, request.reason)
+            span.set_attribute(telemetry.Attr.OUTCOME, reply.state)
+            return reply
+
+    async def _cancel(self, record: JobRecord, reason: str) -> CancelReply:
         site_down = False
         if record.site is not None:
             # the site stops it, and if it is down, stops it when it is back (a cancel is never lost)
             await self.bus.publish_command(self.bus.subjects.stop(record.site),
-                                           StopJob(job_id=record.job_id, reason=request.reason, attempt=record.attempt),
-                                           msg_id=f"{record.job_id}.stop.{record.attempt}",
-                                           traceparent=record.traceparent)
+                                           StopJob(job_id=record.job_id, reason=reason, attempt=record.attempt),
+                                           msg_id=f"{record.job_id}.stop.{record.attempt}")
             status, _ = await self.bus.get_json(self.bus.topology.sites_bucket, record.site)
             site_down = not status or status["state"] != "up"
         if record.site is None or site_down:
             # not at a working site: cancelled now, so routing neither places it nor moves it elsewhere
             await self.record(make_event(SERVICE, "job", "cancelled", record.job_id, job_event_data(
-                record.job_id, record.tenant, JobState.cancelled, record.site, reason=request.reason),
+                record.job_id, record.tenant, JobState.cancelled, record.site, reason=reason),
                 record.job_id), record.traceparent)
             return CancelReply(job_id=record.job_id, state=JobState.cancelled.value)
         return CancelReply(job_id=record.job_id, state="cancelling")
@@ -135,7 +162,7 @@ def create_intake_app(settings: Settings):
     async def submit(msg: NatsMessage) -> dict:
         """Submit a JobSpec; the reply says accepted (with its job id) or rejected (with every problem)."""
         try:
-            reply = await intake.submit(msg.body, traceparent=(msg.headers or {}).get(TRACEPARENT))
+            reply = await intake.submit(msg.body, traceparent=(msg.headers or {}).get(telemetry.TRACEPARENT))
         except Exception as e:  # a request is answered, whatever happens
             log.exception("submit.failed")
             reply = SubmitReply(job_id="", state="rejected", errors=[{"loc": [], "msg": f"internal error: {e}"}])
@@ -148,13 +175,12 @@ def create_intake_app(settings: Settings):
         # without a key of its own, the message's place in the stream keeps a redelivery from being a second job
         key = headers.get("Nats-Msg-Id") or f"intake-seq-{msg.raw_message.metadata.sequence.stream}"
         await intake.submit(msg.body, subject_tenant=msg.raw_message.subject.rsplit(".", 1)[-1], msg_id=key,
-                            traceparent=headers.get(TRACEPARENT))
+                            traceparent=headers.get(telemetry.TRACEPARENT))
 
     @bus.consumer(subjects.job_events_all, topology.events_stream, "registry", batch=128)
     async def registry(event: CloudEvent, msg: NatsMessage) -> None:
         """Fold every job event into the job's record."""
-        seq = msg.raw_message.metadata.sequence.stream
-        await bus.update_json(topology.jobs_bucket, event.data["job_id"], lambda cur: apply_event(cur, event, seq))
+        await intake.apply(event, msg.raw_message.metadata.sequence.stream)
 
     @bus.responder(subjects.jobs_get, "jobs.get")
     async def get(msg: NatsMessage) -> dict:

@@ -27,7 +27,8 @@ from services.routing.policy import (
     worst_case_cost,
 )
 from services.routing.reservations import Reservation
-from shared.bus import TRACEPARENT, Bus, KvMirror, create_app, create_bus
+from shared import telemetry
+from shared.bus import Bus, KvMirror, create_app, create_bus
 from shared.contracts.catalog import Catalog
 from shared.contracts.events import CloudEvent, make_event, utcnow
 from shared.contracts.jobs import (
@@ -145,22 +146,31 @@ class Router:
 
     async def place_job(self, job_id: str, tenant_id: str, attempt: int, traceparent: str | None,
                         tries: int = 1) -> None:
+        """Place the job (or find it a reason to wait) in a span of its trace: what this try decided, and why."""
+        with telemetry.job_span(telemetry.SpanName.PLACE, traceparent, job_id, tenant_id,
+                                **{telemetry.Attr.ATTEMPT: attempt, telemetry.Attr.TRIES: tries}) as span:
+            await self._place_job(job_id, tenant_id, attempt, tries, span)
+
+    async def _place_job(self, job_id: str, tenant_id: str, attempt: int, tries: int, span) -> None:
         current, _ = await self.bus.get_json(self.bus.topology.jobs_bucket, job_id)
         record = JobRecord.model_validate(current) if current else None
         if record is None:
             raise LookupError(f"job {job_id} is not in the registry yet")
         if record.state.terminal:
+            span.set_attribute(telemetry.Attr.OUTCOME, f"already {record.state.value}")
             await self.release(job_id)  # cancelled while waiting: nothing to place
             await self.leave_line(job_id)
             return
         if record.attempt > attempt or record.spec is None:
+            span.set_attribute(telemetry.Attr.OUTCOME, "superseded")
             return  # a newer attempt owns the job now
         if record.attempt < attempt:  # the sites it left must be known before it is placed again
             raise LookupError(f"the registry has not seen attempt {attempt} of job {job_id} yet")
         spec: JobSpec = record.spec
         tenant = self.catalog.tenants[tenant_id]
         if attempt >= MAX_ATTEMPTS:
-            await self.publish(record, JobState.failed, traceparent, attempt, reasons=record.reasons,
+            span.set_attribute(telemetry.Attr.OUTCOME, JobState.failed.value)
+            await self.publish(record, JobState.failed, attempt, reasons=record.reasons,
                                reason=f"placed {attempt} times, refused or lost every time")
             return
         avoid = _recently_left(record)
@@ -168,6 +178,7 @@ class Router:
         held = self.held()
         holding = self.holder(held, job_id, attempt)
         if holding is not None and record.state in (JobState.dispatched, JobState.started):
+            span.set_attribute(telemetry.Attr.OUTCOME, f"already {record.state.value}")
             await self.leave_line(job_id)
             return  # at its site already (woken when GPUs came back, or by another replica): nothing left to do
         if holding is not None:  # placed before a crash: finish the same placement, explained again
@@ -175,7 +186,7 @@ class Router:
             decision = place(spec, tenant, await self.views(held, give_back=holding),
                              await self.budget(tenant_id, held), utcnow(), avoid)
             decision = decision.model_copy(update={"site": site_id, "gpu_type": r.gpu_type, "overflow": r.overflow})
-            await self.dispatch(record, spec, decision, attempt, traceparent)
+            await self.dispatch(record, spec, decision, attempt, span)
             await self.leave_line(job_id)
             return
 
@@ -183,7 +194,8 @@ class Router:
             views = await self.views(held)
             decision = place(spec, tenant, views, await self.budget(tenant_id, held), utcnow(), avoid)
             if decision.impossible:
-                await self.publish(record, JobState.rejected, traceparent, attempt, decision=decision,
+                _trace_decision(span, decision, JobState.rejected)
+                await self.publish(record, JobState.rejected, attempt, decision=decision,
                                    reasons=decision.reasons, reason="no site in the catalog can ever run this job")
                 log.info("job.impossible", job_id=job_id, tenant=tenant_id)
                 return
@@ -195,8 +207,9 @@ class Router:
                     decision.candidates = [c.model_copy(update={"eligible": False, "reasons": [*c.reasons, reason]})
                                            if c.eligible else c for c in decision.candidates]
             if decision.site is None:
+                _trace_decision(span, decision, JobState.queued)
                 if record.state != JobState.queued:
-                    await self.publish(record, JobState.queued, traceparent, attempt, decision=decision,
+                    await self.publish(record, JobState.queued, attempt, decision=decision,
                                        reasons=decision.reasons)
                 await self.wait_in_line(job_id, spec)
                 # higher priorities come back sooner, so they take freed GPUs first; a job that has waited
@@ -221,7 +234,7 @@ class Router:
                 await self.release(job_id)
                 await self.leave_line(job_id)
                 return
-            await self.dispatch(record, spec, decision, attempt, traceparent)
+            await self.dispatch(record, spec, decision, attempt, span)
             await self.leave_line(job_id)
             return
 
@@ -258,24 +271,31 @@ class Router:
             await kv.delete(job_id)
         return None
 
-    async def dispatch(self, record: JobRecord, spec: JobSpec, decision: Decision, attempt: int,
-                       traceparent: str | None) -> None:
-        await self.publish(record, JobState.placed, traceparent, attempt, site=decision.site,
+    async def dispatch(self, record: JobRecord, spec: JobSpec, decision: Decision, attempt: int, span) -> None:
+        _trace_decision(span, decision, JobState.placed)
+        await self.publish(record, JobState.placed, attempt, site=decision.site,
                            gpu_type=decision.gpu_type, overflow=decision.overflow, decision=decision)
         order = Dispatch(job_id=record.job_id, tenant=record.tenant, site=decision.site, gpu_type=decision.gpu_type,
                          attempt=attempt, spec=spec)
         await self.bus.publish_command(self.bus.subjects.dispatch(decision.site), order,
-                                       msg_id=f"{record.job_id}.dispatch.{attempt}", traceparent=traceparent)
+                                       msg_id=f"{record.job_id}.dispatch.{attempt}")
+        entered = next((h.time for h in reversed(record.history)
+                        if h.state in (JobState.accepted, JobState.requeued)), None)
+        if entered is not None:
+            telemetry.placement_latency.record((utcnow() - entered).total_seconds(),
+                                               {"site": decision.site, "overflow": decision.overflow})
+        if decision.overflow:
+            telemetry.overflow_jobs.add(1, {"site": decision.site, "tenant": record.tenant})
         log.info("job.placed", job_id=record.job_id, tenant=record.tenant, site=decision.site,
                  gpu_type=decision.gpu_type, overflow=decision.overflow)
 
-    async def publish(self, record: JobRecord, state: JobState, traceparent: str | None, attempt: int,
-                      decision: Decision | None = None, **data) -> None:
+    async def publish(self, record: JobRecord, state: JobState, attempt: int, decision: Decision | None = None,
+                      **data) -> None:
+        """A job event, in the trace of the placement span in progress."""
         body = job_event_data(record.job_id, record.tenant, state, attempt=attempt,
                               decision=decision.model_dump(mode="json") if decision else None, **data)
         event = make_event(SERVICE, "job", state.value, record.job_id, body, record.job_id, attempt)
-        await self.bus.publish_event(self.bus.subjects.job_event(record.tenant, record.job_id, state.value), event,
-                                     traceparent)
+        await self.bus.publish_event(self.bus.subjects.job_event(record.tenant, record.job_id, state.value), event)
 
     async def release(self, job_id: str, before_attempt: int | None = None) -> None:
         """Free the job's GPUs, looking in the bucket itself: the mirror may not have seen the reservation yet."""
@@ -337,6 +357,11 @@ class Router:
     async def requeue(self, record: JobRecord, site_id: str, reason: str) -> None:
         """Back to placement, elsewhere. The site is told first to stop the run without a report if it still
         has it (so that a crash in between cannot leave it running there)."""
+        with telemetry.job_span(telemetry.SpanName.REQUEUE, record.traceparent, record.job_id, record.tenant,
+                                **{telemetry.Attr.SITE: site_id, telemetry.Attr.REASON: reason}):
+            await self._requeue(record, site_id, reason)
+
+    async def _requeue(self, record: JobRecord, site_id: str, reason: str) -> None:
         await self.bus.publish_command(self.bus.subjects.stop(site_id),
                                        StopJob(job_id=record.job_id, reason=reason, superseded=True,
                                                attempt=record.attempt),
@@ -345,8 +370,7 @@ class Router:
         event = make_event(SERVICE, "job", JobState.requeued.value, record.job_id, job_event_data(
             record.job_id, record.tenant, JobState.requeued, site_id, attempt=record.attempt + 1, reason=reason),
             record.job_id, record.attempt)
-        await self.bus.publish_event(self.bus.subjects.job_event(record.tenant, record.job_id, "requeued"), event,
-                                     record.traceparent)
+        await self.bus.publish_event(self.bus.subjects.job_event(record.tenant, record.job_id, "requeued"), event)
         log.warning("job.requeued", job_id=record.job_id, tenant=record.tenant, site=site_id, reason=reason)
 
     async def overflow(self) -> dict:
@@ -359,6 +383,28 @@ class Router:
             for tenant, n in counts.items():
                 by_tenant[tenant] = by_tenant.get(tenant, 0) + n
         return {"sites": by_site, "tenants": by_tenant}
+
+
+def _trace_decision(span, decision: Decision, outcome: JobState) -> None:
+    """The placement's span says what was decided and why: how many sites could take the job, and the chosen
+    one's score and its parts."""
+    span.set_attribute(telemetry.Attr.OUTCOME, outcome.value)
+    span.set_attribute(telemetry.Attr.CANDIDATES, len(decision.candidates))
+    span.set_attribute(telemetry.Attr.ELIGIBLE, sum(c.eligible for c in decision.candidates))
+    if decision.reasons:
+        span.set_attribute(telemetry.Attr.REASON, "; ".join(decision.reasons)[:1000])
+    if decision.site is None:
+        return
+    span.set_attribute(telemetry.Attr.SITE, decision.site)
+    span.set_attribute(telemetry.Attr.GPU_TYPE, decision.gpu_type)
+    span.set_attribute(telemetry.Attr.OVERFLOW, decision.overflow)
+    chosen = next((c for c in decision.candidates if c.site == decision.site), None)
+    if chosen is not None and chosen.score is not None:
+        span.set_attribute(telemetry.Attr.SCORE, chosen.score)
+        for attr, part in ((telemetry.Attr.WAIT_S, "wait_s"), (telemetry.Attr.COST_EUR, "cost_eur"),
+                           (telemetry.Attr.CO2E_KG, "co2e_kg")):
+            if (value := chosen.parts.get(part)) is not None:
+                span.set_attribute(attr, value)
 
 
 def _recently_left(record: JobRecord) -> set[str]:
@@ -379,7 +425,7 @@ def create_routing_app(settings: Settings):
     async def place(event: CloudEvent, msg: NatsMessage) -> None:
         tries = msg.raw_message.metadata.num_delivered
         try:
-            await router.place(event, (msg.headers or {}).get(TRACEPARENT), tries)
+            await router.place(event, (msg.headers or {}).get(telemetry.TRACEPARENT), tries)
         except (NackMessage, asyncio.CancelledError):
             raise
         except Exception as e:
@@ -435,4 +481,7 @@ def create_routing_app(settings: Settings):
             log.exception("overflow.failed")
             return {"error": f"internal error: {e}"}
 
+    telemetry.observe(telemetry.JOBS_WAITING, "Jobs waiting for capacity (the waiting board)", "{job}",
+                      lambda: [(len(router.mirrors[topology.waiting_bucket].values), {})]
+                      if topology.waiting_bucket in router.mirrors else [])
     return create_app(bus, on_startup=(router.start,), on_shutdown=(router.stop,))

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -41,6 +43,15 @@ async def test_submit_status_sites_cancel_and_bill(system):
     assert "state=succeeded" in status.stdout and "site=lepton-fr" in status.stdout
     assert "lacks certification secnumcloud" in status.stdout  # why not the others
 
+    # its trace, from the embedded span file: every hop, each under the one before it
+    waterfall = await trace_when(system, job_id, "billing.rate")
+    rows = [line.split("│")[1].rstrip() for line in waterfall.splitlines() if line.startswith("│")]
+    assert [row.strip() for row in rows] == ["intake.submit", "intake.validate", "routing.place", "agent.dispatch",
+                                             "site.run", "billing.rate"]
+    indents = [len(row) - len(row.lstrip()) for row in rows]
+    assert indents[1] == indents[2] > indents[0] and indents[5] > indents[4] > indents[3] > indents[2]
+    assert "site=lepton-fr" in waterfall and "outcome=succeeded" in waterfall
+
     long_job = continuum(system, "submit", "examples/pretrain-h100.yaml").stdout.split()[1]
     await record_when(nc, long_job, "started")
     assert continuum(system, "cancel", long_job).stdout.strip() == f"{long_job}: cancelling"
@@ -52,7 +63,20 @@ async def test_submit_status_sites_cancel_and_bill(system):
     unknown = continuum(system, "bill", "nobody")
     assert unknown.returncode == 1 and "unknown tenant" in unknown.stderr
     assert continuum(system, "status", "no-such-job").returncode == 1
+    unknown_trace = continuum(system, "trace", "no-such-job")
+    assert unknown_trace.returncode == 1 and "no spans of job no-such-job" in unknown_trace.stderr
     await nc.close()
+
+
+async def trace_when(system, job_id: str, span: str, timeout: float = 15.0) -> str:
+    """`continuum trace JOB_ID` once it shows `span` (spans reach the file about a second after they end)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        shown = continuum(system, "trace", job_id)
+        if span in shown.stdout or time.monotonic() > deadline:
+            assert shown.returncode == 0 and span in shown.stdout, shown.stdout + shown.stderr
+            return shown.stdout
+        await asyncio.sleep(0.2)
 
 
 async def test_a_rejected_submission_says_why(tmp_path, system):

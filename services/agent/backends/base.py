@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from abc import ABC, abstractmethod
 from collections import deque
 from dataclasses import dataclass
@@ -141,10 +142,13 @@ class Backend(ABC):
             if need:  # a job without GPUs holds no slot
                 self.free_slots[order.gpu_type] = slots[need:]
             self.started[order.job_id] = (order, utcnow())
-            # the run is a task of its own, so that cancelling it (even before it began) still ends in _watch
-            run = asyncio.create_task(self.run(order, taken), name=order.job_id)
+            # the run is a task of its own, so that cancelling it (even before it began) still ends in _watch;
+            # both start from an empty context, not that of whichever job's end made room for this one (the
+            # agent puts each report in its own job's trace)
+            run = asyncio.create_task(self.run(order, taken), name=order.job_id, context=contextvars.Context())
             self.running[order.job_id] = run
-            watch = asyncio.create_task(self._watch(order, taken, run), name=f"{order.job_id}.watch")
+            watch = asyncio.create_task(self._watch(order, taken, run), name=f"{order.job_id}.watch",
+                                        context=contextvars.Context())
             self.watchers.add(watch)
             watch.add_done_callback(self.watchers.discard)
 
