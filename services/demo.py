@@ -146,8 +146,12 @@ async def _drive(url: str, subjects: Subjects, console: Console, batch: list[dic
         console.print("\nNext: `continuum status JOB_ID` shows why a job went where it did; `continuum sites` "
                       "each site's load, forecast wait and carbon now; `continuum watch` streams events (`--sites`: "
                       "up, down, saturated); `continuum bill cnrs-lab` prints a statement; `continuum overflow` "
-                      "counts overflow. Every event carries its job's W3C traceparent; rendering one trace per job "
-                      "(OpenTelemetry, Jaeger) is the next step on the roadmap.")
+                      "counts overflow.")
+        traced = sorted(j for j in ours if states[j] == "succeeded")
+        if traced:
+            console.print(f"Traces: every job is one OpenTelemetry trace, from submission to billing. "
+                          f"`CONTINUUM_DATA_DIR={system.settings.data_dir} continuum trace {traced[0]}` draws one "
+                          "as a waterfall; the README's operator section shows them in Jaeger.")
         if keep:
             console.print(f"[bold]the system stays up[/] on {url}: export CONTINUUM_NATS_URL={url}; Ctrl-C stops it")
             while True:
