@@ -100,9 +100,10 @@ class Bus:
         """Declare, for the AsyncAPI document, events this service publishes (subjects with wildcards)."""
         self.broker.publisher(subject, schema=CloudEvent, title=subject, description=description)
 
-    async def publish_event(self, subject: str, event: CloudEvent, traceparent: str | None = None) -> None:
-        """Publish to the event stream; the event id is the Nats-Msg-Id, so a redone step is not doubled."""
-        await self.broker.publish(event.model_dump_json().encode(), subject, stream=self.topology.events_stream,
+    async def publish_event(self, subject: str, event: CloudEvent, traceparent: str | None = None):
+        """Publish to the event stream; the event id is the Nats-Msg-Id, so a redone step is not doubled (the
+        ack returned says `duplicate`)."""
+        return await self.broker.publish(event.model_dump_json().encode(), subject, stream=self.topology.events_stream,
                                   headers=_headers(event.id, traceparent))
 
     async def publish_command(self, subject: str, body: Any, msg_id: str, traceparent: str | None = None) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+import uuid
 from datetime import datetime
 
 import orjson
@@ -17,6 +18,7 @@ import structlog
 from faststream.exceptions import NackMessage
 from faststream.nats import NatsMessage
 from nats.js.api import DeliverPolicy
+from nats.js.errors import NotFoundError
 
 from services.routing import reservations
 from services.routing.policy import (
@@ -138,20 +140,24 @@ class Router:
             if not current or current["state"] != JobState.queued:
                 continue
             try:
-                await self.place_job(job_id, current["tenant"], current.get("attempt", 0), current.get("traceparent"))
+                await self.place_job(job_id, current["tenant"], current.get("attempt", 0), current.get("traceparent"),
+                                     woken=True)
             except NackMessage:
                 continue  # still no room for it
             except Exception as e:  # its own event retries it
                 log.warning("wake.failed", job_id=job_id, reason=repr(e))
 
     async def place_job(self, job_id: str, tenant_id: str, attempt: int, traceparent: str | None,
-                        tries: int = 1) -> None:
+                        tries: int = 1, woken: bool = False) -> None:
         """Place the job (or find it a reason to wait) in a span of its trace: what this try decided, and why."""
         with telemetry.job_span(telemetry.SpanName.PLACE, traceparent, job_id, tenant_id,
                                 **{telemetry.Attr.ATTEMPT: attempt, telemetry.Attr.TRIES: tries}) as span:
-            await self._place_job(job_id, tenant_id, attempt, tries, span)
+            # a job that waits may be placed by its own event and, woken, by a release at the same time
+            contended = woken or self.mirrors[self.bus.topology.waiting_bucket].get(job_id)[0] is not None
+            await self._place_job(job_id, tenant_id, attempt, tries, contended, span)
 
-    async def _place_job(self, job_id: str, tenant_id: str, attempt: int, tries: int, span) -> None:
+    async def _place_job(self, job_id: str, tenant_id: str, attempt: int, tries: int, contended: bool,
+                         span) -> None:
         current, _ = await self.bus.get_json(self.bus.topology.jobs_bucket, job_id)
         record = JobRecord.model_validate(current) if current else None
         if record is None:
@@ -177,19 +183,28 @@ class Router:
 
         held = self.held()
         holding = self.holder(held, job_id, attempt)
-        if holding is not None and record.state in (JobState.dispatched, JobState.started):
-            span.set_attribute(telemetry.Attr.OUTCOME, f"already {record.state.value}")
-            await self.leave_line(job_id)
-            return  # at its site already (woken when GPUs came back, or by another replica): nothing left to do
-        if holding is not None:  # placed before a crash: finish the same placement, explained again
+        if holding is not None:
+            # placed already: woken when GPUs came back, by another replica, or before a crash
             site_id, r = holding
-            decision = place(spec, tenant, await self.views(held, give_back=holding),
-                             await self.budget(tenant_id, held), utcnow(), avoid)
-            decision = decision.model_copy(update={"site": site_id, "gpu_type": r.gpu_type, "overflow": r.overflow})
-            await self.dispatch(record, spec, decision, attempt, span)
+            span.set_attribute(telemetry.Attr.OUTCOME, f"already {record.state.value}")
+            if record.state == JobState.placed:  # announced; the order may not be out yet (JetStream drops a copy)
+                await self.send_order(record, spec, site_id, r.gpu_type, attempt)
+            elif record.state not in (JobState.dispatched, JobState.started):  # not announced: finish the same
+                decision = place(spec, tenant, await self.views(held, give_back=holding),  # placement, explained
+                                 await self.budget(tenant_id, held), utcnow(), avoid)
+                decision = decision.model_copy(update={"site": site_id, "gpu_type": r.gpu_type, "overflow": r.overflow})
+                await self.dispatch(record, spec, decision, attempt, span, r.token)
             await self.leave_line(job_id)
             return
+        # Two tries may place the same attempt at once: a waiting job woken by a release and its own event, or
+        # a message whose ack wait ran out. Where that may be, a try first looks whether the stream has this
+        # attempt's placement already (the try that made it may have run and freed the job's GPUs since).
+        if (contended or tries > 1) and (winner := await self.placed_by_another(record, attempt)):
+            span.set_attribute(telemetry.Attr.OUTCOME, f"placed by another try at {winner['site']}")
+            await self.send_order(record, spec, winner["site"], winner["gpu_type"], attempt)
+            return
 
+        token = uuid.uuid4().hex
         while True:
             views = await self.views(held)
             decision = place(spec, tenant, views, await self.budget(tenant_id, held), utcnow(), avoid)
@@ -221,10 +236,18 @@ class Router:
                 tenant=tenant_id, gpu_type=decision.gpu_type, gpus=spec.resources.total_gpus, attempt=attempt,
                 overflow=decision.overflow, placed_at=time.time(), walltime_s=spec.walltime_s,
                 cost_eur=0.0 if site.public else worst_case_cost(spec, site, decision.gpu_type),
-                allocation_h=worst_case_allocation_h(spec, site, decision.gpu_type) if site.public else 0.0)
+                allocation_h=worst_case_allocation_h(spec, site, decision.gpu_type) if site.public else 0.0,
+                token=token)
+            holding_token = token
+
+            def hold(doc: dict | None) -> dict | None:
+                nonlocal holding_token
+                new = reservations.reserve(doc, job_id, reservation, site.gpus)
+                # None: the job holds GPUs here for this attempt already (another try's): this try uses them
+                holding_token = token if new is not None else reservations.jobs(doc)[job_id].token
+                return new
             try:
-                await self.bus.update_json(self.bus.topology.reservations_bucket, site.id,
-                                           lambda doc: reservations.reserve(doc, job_id, reservation, site.gpus),
+                await self.bus.update_json(self.bus.topology.reservations_bucket, site.id, hold,
                                            self.mirrors[self.bus.topology.reservations_bucket])
             except reservations.NoCapacity:
                 held = self.held()  # another replica took those GPUs first: decide again
@@ -234,8 +257,20 @@ class Router:
                 await self.release(job_id)
                 await self.leave_line(job_id)
                 return
-            await self.dispatch(record, spec, decision, attempt, span)
-            await self.leave_line(job_id)
+            # if two tries got this far, the stream decides: the first `placed` event it stores (the id is the
+            # job's and the attempt's) wins, and the other try gives back what it reserved, unless the winner
+            # uses those very GPUs
+            if await self.dispatch(record, spec, decision, attempt, span, holding_token, fresh=True):
+                await self.leave_line(job_id)
+                return
+            winner = await self.placed_by_another(record, attempt) or {}
+            span.set_attribute(telemetry.Attr.OUTCOME, f"placed by another try at {winner.get('site')}")
+            if winner.get("reservation") != token:
+                await self.bus.update_json(self.bus.topology.reservations_bucket, site.id,
+                                           lambda doc: reservations.release(doc, job_id, token=token))
+            if int(winner.get("attempt", 0)) == attempt:
+                # the winner may have stopped before sending its order: sending it again is harmless (one id)
+                await self.send_order(record, spec, winner["site"], winner["gpu_type"], attempt)
             return
 
     async def wait_in_line(self, job_id: str, spec: JobSpec) -> None:
@@ -271,14 +306,27 @@ class Router:
             await kv.delete(job_id)
         return None
 
-    async def dispatch(self, record: JobRecord, spec: JobSpec, decision: Decision, attempt: int, span) -> None:
+    async def placed_by_another(self, record: JobRecord, attempt: int) -> dict | None:
+        """This attempt's `placed` event data if the event stream has it already (another try made it)."""
+        try:
+            msg = await self.bus.js.get_last_msg(self.bus.topology.events_stream, self.bus.subjects.job_event(
+                record.tenant, record.job_id, JobState.placed.value))
+        except NotFoundError:
+            return None
+        data = orjson.loads(msg.data)["data"]
+        return data if int(data.get("attempt", 0)) >= attempt else None
+
+    async def dispatch(self, record: JobRecord, spec: JobSpec, decision: Decision, attempt: int, span,
+                       reservation: str, fresh: bool = False) -> bool:
+        """Announce the placement (with the token of the reservation it uses) and send the site its order.
+        False for a fresh placement whose `placed` event the stream had already (another try placed this
+        attempt first): the order is not this try's to send."""
         _trace_decision(span, decision, JobState.placed)
-        await self.publish(record, JobState.placed, attempt, site=decision.site,
-                           gpu_type=decision.gpu_type, overflow=decision.overflow, decision=decision)
-        order = Dispatch(job_id=record.job_id, tenant=record.tenant, site=decision.site, gpu_type=decision.gpu_type,
-                         attempt=attempt, spec=spec)
-        await self.bus.publish_command(self.bus.subjects.dispatch(decision.site), order,
-                                       msg_id=f"{record.job_id}.dispatch.{attempt}")
+        ack = await self.publish(record, JobState.placed, attempt, site=decision.site, gpu_type=decision.gpu_type,
+                                 overflow=decision.overflow, reservation=reservation, decision=decision)
+        if fresh and ack is not None and ack.duplicate:
+            return False
+        await self.send_order(record, spec, decision.site, decision.gpu_type, attempt)
         entered = next((h.time for h in reversed(record.history)
                         if h.state in (JobState.accepted, JobState.requeued)), None)
         if entered is not None:
@@ -288,14 +336,23 @@ class Router:
             telemetry.overflow_jobs.add(1, {"site": decision.site, "tenant": record.tenant})
         log.info("job.placed", job_id=record.job_id, tenant=record.tenant, site=decision.site,
                  gpu_type=decision.gpu_type, overflow=decision.overflow)
+        return True
+
+    async def send_order(self, record: JobRecord, spec: JobSpec, site_id: str, gpu_type: str, attempt: int) -> None:
+        order = Dispatch(job_id=record.job_id, tenant=record.tenant, site=site_id, gpu_type=gpu_type, attempt=attempt,
+                         spec=spec)
+        await self.bus.publish_command(self.bus.subjects.dispatch(site_id), order,
+                                       msg_id=f"{record.job_id}.dispatch.{attempt}")
 
     async def publish(self, record: JobRecord, state: JobState, attempt: int, decision: Decision | None = None,
-                      **data) -> None:
-        """A job event, in the trace of the placement span in progress."""
+                      **data):
+        """A job event, in the trace of the placement span in progress; JetStream's ack (`duplicate` if the
+        stream had this event already)."""
         body = job_event_data(record.job_id, record.tenant, state, attempt=attempt,
                               decision=decision.model_dump(mode="json") if decision else None, **data)
         event = make_event(SERVICE, "job", state.value, record.job_id, body, record.job_id, attempt)
-        await self.bus.publish_event(self.bus.subjects.job_event(record.tenant, record.job_id, state.value), event)
+        return await self.bus.publish_event(self.bus.subjects.job_event(record.tenant, record.job_id, state.value),
+                                            event)
 
     async def release(self, job_id: str, before_attempt: int | None = None) -> None:
         """Free the job's GPUs, looking in the bucket itself: the mirror may not have seen the reservation yet."""

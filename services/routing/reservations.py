@@ -29,6 +29,9 @@ class Reservation:
     allocation_h: float = 0.0  # worst case, likewise for its allocation
     placed_at: float = 0.0  # epoch seconds
     walltime_s: float = 0.0
+    # the placement try that made it: of two tries at one attempt, the one whose `placed` event the stream
+    # keeps owns the GPUs, and the other gives back only what it made itself
+    token: str = ""
 
     @classmethod
     def of(cls, raw: dict) -> Reservation:
@@ -67,13 +70,16 @@ def overflow_placed(doc: dict | None) -> dict[str, int]:
 
 
 def reserve(doc: dict | None, job_id: str, reservation: Reservation, total: dict[str, int]) -> dict | None:
-    """The document with the job's GPUs held; None if it holds them already; NoCapacity if they are gone."""
-    if holds(doc, job_id):
-        return None
+    """The document with the job's GPUs held; None if it holds them already for this attempt (or a later one);
+    NoCapacity if they are gone. GPUs still held for an earlier attempt (one it left) are taken over."""
     r = reservation
-    if r.gpus and free(doc, total).get(r.gpu_type, 0) < r.gpus:
+    earlier = jobs(doc).get(job_id)
+    if earlier is not None and earlier.attempt >= r.attempt:
+        return None
+    base = release(doc, job_id) or doc
+    if r.gpus and free(base, total).get(r.gpu_type, 0) < r.gpus:
         raise NoCapacity(f"{r.gpus} {r.gpu_type} no longer free")
-    new = dict(doc or {})
+    new = dict(base or {})
     new["jobs"] = {**new.get("jobs", {}), job_id: asdict(r)}
     if r.overflow:
         counts = overflow_placed(doc)
@@ -82,12 +88,15 @@ def reserve(doc: dict | None, job_id: str, reservation: Reservation, total: dict
     return new
 
 
-def release(doc: dict | None, job_id: str, before_attempt: int | None = None) -> dict | None:
+def release(doc: dict | None, job_id: str, before_attempt: int | None = None, token: str | None = None) -> dict | None:
     """The document without the job (only an attempt older than `before_attempt`, if given: a requeued job's
-    new placement may already hold GPUs); None if there is nothing to release."""
+    new placement may already hold GPUs; only the reservation made with `token`, if given); None if there is
+    nothing to release."""
     if not holds(doc, job_id):
         return None
     if before_attempt is not None and doc["jobs"][job_id].get("attempt", 0) >= before_attempt:
+        return None
+    if token is not None and doc["jobs"][job_id].get("token", "") != token:
         return None
     new = dict(doc)
     new["jobs"] = {k: v for k, v in doc["jobs"].items() if k != job_id}

@@ -13,6 +13,7 @@ from services.routing.reservations import (
     Reservation,
     free,
     holds,
+    jobs,
     overflow_placed,
     release,
     reserve,
@@ -150,3 +151,18 @@ def test_overflow_placements_are_counted_in_the_same_write():
     assert overflow_placed(doc) == {"lab": 2}
     assert reserve(doc, "j1", Reservation("lab", "H100", 2, overflow=True), TOTAL) is None  # no double count
     assert overflow_placed(release(doc, "j1")) == {"lab": 2}  # a count of placements, not of current holdings
+
+
+def test_a_second_try_at_the_same_attempt_uses_the_gpus_already_held_and_a_new_attempt_takes_them_over():
+    first = reserve(None, "j1", Reservation("acme", "H100", 3, attempt=0, token="a"), TOTAL)
+    assert reserve(first, "j1", Reservation("acme", "H100", 3, attempt=0, token="b"), TOTAL) is None
+    assert jobs(first)["j1"].token == "a"
+    # an attempt the job left: its GPUs count as free for the next one, which replaces it
+    again = reserve(first, "j1", Reservation("acme", "H100", 8, attempt=1, token="c"), TOTAL)
+    assert jobs(again)["j1"].attempt == 1 and reserved(again) == {"H100": 8}
+
+
+def test_a_try_that_lost_gives_back_only_the_reservation_it_made():
+    doc = reserve(None, "j1", Reservation("acme", "H100", 3, token="winner"), TOTAL)
+    assert release(doc, "j1", token="loser") is None  # the winner's GPUs stay held
+    assert reserved(release(doc, "j1", token="winner")) == {}
