@@ -78,19 +78,28 @@ def start_system(nats_server, tmp_path, sites: str = "sites.yaml", tenants: str 
 
 
 async def connect_when_up(system: RunningSystem, timeout: float = 60.0):
-    """A client, once every site of the catalog is up (the services have started)."""
+    """A client, once every site of the catalog is up and every service answers its requests."""
     nc = await nats.connect(system.url)
     deadline = time.monotonic() + timeout
+    answering = set()
+    # a request each service answers (an error reply is an answer): intake, routing and billing may start
+    # after the agents and capacity have
+    probes = {SUBJECTS.jobs_get: {"job_id": "probe"}, SUBJECTS.routing_overflow: {},
+              SUBJECTS.billing_statement: {"tenant": "probe"}}
     while time.monotonic() < deadline:
         assert system.process.poll() is None, "continuum up exited"
         try:
+            for subject, body in probes.items():
+                if subject not in answering:
+                    await request_json(nc, subject, body, timeout=1.0)
+                    answering.add(subject)
             reply = await request_json(nc, SUBJECTS.sites_list, {}, timeout=1.0)
             if reply.get("sites") and all(s["state"] == "up" for s in reply["sites"]):
                 return nc
         except RuntimeError:
             pass
         await asyncio.sleep(0.1)
-    raise AssertionError("the sites did not come up")
+    raise AssertionError(f"the system did not come up (answering: {sorted(answering)})")
 
 
 async def record_when(nc, job_id: str, state: str, timeout: float = 30.0) -> dict:
