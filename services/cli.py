@@ -57,10 +57,14 @@ def _duration(seconds: float) -> str:
 
 
 def _check_catalog(settings: Settings) -> Catalog:
+    from shared.carbon import check_zones, default_carbon
+
     try:
-        return Catalog.load(settings.sites_file, settings.tenants_file)
+        catalog = Catalog.load(settings.sites_file, settings.tenants_file)
+        check_zones(catalog, default_carbon().zones)
     except CatalogError as e:
         raise _fail(str(e), 2) from None
+    return catalog
 
 
 async def _request(subject_of, body: Any, timeout: float = 5.0) -> dict:

@@ -15,7 +15,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import Protocol
 
-from shared.contracts.catalog import SiteEntry
+from shared.contracts.catalog import Catalog, CatalogError, SiteEntry
 
 _START = datetime(2022, 1, 1, tzinfo=UTC)
 
@@ -31,6 +31,15 @@ def site_intensity(site: SiteEntry, when: datetime, provider: CarbonProvider) ->
     if site.carbon_g_per_kwh is not None:
         return site.carbon_g_per_kwh
     return provider.intensity(site.carbon_zone, when)
+
+
+def check_zones(catalog: Catalog, zones: Iterable[str]) -> None:
+    """Every site's carbon zone is one the data has (else CatalogError, naming the site and the known zones)."""
+    known = set(zones)
+    for site in catalog.sites.values():
+        if site.carbon_g_per_kwh is None and site.carbon_zone not in known:
+            raise CatalogError(f"site {site.id}: carbon_zone {site.carbon_zone!r} is not a zone of the carbon data "
+                               f"(known: {', '.join(sorted(known))}); or give carbon_g_per_kwh")
 
 
 class HourlyCarbon:

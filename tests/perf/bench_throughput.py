@@ -44,15 +44,15 @@ SITE = """  - id: {id}
     kind: {kind}
     country: {country}
     jurisdiction: EU
-    carbon_zone: {country}
+    carbon_zone: {zone}
     gpus: {{H100: 100000}}
     price_eur_per_gpu_hour: {{H100: {price}}}
 """
-SITES = "sites:\n" + "".join(SITE.format(**s) for s in (
+SITES = "sites:\n" + "".join(SITE.format(**{"zone": s["country"], **s}) for s in (
     {"id": "hpc-fr", "kind": "public_hpc", "country": "FR", "price": 0.0},
     {"id": "cloud-fr", "kind": "private_cloud", "country": "FR", "price": 2.5},
     {"id": "cloud-nl", "kind": "private_cloud", "country": "NL", "price": 2.5},
-    {"id": "cloud-se", "kind": "private_cloud", "country": "SE", "price": 2.5}))
+    {"id": "cloud-se", "kind": "private_cloud", "country": "SE", "zone": "SE-SE3", "price": 2.5}))
 TENANTS = """tenants:
   - id: bench
     allocation_gpu_hours: 100000000
@@ -207,9 +207,12 @@ async def run(args: argparse.Namespace, workdir: Path) -> None:
         subjects = Subjects()
         nc = await nats.connect(server.url, pending_size=256 * 1024 * 1024)
         try:
-            while True:
+            while True:  # every site reports and intake answers
+                if up.poll() is not None:
+                    raise SystemExit(f"continuum up exited with code {up.returncode}")
                 try:
                     reply = await request_json(nc, subjects.sites_list, {}, timeout=1)
+                    await request_json(nc, subjects.jobs_get, {"job_id": "probe"}, timeout=1)
                     if reply.get("sites") and all(s["state"] == "up" for s in reply["sites"]):
                         break
                 except RuntimeError:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.carbon import HourlyCarbon
+from shared.carbon import HourlyCarbon, check_zones, default_carbon
+from shared.contracts.catalog import Catalog, CatalogError
 
 ZONES = ["FR", "SE-SE3"]
 CSV_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "carbon_intensity_2022_eu_hourly.csv"
@@ -97,3 +98,14 @@ def test_an_unknown_zone_raises_key_error():
 def test_asking_a_zone_that_was_not_loaded_raises_key_error(carbon):
     with pytest.raises(KeyError):
         carbon.intensity("DE", datetime(2022, 1, 1, tzinfo=UTC))
+
+
+def test_a_site_in_a_zone_the_data_lacks_is_refused_by_name(tmp_path):
+    sites = tmp_path / "sites.yaml"
+    sites.write_text("sites:\n"
+                     "  - {id: sto, kind: private_cloud, country: SE, jurisdiction: EU, carbon_zone: SE, gpus: {H100: 8}}\n"
+                     "  - {id: own, kind: private_cloud, country: SE, jurisdiction: EU, carbon_g_per_kwh: 40, gpus: {H100: 8}}\n")
+    catalog = Catalog.load(sites)
+    with pytest.raises(CatalogError, match=r"site sto: carbon_zone 'SE' is not a zone of the carbon data .*SE-SE3"):
+        check_zones(catalog, default_carbon().zones)
+    check_zones(Catalog.load(), default_carbon().zones)  # the demo's zones are all there
