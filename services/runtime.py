@@ -46,7 +46,7 @@ def run_service(name: str, settings: Settings, sites: list[str] | None = None) -
     factory = _factories()[name]
     app = factory(settings, sites) if name == "agent" else factory(settings)
     log.info("service.starting", nats=settings.nats_url, traces=telemetry.exporter,
-             metrics=f"http://127.0.0.1:{settings.metrics_port}/metrics" if settings.metrics_port else None)
+             metrics_port=settings.metrics_port)
     try:
         asyncio.run(app.run())
     finally:

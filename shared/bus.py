@@ -155,10 +155,10 @@ class Bus:
 
 
 def _headers(msg_id: str, traceparent: str | None) -> dict[str, str]:
-    """The message id, and the trace context: the span in progress (the next hop is its child), else the
-    traceparent given (the job's own, for work done outside any span)."""
+    """The message id, and the trace context: the traceparent given, else the span in progress (the next hop
+    is its child)."""
     headers = {"Nats-Msg-Id": msg_id}
-    if context := current_traceparent() or traceparent:
+    if context := traceparent or current_traceparent():
         headers[TRACEPARENT] = context
     return headers
 

@@ -220,14 +220,26 @@ def _otlp_protocol() -> str:
     return protocol
 
 
-def _otlp_exporters() -> tuple[SpanExporter, Any]:
-    if _otlp_protocol() == "grpc":
+def _otlp_exporter(signal: str) -> Any:
+    """The OTLP exporter of `signal` (traces or metrics) for the protocol asked; it reads its endpoint and
+    options from OTEL_* itself."""
+    grpc = _otlp_protocol() == "grpc"
+    if signal == "traces":
+        if grpc:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        else:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        return OTLPSpanExporter()
+    if grpc:
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
     else:
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-    return OTLPSpanExporter(), OTLPMetricExporter()  # both read their endpoint and options from OTEL_*
+    return OTLPMetricExporter()
+
+
+def _endpoint(signal: str) -> str | None:
+    return os.environ.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT") or os.environ.get(
+        "OTEL_EXPORTER_OTLP_ENDPOINT")
 
 
 @dataclass
@@ -248,27 +260,30 @@ def setup_telemetry(service: str, data_dir: Path, metrics_port: int | None = Non
     resource = Resource.create({} if os.environ.get("OTEL_SERVICE_NAME") else {"service.name": f"continuum-{service}"})
     tracer_provider = TracerProvider(resource=resource)  # the sampler comes from OTEL_TRACES_SAMPLER
     readers: list[MetricReader] = []
-    endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
     if os.environ.get("OTEL_TRACES_EXPORTER", "otlp") == "none":
         exporter = "none"
-    elif endpoint:
-        span_exporter, metric_exporter = _otlp_exporters()
-        tracer_provider.add_span_processor(BatchSpanProcessor(span_exporter))
-        if os.environ.get("OTEL_METRICS_EXPORTER", "otlp") != "none":  # a traces-only backend (Jaeger) says none
-            readers.append(PeriodicExportingMetricReader(metric_exporter))
+    elif endpoint := _endpoint("traces"):
+        tracer_provider.add_span_processor(BatchSpanProcessor(_otlp_exporter("traces")))
         exporter = f"otlp {_otlp_protocol()} {endpoint}"
     else:
         path = data_dir / TRACES_FILE
-        # a short delay, so that `continuum trace` sees a job's spans about a second after it ends
-        delay_ms = int(os.environ.get("OTEL_BSP_SCHEDULE_DELAY", "1000"))
-        tracer_provider.add_span_processor(BatchSpanProcessor(SpanFile(path), schedule_delay_millis=delay_ms))
+        # a short delay unless told otherwise, so that `continuum trace` sees a job's spans about a second after
+        # it ends (the processor reads OTEL_BSP_SCHEDULE_DELAY itself when it is set)
+        delay = None if os.environ.get("OTEL_BSP_SCHEDULE_DELAY") else 1000
+        tracer_provider.add_span_processor(BatchSpanProcessor(SpanFile(path), schedule_delay_millis=delay))
         exporter = f"file {path}"
+    # a traces-only backend (Jaeger) takes no metrics: OTEL_METRICS_EXPORTER=none
+    if os.environ.get("OTEL_METRICS_EXPORTER", "otlp") != "none" and _endpoint("metrics"):
+        readers.append(PeriodicExportingMetricReader(_otlp_exporter("metrics")))
     if metrics_port is not None:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
         from prometheus_client import start_http_server
 
-        start_http_server(metrics_port)
-        readers.append(PrometheusMetricReader(scope_info_enabled=False))
+        try:
+            start_http_server(metrics_port)  # every interface: a container's port is scraped from outside
+            readers.append(PrometheusMetricReader(scope_info_enabled=False))
+        except OSError as e:  # the service runs on without its endpoint rather than not at all
+            structlog.get_logger().error("metrics.unavailable", port=metrics_port, reason=str(e))
     meter_provider = MeterProvider(resource=resource, metric_readers=readers)
     trace.set_tracer_provider(tracer_provider)
     metrics.set_meter_provider(meter_provider)

@@ -121,6 +121,13 @@ class SiteAgent:
         await self.publish(order, JobState.started, started_at=at.isoformat())
 
     async def ended(self, order: Dispatch, started_at: datetime | None, at: datetime, outcome: Outcome) -> None:
+        try:
+            await self._report_end(order, started_at, at, outcome)
+        except BaseException:
+            self.left(order, at, "its end could not be reported", outcome, failed=True)
+            raise
+
+    async def _report_end(self, order: Dispatch, started_at: datetime | None, at: datetime, outcome: Outcome) -> None:
         if outcome.requeue:
             state = JobState.requeued
             await self.publish(order, state, attempt=order.attempt + 1, reason=outcome.reason)
@@ -133,16 +140,23 @@ class SiteAgent:
                 state = JobState.failed
             await self.publish(order, state, exit_code=outcome.exit_code, reason=outcome.reason,
                                started_at=started_at.isoformat() if started_at else None, ended_at=at.isoformat())
+        self.left(order, at, state.value, outcome, failed=state == JobState.failed)
+
+    def left(self, order: Dispatch, at: datetime, outcome: str, how: Outcome | None = None,
+             failed: bool = False) -> None:
+        """The job is gone from this site (ended, or moved elsewhere without a report): its run span ends."""
         self.traces.pop(order.job_id, None)
-        if run := self.runs.pop(order.job_id, None):
-            run.set_attribute(telemetry.Attr.OUTCOME, state.value)
-            if outcome.exit_code is not None:
-                run.set_attribute(telemetry.Attr.EXIT_CODE, outcome.exit_code)
-            if outcome.reason:
-                run.set_attribute(telemetry.Attr.REASON, outcome.reason)
-            if state == JobState.failed:
-                run.set_status(telemetry.Status(telemetry.StatusCode.ERROR, outcome.reason or f"exit {outcome.exit_code}"))
-            run.end(end_time=_ns(at))
+        run = self.runs.pop(order.job_id, None)
+        if run is None:
+            return
+        run.set_attribute(telemetry.Attr.OUTCOME, outcome)
+        if how is not None and how.exit_code is not None:
+            run.set_attribute(telemetry.Attr.EXIT_CODE, how.exit_code)
+        if how is not None and how.reason:
+            run.set_attribute(telemetry.Attr.REASON, how.reason)
+        if failed:
+            run.set_status(telemetry.Status(telemetry.StatusCode.ERROR, how and how.reason or "failed"))
+        run.end(end_time=_ns(at))
 
     async def publish(self, order: Dispatch, state: JobState, **data) -> None:
         data.setdefault("attempt", order.attempt)

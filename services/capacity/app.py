@@ -38,7 +38,7 @@ class CapacityView:
         self.catalog = catalog
         self.carbon = carbon
         self.trackers: dict[str, SiteTracker] = {}
-        self.latest: dict[str, SiteStatus] = {}  # what this replica last wrote or saw of each site, for metrics
+        self.latest: dict[str, SiteStatus] = {}  # each site as this replica last stored or found it, for metrics
 
     def intensity(self, site: SiteEntry) -> float:
         return site_intensity(site, utcnow(), self.carbon)
@@ -70,9 +70,9 @@ class CapacityView:
             changes = site_changes(stored, new)
             return new.model_dump(mode="json")
 
-        await self.bus.update_json(self.bus.topology.sites_bucket, site.id, change)
-        if new is not None:
-            self.latest[site.id] = new
+        stored = await self.bus.update_json(self.bus.topology.sites_bucket, site.id, change)
+        if stored is not None:  # what the bucket holds now, this beat's status or a newer one
+            self.latest[site.id] = SiteStatus.model_validate(stored)
         for kind in changes:
             await self.site_event(site.id, kind, new)
 

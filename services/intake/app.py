@@ -58,8 +58,7 @@ class Intake:
             span.set_attribute(telemetry.Attr.REASON, str(rejection))
             errors = [e.model_dump() for e in rejection.errors]
             await self.record(make_event(SERVICE, "job", "rejected", job_id, job_event_data(
-                job_id, rejection.tenant, JobState.rejected, errors=errors, reason=str(rejection)), job_id),
-                traceparent)
+                job_id, rejection.tenant, JobState.rejected, errors=errors, reason=str(rejection)), job_id))
             log.info("job.rejected", job_id=job_id, tenant=rejection.tenant, reason=str(rejection))
             return SubmitReply(job_id=job_id, state="rejected", errors=rejection.errors)
 
@@ -99,17 +98,18 @@ class Intake:
         return True
 
     async def apply(self, event: CloudEvent, seq: int) -> None:
-        """Fold the event into the job's record; a job entering a state is counted once, not on a redelivery."""
+        """Fold the event into the job's record."""
         applied: list[dict | None] = []
 
         def change(current: dict | None) -> dict | None:
             applied.append(apply_event(current, event, seq))
             return applied[-1]
         record = await self.bus.update_json(self.jobs, event.data["job_id"], change)
-        if applied[-1] is not None and record is applied[-1]:
+        # counted once (not on a redelivery), and only when the job entered that state (not a late report)
+        if applied[-1] is not None and record is applied[-1] and record["state"] == event.kind:
             telemetry.job_transitions.add(1, {"state": event.kind, "site": event.data.get("site") or "none"})
 
-    async def record(self, event: CloudEvent, traceparent: str | None) -> None:
+    async def record(self, event: CloudEvent, traceparent: str | None = None) -> None:
         """Write the event into the registry, then publish it: a `jobs.get` right after the reply finds the job."""
         data = event.data
         await self.apply(event, seq=0)
@@ -145,7 +145,7 @@ class Intake:
             # not at a working site: cancelled now, so routing neither places it nor moves it elsewhere
             await self.record(make_event(SERVICE, "job", "cancelled", record.job_id, job_event_data(
                 record.job_id, record.tenant, JobState.cancelled, record.site, reason=reason),
-                record.job_id), record.traceparent)
+                record.job_id))
             return CancelReply(job_id=record.job_id, state=JobState.cancelled.value)
         return CancelReply(job_id=record.job_id, state="cancelling")
 

@@ -22,6 +22,7 @@ from nats.js.errors import NotFoundError
 
 from services.routing import reservations
 from services.routing.policy import (
+    Holding,
     SiteView,
     TenantBudget,
     place,
@@ -80,19 +81,27 @@ class Router:
     def held(self) -> dict[str, dict]:
         return self._mirrored(self.bus.topology.reservations_bucket)
 
-    async def views(self, held: dict[str, dict], give_back: tuple[str, Reservation] | None = None) -> list[SiteView]:
+    async def views(self, held: dict[str, dict], need: int,
+                    give_back: tuple[str, Reservation] | None = None) -> list[SiteView]:
+        """Every site as the policy sees it, for a job that needs `need` GPUs. Each job's holding (when its GPUs
+        come back) is read only for the GPU types short of `need`, where the wait depends on it; elsewhere one
+        holding a type stands for the GPUs overflow jobs hold, which is all the policy asks there."""
         statuses = self._mirrored(self.bus.topology.sites_bucket)
         now = time.time()
         views = []
         for site in self.catalog.sites.values():
-            status = statuses.get(site.id)
-            free = reservations.free(held.get(site.id), site.gpus)
+            status, doc = statuses.get(site.id), held.get(site.id)
+            free = reservations.free(doc, site.gpus)
             if give_back and give_back[0] == site.id:  # explain a placement as it was made: without its own GPUs
                 free[give_back[1].gpu_type] = free.get(give_back[1].gpu_type, 0) + give_back[1].gpus
+            short = {t for t, n in free.items() if n < need}
+            holdings = reservations.holdings(doc, now, short) + tuple(
+                Holding(t, n, 0.0, overflow=True) for t, n in reservations.overflow_held(doc).items()
+                if n and t not in short)
             saturated = bool(status and status.get("saturated"))
             views.append(SiteView(entry=site, up=bool(status and status["state"] == "up"), free=free,
                                   carbon_g_per_kwh=status["carbon_g_per_kwh"] if status else 0.0,
-                                  holdings=reservations.holdings(held.get(site.id), now),
+                                  holdings=holdings,
                                   queued_at_site=status.get("queued", 0) if saturated else 0,
                                   reported_wait_s=status.get("est_wait_s_by_type", {}) if saturated else {}))
         return views
@@ -109,17 +118,16 @@ class Router:
         allocation_h = metered.get("allocation_h", tenant.allocation_gpu_hours)
         committed_eur = committed_h = 0.0
         for doc in held.values():
-            for r in reservations.jobs(doc).values():
-                if r.tenant == tenant_id:
-                    committed_eur += r.cost_eur
-                    committed_h += r.allocation_h
+            eur, hours = reservations.committed(doc, tenant_id)
+            committed_eur += eur
+            committed_h += hours
         return TenantBudget(allocation_left_h=allocation_h - metered.get("allocation_used_h", 0.0) - committed_h,
                             budget_left_eur=budget_eur - spent - committed_eur)
 
     def holder(self, held: dict[str, dict], job_id: str, attempt: int | None = None) -> tuple[str, Reservation] | None:
         """The site whose GPUs the job holds (for this attempt, if given)."""
         for site_id, doc in held.items():
-            r = reservations.jobs(doc).get(job_id)
+            r = reservations.job(doc, job_id)
             if r is not None and (attempt is None or r.attempt == attempt):
                 return site_id, r
         return None
@@ -180,33 +188,38 @@ class Router:
                                reason=f"placed {attempt} times, refused or lost every time")
             return
         avoid = _recently_left(record)
+        need = spec.resources.total_gpus
 
+        # Two tries may place the same attempt at once: a waiting job woken by a release and its own event, or
+        # a message whose ack wait ran out. Where that may be, a try first looks whether the stream has this
+        # attempt's placement (the try that made it may have run and freed the job's GPUs since; the GPUs a
+        # losing try held a moment are not the job's): that one stands.
+        if (contended or tries > 1) and (winner := await self.placed_by_another(record, attempt)):
+            span.set_attribute(telemetry.Attr.OUTCOME, f"placed by another try at {winner['site']}")
+            if int(winner.get("attempt", 0)) == attempt:  # its order may not be out yet: JetStream drops a copy
+                await self.send_order(record, spec, winner["site"], winner["gpu_type"], attempt)
+            await self.leave_line(job_id)
+            return
         held = self.held()
         holding = self.holder(held, job_id, attempt)
         if holding is not None:
-            # placed already: woken when GPUs came back, by another replica, or before a crash
+            # reserved before a crash, by this attempt's try that had not announced it: finish that placement
             site_id, r = holding
             span.set_attribute(telemetry.Attr.OUTCOME, f"already {record.state.value}")
             if record.state == JobState.placed:  # announced; the order may not be out yet (JetStream drops a copy)
                 await self.send_order(record, spec, site_id, r.gpu_type, attempt)
-            elif record.state not in (JobState.dispatched, JobState.started):  # not announced: finish the same
-                decision = place(spec, tenant, await self.views(held, give_back=holding),  # placement, explained
+            elif record.state not in (JobState.dispatched, JobState.started):
+                # not announced: the same placement, explained again
+                decision = place(spec, tenant, await self.views(held, need, give_back=holding),
                                  await self.budget(tenant_id, held), utcnow(), avoid)
                 decision = decision.model_copy(update={"site": site_id, "gpu_type": r.gpu_type, "overflow": r.overflow})
                 await self.dispatch(record, spec, decision, attempt, span, r.token)
             await self.leave_line(job_id)
             return
-        # Two tries may place the same attempt at once: a waiting job woken by a release and its own event, or
-        # a message whose ack wait ran out. Where that may be, a try first looks whether the stream has this
-        # attempt's placement already (the try that made it may have run and freed the job's GPUs since).
-        if (contended or tries > 1) and (winner := await self.placed_by_another(record, attempt)):
-            span.set_attribute(telemetry.Attr.OUTCOME, f"placed by another try at {winner['site']}")
-            await self.send_order(record, spec, winner["site"], winner["gpu_type"], attempt)
-            return
 
         token = uuid.uuid4().hex
         while True:
-            views = await self.views(held)
+            views = await self.views(held, need)
             decision = place(spec, tenant, views, await self.budget(tenant_id, held), utcnow(), avoid)
             if decision.impossible:
                 _trace_decision(span, decision, JobState.rejected)
@@ -244,7 +257,7 @@ class Router:
                 nonlocal holding_token
                 new = reservations.reserve(doc, job_id, reservation, site.gpus)
                 # None: the job holds GPUs here for this attempt already (another try's): this try uses them
-                holding_token = token if new is not None else reservations.jobs(doc)[job_id].token
+                holding_token = token if new is not None else reservations.job(doc, job_id).token
                 return new
             try:
                 await self.bus.update_json(self.bus.topology.reservations_bucket, site.id, hold,

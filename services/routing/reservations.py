@@ -42,22 +42,77 @@ def jobs(doc: dict | None) -> dict[str, Reservation]:
     return {job_id: Reservation.of(r) for job_id, r in (doc or {}).get("jobs", {}).items()}
 
 
+def job(doc: dict | None, job_id: str) -> Reservation | None:
+    raw = (doc or {}).get("jobs", {}).get(job_id)
+    return Reservation.of(raw) if raw is not None else None
+
+
+# Totals kept in the document beside the jobs, changed in the same write as a job's entry: what a placement
+# reads (free GPUs, overflow held, what a tenant's running jobs may still cost) costs the same whether the
+# site holds ten jobs or ten thousand. A document written before they existed is summed once.
+
+def totals(doc: dict | None) -> dict:
+    """{"held": {type: gpus}, "overflow": {type: gpus}, "committed": {tenant: [eur, allocation hours]}}."""
+    if doc and "totals" in doc:
+        return doc["totals"]
+    out: dict = {"held": {}, "overflow": {}, "committed": {}}
+    for r in jobs(doc).values():
+        _count(out, r, 1)
+    return out
+
+
+def _count(out: dict, r: Reservation, sign: int) -> None:
+    out["held"][r.gpu_type] = out["held"].get(r.gpu_type, 0) + sign * r.gpus
+    if r.overflow:
+        out["overflow"][r.gpu_type] = out["overflow"].get(r.gpu_type, 0) + sign * r.gpus
+    eur, hours = out["committed"].get(r.tenant, (0.0, 0.0))
+    out["committed"][r.tenant] = [eur + sign * r.cost_eur, hours + sign * r.allocation_h]
+
+
+def _with(doc: dict | None, job_id: str, r: Reservation, sign: int) -> dict:
+    """The document with the job's entry added (sign 1) or removed (-1), and its totals to match."""
+    new = dict(doc or {})
+    sums = totals(doc)
+    sums = {"held": dict(sums["held"]), "overflow": dict(sums["overflow"]), "committed": dict(sums["committed"])}
+    _count(sums, r, sign)
+    entries = dict(new.get("jobs", {}))
+    if sign > 0:
+        entries[job_id] = asdict(r)
+    else:
+        entries.pop(job_id, None)
+    new["jobs"], new["totals"] = entries, sums
+    return new
+
+
 def reserved(doc: dict | None) -> dict[str, int]:
     """GPUs held by type."""
-    held: dict[str, int] = {}
-    for r in jobs(doc).values():
-        held[r.gpu_type] = held.get(r.gpu_type, 0) + r.gpus
-    return held
+    return {t: n for t, n in totals(doc)["held"].items() if n}
 
 
 def free(doc: dict | None, total: dict[str, int]) -> dict[str, int]:
-    held = reserved(doc)
+    held = totals(doc)["held"]
     return {t: n - held.get(t, 0) for t, n in total.items()}
 
 
-def holdings(doc: dict | None, now: float) -> tuple[Holding, ...]:
+def overflow_held(doc: dict | None) -> dict[str, int]:
+    """GPUs held by overflow jobs, by type."""
+    return dict(totals(doc)["overflow"])
+
+
+def committed(doc: dict | None, tenant: str) -> tuple[float, float]:
+    """What the tenant's jobs here may still cost at most: euros, allocation hours."""
+    eur, hours = totals(doc)["committed"].get(tenant, (0.0, 0.0))
+    return eur, hours
+
+
+def holdings(doc: dict | None, now: float, gpu_types: set[str] | None = None) -> tuple[Holding, ...]:
+    """Each job's GPUs and when they are back at the latest (of the given types only, if given: reading them
+    all costs a pass over every job here, needed only where GPUs are short)."""
+    if gpu_types is not None and not gpu_types:
+        return ()
     return tuple(Holding(r.gpu_type, r.gpus, max(0.0, r.placed_at + r.walltime_s - now), r.overflow)
-                 for r in jobs(doc).values())
+                 for raw in (doc or {}).get("jobs", {}).values()
+                 if gpu_types is None or raw["gpu_type"] in gpu_types for r in (Reservation.of(raw),))
 
 
 def holds(doc: dict | None, job_id: str) -> bool:
@@ -73,14 +128,13 @@ def reserve(doc: dict | None, job_id: str, reservation: Reservation, total: dict
     """The document with the job's GPUs held; None if it holds them already for this attempt (or a later one);
     NoCapacity if they are gone. GPUs still held for an earlier attempt (one it left) are taken over."""
     r = reservation
-    earlier = jobs(doc).get(job_id)
+    earlier = job(doc, job_id)
     if earlier is not None and earlier.attempt >= r.attempt:
         return None
     base = release(doc, job_id) or doc
     if r.gpus and free(base, total).get(r.gpu_type, 0) < r.gpus:
         raise NoCapacity(f"{r.gpus} {r.gpu_type} no longer free")
-    new = dict(base or {})
-    new["jobs"] = {**new.get("jobs", {}), job_id: asdict(r)}
+    new = _with(base, job_id, r, 1)
     if r.overflow:
         counts = overflow_placed(doc)
         counts[r.tenant] = counts.get(r.tenant, 0) + 1
@@ -98,6 +152,4 @@ def release(doc: dict | None, job_id: str, before_attempt: int | None = None, to
         return None
     if token is not None and doc["jobs"][job_id].get("token", "") != token:
         return None
-    new = dict(doc)
-    new["jobs"] = {k: v for k, v in doc["jobs"].items() if k != job_id}
-    return new
+    return _with(doc, job_id, Reservation.of(doc["jobs"][job_id]), -1)

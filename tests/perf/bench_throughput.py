@@ -40,6 +40,7 @@ from shared.contracts.subjects import Subjects
 
 ROOT = Path(__file__).resolve().parents[2]
 MESSAGES_PER_JOB = 7
+REQUESTS_IN_FLIGHT = 64
 SITE = """  - id: {id}
     kind: {kind}
     country: {country}
@@ -138,13 +139,14 @@ async def sustained(nc, subjects: Subjects, watch: Watch, seconds: float, window
     billed_before = len(watch.billed)
     start = time.perf_counter()
     while time.perf_counter() - start < seconds:
-        while len(watch.sent) - len(watch.billed) + len(in_flight) < window:
+        # a pool of submitters: at most REQUESTS_IN_FLIGHT waiting for their reply
+        while len(watch.sent) - len(watch.billed) + len(in_flight) < window and len(in_flight) < REQUESTS_IN_FLIGHT:
             task = asyncio.create_task(submit(nc, subjects, watch))
             in_flight.add(task)
             task.add_done_callback(in_flight.discard)
         watch.changed.clear()
         try:
-            await asyncio.wait_for(watch.changed.wait(), 1.0)
+            await asyncio.wait_for(watch.changed.wait(), 0.05)
         except TimeoutError:
             pass
     elapsed = time.perf_counter() - start

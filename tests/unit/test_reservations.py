@@ -11,13 +11,16 @@ from hypothesis import strategies as st
 from services.routing.reservations import (
     NoCapacity,
     Reservation,
+    committed,
     free,
     holds,
     jobs,
+    overflow_held,
     overflow_placed,
     release,
     reserve,
     reserved,
+    totals,
 )
 
 TOTAL = {"H100": 8, "L40S": 4}
@@ -110,9 +113,20 @@ def test_release_before_attempt_only_frees_an_older_attempt():
 
 
 def test_release_before_attempt_treats_a_missing_attempt_as_zero():
-    doc = {"jobs": {"j1": {"gpu_type": "H100", "gpus": 2}}}
+    doc = {"jobs": {"j1": {"tenant": "acme", "gpu_type": "H100", "gpus": 2}}}  # written before attempts (and totals)
     assert release(doc, "j1", before_attempt=0) is None
-    assert release(doc, "j1", before_attempt=1) == {"jobs": {}}
+    after = release(doc, "j1", before_attempt=1)
+    assert jobs(after) == {} and reserved(after) == {}
+
+
+def test_the_totals_follow_every_reserve_and_release():
+    doc = reserve(None, "j1", Reservation("acme", "H100", 3, overflow=True, cost_eur=2.0), TOTAL)
+    doc = reserve(doc, "j2", Reservation("acme", "L40S", 1, allocation_h=5.0), TOTAL)
+    doc = reserve(doc, "j3", Reservation("beta", "H100", 2, cost_eur=1.0), TOTAL)
+    assert overflow_held(doc) == {"H100": 3} and committed(doc, "acme") == (2.0, 5.0)
+    doc = release(doc, "j1")
+    assert free(doc, TOTAL) == {"H100": 6, "L40S": 3} and overflow_held(doc) == {"H100": 0}
+    assert committed(doc, "acme") == (0.0, 5.0) and committed(doc, "beta") == (1.0, 0.0)
 
 
 operations = st.lists(
@@ -138,10 +152,11 @@ def test_random_reserve_and_release_never_make_free_negative(ops):
         available = free(doc, TOTAL)
         assert all(n >= 0 for n in available.values()), (ops, doc)
         assert set(available) == set(TOTAL)
-        # what is held is exactly the sum of the jobs in the document
-        held = reserved(doc)
+        # the totals kept in the document are exactly the sum of its jobs
+        summed = totals({"jobs": (doc or {}).get("jobs", {})})["held"]
+        assert reserved(doc) == {t: n for t, n in summed.items() if n}
         for t, n in TOTAL.items():
-            assert available[t] == n - held.get(t, 0)
+            assert available[t] == n - summed.get(t, 0)
 
 
 def test_overflow_placements_are_counted_in_the_same_write():

@@ -31,6 +31,10 @@ class Reports:
         self.log.append(("ended", order.job_id, order.attempt, outcome))
         self.changed.set()
 
+    def left(self, order, at, outcome) -> None:
+        self.log.append(("left", order.job_id, order.attempt, None))
+        self.changed.set()
+
 
 def order(job_id: str, gpus: int = 1, runtime: float = 600, attempt: int = 0) -> Dispatch:
     spec = JobSpec(tenant="acme", command=["x"], resources={"gpus": gpus, "gpu_type": "H100"},
@@ -77,7 +81,7 @@ async def test_a_superseded_stop_ends_the_run_without_a_report_and_the_job_can_c
     assert await backend.cancel("a", "moved", superseded=True, attempt=0)
     while backend.running:
         await asyncio.sleep(0.01)
-    assert [k for k, *_ in reports.log] == ["started"]  # no end reported
+    assert [k for k, *_ in reports.log] == ["started", "left"]  # no end reported: it left for another site
     assert backend.capacity()["H100"].free == 2
     # placed here again later (a new attempt): a new job for this site, not a redelivery
     assert await backend.submit(order("a", runtime=0, attempt=2)) is True

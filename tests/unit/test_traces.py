@@ -50,13 +50,13 @@ def test_a_jobs_trace_is_laid_out_parent_first_in_time_order_without_other_jobs(
 def test_a_later_submission_with_the_same_key_is_not_part_of_the_jobs_trace(tmp_path):
     path = tmp_path / "spans.jsonl"
     provider, tracer = _tracer(path)
-    with tracer.start_as_current_span("intake.submit", attributes={Attr.JOB_ID: "j1", Attr.OUTCOME: "accepted"}):
+    with tracer.start_as_current_span("intake.submit", attributes={Attr.JOB_ID: "j1", Attr.REASON: "first"}):
         pass
-    with tracer.start_as_current_span("intake.submit", attributes={Attr.JOB_ID: "j1", Attr.OUTCOME: "duplicate"}):
+    with tracer.start_as_current_span("intake.submit", attributes={Attr.JOB_ID: "j1", Attr.REASON: "again"}):
         pass
     provider.shutdown()
     rows = job_trace(read_spans(path), "j1")
-    assert [r.span["attributes"][Attr.OUTCOME] for r in rows] == ["accepted"]
+    assert [r.span["attributes"][Attr.REASON] for r in rows] == ["first"]
 
 
 def test_log_lines_carry_the_trace_and_span_in_progress_and_drop_unknown_job_fields(tmp_path):

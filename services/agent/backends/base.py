@@ -35,6 +35,9 @@ class Reports(Protocol):
 
     async def ended(self, order: Dispatch, started_at: datetime | None, at: datetime, outcome: Outcome) -> None: ...
 
+    def left(self, order: Dispatch, at: datetime, outcome: str) -> None:
+        """The run ended without a report: the job had moved to another site."""
+
 
 class Backend(ABC):
     """Runs dispatched jobs on the site's GPUs, first come first served."""
@@ -174,6 +177,7 @@ class Backend(ABC):
         try:
             if order.job_id in self.superseded:
                 self.superseded.discard(order.job_id)
+                self.reports.left(order, utcnow(), "superseded")
                 return
             await self.reports.ended(order, started_at, utcnow(), outcome)
         finally:

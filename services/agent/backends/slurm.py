@@ -20,6 +20,7 @@ The parsing is pure; the class only runs commands.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import base64
 import shlex
 from dataclasses import dataclass, field
@@ -300,7 +301,9 @@ class SlurmBackend:
 
     def _ensure_polling(self) -> None:
         if self._poller is None or self._poller.done():
-            self._poller = asyncio.create_task(self._follow(), name=f"slurm-{self.site.id}")
+            # from an empty context: not that of the job whose submission started it
+            self._poller = asyncio.create_task(self._follow(), name=f"slurm-{self.site.id}",
+                                               context=contextvars.Context())
 
     async def start(self) -> None:
         """Take back the jobs a previous agent submitted, then follow Slurm."""
@@ -365,6 +368,7 @@ class SlurmBackend:
     async def _end(self, tracked: Tracked, outcome: Outcome, at: datetime | None = None) -> None:
         self.tracked.pop(tracked.order.job_id, None)
         if tracked.superseded:
+            self.reports.left(tracked.order, at or utcnow(), "superseded")
             return
         await self.reports.ended(tracked.order, tracked.started_at, at or utcnow(), outcome)
 
