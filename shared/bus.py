@@ -7,6 +7,7 @@ No broker exists at import time: a service's `create_app(settings)` calls `creat
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -134,20 +135,25 @@ class Bus:
         """Compare-and-set: apply `change` to the current value until no other writer got in between.
 
         `change` returns the new value, or None to leave the key as it is. Concurrent replicas each retry on
-        a conflict against the value the other wrote, so no update is lost. With a mirror, the first try
-        reads the mirror (a stale copy only costs a retry against the bucket itself).
+        a conflict against the value the other wrote, so no update is lost. With a mirror (a KvMirror, or
+        RecentWrites), the first try reads it when it has the key: a stale copy only costs a retry against
+        the bucket itself, and a value a stale copy already holds is in the newer one too.
         """
         kv = await self.kv(bucket)
-        current, revision = mirror.get(key) if mirror else await self.get_json(bucket, key)
+        current, revision = mirror.get(key) if mirror else (None, None)
+        if revision is None:
+            current, revision = await self.get_json(bucket, key)
         while True:
             new = change(current)
             if new is None:
                 return current
             try:
                 if revision is None:
-                    await kv.create(key, orjson.dumps(new))
+                    revision = await kv.create(key, orjson.dumps(new))
                 else:
-                    await kv.update(key, orjson.dumps(new), last=revision)
+                    revision = await kv.update(key, orjson.dumps(new), last=revision)
+                if isinstance(mirror, RecentWrites):
+                    mirror.remember(key, new, revision)
                 return new
             except KeyWrongLastSequenceError:
                 # someone else wrote first: read again and redo
@@ -161,6 +167,24 @@ def _headers(msg_id: str, traceparent: str | None) -> dict[str, str]:
     if context := traceparent or current_traceparent():
         headers[TRACEPARENT] = context
     return headers
+
+
+class RecentWrites:
+    """What this process last wrote to the keys of a bucket, with their revisions: the next compare-and-set of a
+    key it keeps writing (a job's record, event after event) needs no read first."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self.values: OrderedDict[str, tuple[dict, int]] = OrderedDict()
+
+    def get(self, key: str) -> tuple[dict | None, int | None]:
+        return self.values.get(key, (None, None))
+
+    def remember(self, key: str, value: dict, revision: int) -> None:
+        self.values[key] = (value, revision)
+        self.values.move_to_end(key)
+        if len(self.values) > self.size:
+            self.values.popitem(last=False)
 
 
 class KvMirror:

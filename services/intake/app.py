@@ -12,7 +12,7 @@ from nats.js.errors import NotFoundError
 from services.intake.registry import apply_event
 from services.intake.validation import Rejection, check_submission
 from shared import telemetry
-from shared.bus import Bus, create_app, create_bus, parse_request
+from shared.bus import Bus, RecentWrites, create_app, create_bus, parse_request
 from shared.contracts.catalog import Catalog
 from shared.contracts.events import CloudEvent, make_event
 from shared.contracts.jobs import (
@@ -36,6 +36,7 @@ class Intake:
         self.bus = bus
         self.catalog = catalog
         self.jobs = bus.topology.jobs_bucket
+        self.written = RecentWrites()  # a job's events come one after another: its record needs no read each time
 
     async def submit(self, body: bytes, *, subject_tenant: str | None = None, msg_id: str | None = None,
                      traceparent: str | None = None) -> SubmitReply:
@@ -104,7 +105,7 @@ class Intake:
         def change(current: dict | None) -> dict | None:
             applied.append(apply_event(current, event, seq))
             return applied[-1]
-        record = await self.bus.update_json(self.jobs, event.data["job_id"], change)
+        record = await self.bus.update_json(self.jobs, event.data["job_id"], change, self.written)
         # counted once (not on a redelivery), and only when the job entered that state (not a late report)
         if applied[-1] is not None and record is applied[-1] and record["state"] == event.kind:
             telemetry.job_transitions.add(1, {"state": event.kind, "site": event.data.get("site") or "none"})

@@ -220,7 +220,8 @@ class Router:
         token = uuid.uuid4().hex
         while True:
             views = await self.views(held, need)
-            decision = place(spec, tenant, views, await self.budget(tenant_id, held), utcnow(), avoid)
+            room = await self.budget(tenant_id, held)
+            decision = place(spec, tenant, views, room, utcnow(), avoid)
             if decision.impossible:
                 _trace_decision(span, decision, JobState.rejected)
                 await self.publish(record, JobState.rejected, attempt, decision=decision,
@@ -253,9 +254,14 @@ class Router:
                 token=token)
             holding_token = token
 
+            # the most the tenant's jobs at this site may commit, this one included: the room the decision saw,
+            # so that tries placing the same tenant's jobs at once cannot each spend it (checked in the write)
+            seen_eur, seen_h = reservations.committed(held.get(site.id), tenant_id)
+            limit = (room.budget_left_eur + seen_eur, room.allocation_left_h + seen_h)
+
             def hold(doc: dict | None) -> dict | None:
                 nonlocal holding_token
-                new = reservations.reserve(doc, job_id, reservation, site.gpus)
+                new = reservations.reserve(doc, job_id, reservation, site.gpus, limit)
                 # None: the job holds GPUs here for this attempt already (another try's): this try uses them
                 holding_token = token if new is not None else reservations.job(doc, job_id).token
                 return new
@@ -368,11 +374,13 @@ class Router:
                                             event)
 
     async def release(self, job_id: str, before_attempt: int | None = None) -> None:
-        """Free the job's GPUs, looking in the bucket itself: the mirror may not have seen the reservation yet."""
+        """Free the job's GPUs wherever it holds some (a try that lost a race and stopped before giving its own
+        back leaves a second site), looking in the bucket itself: the mirror may not have seen them yet."""
         bucket = self.bus.topology.reservations_bucket
-        holding = self.holder(await self.bus.get_many(bucket, self.catalog.sites), job_id)
-        if holding is not None:
-            await self.bus.update_json(bucket, holding[0], lambda doc: reservations.release(doc, job_id, before_attempt))
+        for site_id, doc in (await self.bus.get_many(bucket, self.catalog.sites)).items():
+            if reservations.holds(doc, job_id):
+                await self.bus.update_json(bucket, site_id,
+                                           lambda doc: reservations.release(doc, job_id, before_attempt))
 
     # Outages: a site that went down, or whose agent restarted, gives back the jobs it holds
 
@@ -509,18 +517,18 @@ def create_routing_app(settings: Settings):
         bus.consumer(subjects.job_event(kind=kind.value), topology.events_stream, kind.value,
                      max_ack_pending=100_000)(place)
 
-    @bus.consumer(subjects.job_events_all, topology.events_stream, "release", batch=128)
     async def release(event: CloudEvent) -> None:
         """A job that ended, was cancelled or goes back to placement frees the GPUs it held."""
-        kind = JobState(event.kind)
-        if kind == JobState.requeued:
+        if event.kind == JobState.requeued:
             await router.release(event.data["job_id"], before_attempt=int(event.data.get("attempt", 0)))
-        elif kind in _RELEASING:
+        else:
             await router.release(event.data["job_id"])
             await router.leave_line(event.data["job_id"])
-        else:
-            return
         await router.wake()
+
+    for kind in (*_RELEASING, JobState.requeued):  # only these kinds: most of a job's events concern it not
+        bus.consumer(subjects.job_event(kind=kind.value), topology.events_stream, f"release-{kind.value}",
+                     batch=128)(release)
 
     # outages are acted on as they happen: a routing service deployed later does not replay old ones
     @bus.consumer(subjects.site_event(kind="down"), topology.events_stream, "site-down", batch=8,

@@ -124,9 +124,11 @@ def overflow_placed(doc: dict | None) -> dict[str, int]:
     return dict((doc or {}).get("overflow_placed", {}))
 
 
-def reserve(doc: dict | None, job_id: str, reservation: Reservation, total: dict[str, int]) -> dict | None:
+def reserve(doc: dict | None, job_id: str, reservation: Reservation, total: dict[str, int],
+            limit: tuple[float, float] | None = None) -> dict | None:
     """The document with the job's GPUs held; None if it holds them already for this attempt (or a later one);
-    NoCapacity if they are gone. GPUs still held for an earlier attempt (one it left) are taken over."""
+    NoCapacity if they are gone, or if the tenant's jobs here would commit more than `limit` (euros,
+    allocation hours). GPUs still held for an earlier attempt (one it left) are taken over."""
     r = reservation
     earlier = job(doc, job_id)
     if earlier is not None and earlier.attempt >= r.attempt:
@@ -134,6 +136,12 @@ def reserve(doc: dict | None, job_id: str, reservation: Reservation, total: dict
     base = release(doc, job_id) or doc
     if r.gpus and free(base, total).get(r.gpu_type, 0) < r.gpus:
         raise NoCapacity(f"{r.gpus} {r.gpu_type} no longer free")
+    if limit is not None:
+        eur, hours = committed(base, r.tenant)
+        over_eur = r.cost_eur and eur + r.cost_eur > limit[0] + 1e-9
+        over_hours = r.allocation_h and hours + r.allocation_h > limit[1] + 1e-9
+        if over_eur or over_hours:
+            raise NoCapacity(f"{r.tenant}'s budget is committed meanwhile")
     new = _with(base, job_id, r, 1)
     if r.overflow:
         counts = overflow_placed(doc)

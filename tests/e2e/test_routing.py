@@ -74,13 +74,18 @@ async def test_overflow_stops_when_the_tenants_budget_is_spent(client):
     # each job may cost 1 H100 x 10 s x 2 EUR/h = 0.0056 EUR at cloud-fr and runs 7 s (0.0039 EUR);
     # the budget of 0.01 EUR holds one job's worst case at a time, and two jobs' real cost in all
     cheap = dict(gpus=1, runtime=7, walltime=10, objective="cost")
-    first, *others = [await submit(client, spec("thrifty-lab", **cheap)) for _ in range(3)]
+    jobs = [await submit(client, spec("thrifty-lab", **cheap)) for _ in range(3)]
+    # placed at once and side by side (routing takes a batch of events together): one fits the budget
+    _, events = client
+    await events.wait_for(lambda: sum("placed" in events.kinds(j) for j in jobs) == 1
+                          and sum("queued" in events.kinds(j) for j in jobs) == 2, 30, "one placement, two waits")
+    (first,) = [j for j in jobs if "placed" in events.kinds(j)]
+    others = [j for j in jobs if j != first]
     assert (await reached(client, first, "placed"))["site"] == "cloud-fr"
     for job_id in others:
         queued = await reached(client, job_id, "queued")
         assert reasons_of(queued, "cloud-fr")[0].startswith("monthly budget spent")
     # once the first is billed, there is room for one more worst case: one of the two waiting jobs goes
-    _, events = client
     await events.wait_for(lambda: any("placed" in events.kinds(j) for j in others), 60, "a second placement")
     (second,) = [j for j in others if "placed" in events.kinds(j)]
     (third,) = [j for j in others if j != second]

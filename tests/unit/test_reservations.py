@@ -181,3 +181,12 @@ def test_a_try_that_lost_gives_back_only_the_reservation_it_made():
     doc = reserve(None, "j1", Reservation("acme", "H100", 3, token="winner"), TOTAL)
     assert release(doc, "j1", token="loser") is None  # the winner's GPUs stay held
     assert reserved(release(doc, "j1", token="winner")) == {}
+
+
+def test_a_reservation_beyond_what_the_tenant_may_commit_here_is_refused():
+    doc = reserve(None, "j1", Reservation("acme", "H100", 1, cost_eur=0.006), TOTAL, limit=(0.01, 0.0))
+    # a second try decided with the same room (0.01 EUR) while the first was being written
+    with pytest.raises(NoCapacity, match="budget"):
+        reserve(doc, "j2", Reservation("acme", "H100", 1, cost_eur=0.006), TOTAL, limit=(0.01, 0.0))
+    assert reserve(doc, "j3", Reservation("beta", "H100", 1, cost_eur=0.006), TOTAL, limit=(0.01, 0.0))
+    assert reserve(doc, "j4", Reservation("acme", "H100", 1, allocation_h=3.0), TOTAL, limit=(0.01, 5.0))
