@@ -80,7 +80,8 @@ class Bus:
             except (NotFoundError, KeyValueError):
                 try:
                     self._buckets[bucket] = await self.js.create_key_value(
-                        KeyValueConfig(bucket=bucket, storage=StorageType.FILE, history=1))
+                        # direct gets: a read is the value itself, not a base64 field of a JSON reply
+                        KeyValueConfig(bucket=bucket, storage=StorageType.FILE, history=1, direct=True))
                 except BadRequestError:  # another service created it meanwhile
                     self._buckets[bucket] = await self.js.key_value(bucket)
         return self._buckets[bucket]

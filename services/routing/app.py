@@ -375,12 +375,17 @@ class Router:
 
     async def release(self, job_id: str, before_attempt: int | None = None) -> None:
         """Free the job's GPUs wherever it holds some (a try that lost a race and stopped before giving its own
-        back leaves a second site), looking in the bucket itself: the mirror may not have seen them yet."""
+        back leaves a second site). The mirror says where, unless it has not seen the reservation yet (a job
+        that ended at once): then the bucket itself."""
         bucket = self.bus.topology.reservations_bucket
-        for site_id, doc in (await self.bus.get_many(bucket, self.catalog.sites)).items():
+        mirror = self.mirrors[bucket]
+        held = {site_id: doc for site_id, doc in self.held().items() if reservations.holds(doc, job_id)}
+        if not held:
+            held = await self.bus.get_many(bucket, self.catalog.sites)
+        for site_id, doc in held.items():
             if reservations.holds(doc, job_id):
                 await self.bus.update_json(bucket, site_id,
-                                           lambda doc: reservations.release(doc, job_id, before_attempt))
+                                           lambda doc: reservations.release(doc, job_id, before_attempt), mirror)
 
     # Outages: a site that went down, or whose agent restarted, gives back the jobs it holds
 

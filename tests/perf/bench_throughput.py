@@ -155,8 +155,20 @@ async def sustained(nc, subjects: Subjects, watch: Watch, seconds: float, window
     return billed / elapsed, billed
 
 
+async def drained(watch: Watch, timeout: float = 600) -> None:
+    """Until every job submitted so far is billed: each measurement starts from an idle system."""
+    deadline = time.monotonic() + timeout
+    while len(watch.billed) < len(watch.sent) and time.monotonic() < deadline:
+        watch.changed.clear()
+        try:
+            await asyncio.wait_for(watch.changed.wait(), 1.0)
+        except TimeoutError:
+            pass
+
+
 async def at_rate(nc, subjects: Subjects, watch: Watch, rate: float, seconds: float) -> dict:
     """Offer `rate` jobs a second for `seconds` (open loop), then wait for every one to be dispatched."""
+    await drained(watch)
     before = set(watch.sent)
     tasks = []
     start = time.perf_counter()
