@@ -371,9 +371,9 @@ def trace(job_id: str,
         bar = Text(" " * min(begin, width - 1)) + Text("█" * min(length, width - min(begin, width - 1)),
                                                          style="red" if span.get("status") == "ERROR" else "cyan")
         what = " ".join(f"{key.rsplit('.', 1)[-1]}={attrs[key]}" for key in shown if key in attrs)
+        offset_ms, duration_ms = (span["start_ns"] - start) / 1e6, (span["end_ns"] - span["start_ns"]) / 1e6
         table.add_row("  " * row.depth + span["name"], (span.get("service") or "").removeprefix("continuum-"),
-                      f"+{(span['start_ns'] - start) / 1e6:.1f} ms", f"{(span['end_ns'] - span['start_ns']) / 1e6:.1f} ms",
-                      bar, what)
+                      f"+{offset_ms:.1f} ms", f"{duration_ms:.1f} ms", bar, what)
     console.print(table)
 
 

@@ -28,7 +28,8 @@ class Settings(BaseSettings):
     ledger_url: str | None = Field(None, pattern=r"^postgres(ql)?://", description="CONTINUUM_LEDGER_URL: a "
                                    "PostgreSQL ledger (postgresql://...); unset, the SQLite file")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="CONTINUUM_METRICS_PORT: this service's "
-                                     "Prometheus endpoint (http://HOST:PORT/metrics); unset, none (`up` gives each one)")
+                                     "Prometheus endpoint (http://HOST:PORT/metrics); unset, none (`up` gives "
+                                     "each service one)")
     log_format: Literal["auto", "json", "console"] = Field("auto", description="CONTINUUM_LOG_FORMAT")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="CONTINUUM_LOG_LEVEL")
 

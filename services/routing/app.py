@@ -373,19 +373,27 @@ class Router:
         return await self.bus.publish_event(self.bus.subjects.job_event(record.tenant, record.job_id, state.value),
                                             event)
 
-    async def release(self, job_id: str, before_attempt: int | None = None) -> None:
+    async def release(self, job_id: str, before_attempt: int | None = None, until_metered: bool = False) -> None:
         """Free the job's GPUs wherever it holds some (a try that lost a race and stopped before giving its own
-        back leaves a second site). The mirror says where, unless it has not seen the reservation yet (a job
-        that ended at once): then the bucket itself."""
+        back leaves a second site); with `until_metered`, its cost stays committed until billing meters it."""
+        await self.change_where(job_id, reservations.holds, lambda doc: reservations.release(
+            doc, job_id, before_attempt, until_metered=until_metered))
+
+    async def metered(self, job_id: str) -> None:
+        """Billing metered the job: its cost is spent, no longer committed."""
+        await self.change_where(job_id, lambda doc, j: reservations.holds(doc, j) or reservations.unmetered(doc, j),
+                                lambda doc: reservations.metered(doc, job_id))
+
+    async def change_where(self, job_id: str, concerns, change) -> None:
+        """Change every site document that concerns the job. The mirror says which, unless it has not seen the
+        job there yet (a job that ended at once): then the bucket itself."""
         bucket = self.bus.topology.reservations_bucket
-        mirror = self.mirrors[bucket]
-        held = {site_id: doc for site_id, doc in self.held().items() if reservations.holds(doc, job_id)}
-        if not held:
-            held = await self.bus.get_many(bucket, self.catalog.sites)
-        for site_id, doc in held.items():
-            if reservations.holds(doc, job_id):
-                await self.bus.update_json(bucket, site_id,
-                                           lambda doc: reservations.release(doc, job_id, before_attempt), mirror)
+        docs = {site_id: doc for site_id, doc in self.held().items() if concerns(doc, job_id)}
+        if not docs:
+            docs = await self.bus.get_many(bucket, self.catalog.sites)
+        for site_id, doc in docs.items():
+            if concerns(doc, job_id):
+                await self.bus.update_json(bucket, site_id, change, self.mirrors[bucket])
 
     # Outages: a site that went down, or whose agent restarted, gives back the jobs it holds
 
@@ -526,10 +534,14 @@ def create_routing_app(settings: Settings):
         """A job that ended, was cancelled or goes back to placement frees the GPUs it held."""
         if event.kind == JobState.requeued:
             await router.release(event.data["job_id"], before_attempt=int(event.data.get("attempt", 0)))
-        else:
-            await router.release(event.data["job_id"])
+        else:  # a run that started is metered: until then its cost stays committed
+            await router.release(event.data["job_id"], until_metered=bool(event.data.get("started_at")))
             await router.leave_line(event.data["job_id"])
         await router.wake()
+
+    @bus.consumer(subjects.billing_event(kind="usage"), topology.events_stream, "metered", batch=128)
+    async def metered(event: CloudEvent) -> None:
+        await router.metered(event.data["job_id"])
 
     for kind in (*_RELEASING, JobState.requeued):  # only these kinds: most of a job's events concern it not
         bus.consumer(subjects.job_event(kind=kind.value), topology.events_stream, f"release-{kind.value}",

@@ -61,27 +61,34 @@ def totals(doc: dict | None) -> dict:
     return out
 
 
-def _count(out: dict, r: Reservation, sign: int) -> None:
-    out["held"][r.gpu_type] = out["held"].get(r.gpu_type, 0) + sign * r.gpus
-    if r.overflow:
-        out["overflow"][r.gpu_type] = out["overflow"].get(r.gpu_type, 0) + sign * r.gpus
-    eur, hours = out["committed"].get(r.tenant, (0.0, 0.0))
-    out["committed"][r.tenant] = [eur + sign * r.cost_eur, hours + sign * r.allocation_h]
+def _count(out: dict, r: Reservation, sign: int, gpus: bool = True, cost: bool = True) -> None:
+    if gpus:
+        out["held"][r.gpu_type] = out["held"].get(r.gpu_type, 0) + sign * r.gpus
+        if r.overflow:
+            out["overflow"][r.gpu_type] = out["overflow"].get(r.gpu_type, 0) + sign * r.gpus
+    if cost:
+        eur, hours = out["committed"].get(r.tenant, (0.0, 0.0))
+        out["committed"][r.tenant] = [eur + sign * r.cost_eur, hours + sign * r.allocation_h]
 
 
-def _with(doc: dict | None, job_id: str, r: Reservation, sign: int) -> dict:
-    """The document with the job's entry added (sign 1) or removed (-1), and its totals to match."""
+def _with(doc: dict | None, job_id: str, r: Reservation, sign: int, gpus: bool = True, cost: bool = True) -> dict:
+    """The document with the job's entry added (sign 1) or removed (-1), and its totals to match (only its
+    GPUs, or only its cost, if told)."""
     new = dict(doc or {})
-    sums = totals(doc)
-    sums = {"held": dict(sums["held"]), "overflow": dict(sums["overflow"]), "committed": dict(sums["committed"])}
-    _count(sums, r, sign)
     entries = dict(new.get("jobs", {}))
     if sign > 0:
         entries[job_id] = asdict(r)
     else:
         entries.pop(job_id, None)
-    new["jobs"], new["totals"] = entries, sums
+    new["jobs"], new["totals"] = entries, _totals_with(doc, r, sign, gpus, cost)
     return new
+
+
+def _totals_with(doc: dict | None, r: Reservation, sign: int, gpus: bool = True, cost: bool = True) -> dict:
+    sums = totals(doc)
+    sums = {"held": dict(sums["held"]), "overflow": dict(sums["overflow"]), "committed": dict(sums["committed"])}
+    _count(sums, r, sign, gpus, cost)
+    return sums
 
 
 def reserved(doc: dict | None) -> dict[str, int]:
@@ -150,14 +157,44 @@ def reserve(doc: dict | None, job_id: str, reservation: Reservation, total: dict
     return new
 
 
-def release(doc: dict | None, job_id: str, before_attempt: int | None = None, token: str | None = None) -> dict | None:
+def release(doc: dict | None, job_id: str, before_attempt: int | None = None, token: str | None = None,
+            until_metered: bool = False) -> dict | None:
     """The document without the job (only an attempt older than `before_attempt`, if given: a requeued job's
     new placement may already hold GPUs; only the reservation made with `token`, if given); None if there is
-    nothing to release."""
+    nothing to release.
+
+    With `until_metered` (a run that ended, which billing meters), the GPUs come back but what the job may
+    cost stays committed until `metered` says billing counted it: between the two, a tenant's budget would
+    otherwise look larger than it is, by the job's cost."""
     if not holds(doc, job_id):
         return None
-    if before_attempt is not None and doc["jobs"][job_id].get("attempt", 0) >= before_attempt:
+    raw = doc["jobs"][job_id]
+    if before_attempt is not None and raw.get("attempt", 0) >= before_attempt:
         return None
-    if token is not None and doc["jobs"][job_id].get("token", "") != token:
+    if token is not None and raw.get("token", "") != token:
         return None
-    return _with(doc, job_id, Reservation.of(doc["jobs"][job_id]), -1)
+    r = Reservation.of(raw)
+    keep_cost = until_metered and not raw.get("metered") and bool(r.cost_eur or r.allocation_h)
+    new = _with(doc, job_id, r, -1, cost=not keep_cost)
+    if keep_cost:
+        new["unmetered"] = {**doc.get("unmetered", {}), job_id: asdict(r)}
+    return new
+
+
+def metered(doc: dict | None, job_id: str) -> dict | None:
+    """The document once billing has metered the job (its real cost is spent now): what it may cost is no
+    longer committed. Metered before its GPUs came back, it is marked so, and `release` frees it whole."""
+    if unmetered(doc, job_id):
+        new = dict(doc)
+        new["totals"] = _totals_with(doc, Reservation.of(doc["unmetered"][job_id]), -1, gpus=False)
+        new["unmetered"] = {k: v for k, v in doc["unmetered"].items() if k != job_id}
+        return new
+    if holds(doc, job_id) and not doc["jobs"][job_id].get("metered"):
+        new = dict(doc)
+        new["jobs"] = {**doc["jobs"], job_id: {**doc["jobs"][job_id], "metered": True}}
+        return new
+    return None
+
+
+def unmetered(doc: dict | None, job_id: str) -> bool:
+    return job_id in (doc or {}).get("unmetered", {})

@@ -102,9 +102,9 @@ def test_asking_a_zone_that_was_not_loaded_raises_key_error(carbon):
 
 def test_a_site_in_a_zone_the_data_lacks_is_refused_by_name(tmp_path):
     sites = tmp_path / "sites.yaml"
-    sites.write_text("sites:\n"
-                     "  - {id: sto, kind: private_cloud, country: SE, jurisdiction: EU, carbon_zone: SE, gpus: {H100: 8}}\n"
-                     "  - {id: own, kind: private_cloud, country: SE, jurisdiction: EU, carbon_g_per_kwh: 40, gpus: {H100: 8}}\n")
+    entry = "{{id: {id}, kind: private_cloud, country: SE, jurisdiction: EU, {carbon}, gpus: {{H100: 8}}}}"
+    sites.write_text("sites:\n" + "".join(f"  - {entry.format(id=i, carbon=c)}\n"
+                                          for i, c in (("sto", "carbon_zone: SE"), ("own", "carbon_g_per_kwh: 40"))))
     catalog = Catalog.load(sites)
     with pytest.raises(CatalogError, match=r"site sto: carbon_zone 'SE' is not a zone of the carbon data .*SE-SE3"):
         check_zones(catalog, default_carbon().zones)

@@ -15,6 +15,7 @@ from services.routing.reservations import (
     free,
     holds,
     jobs,
+    metered,
     overflow_held,
     overflow_placed,
     release,
@@ -190,3 +191,16 @@ def test_a_reservation_beyond_what_the_tenant_may_commit_here_is_refused():
         reserve(doc, "j2", Reservation("acme", "H100", 1, cost_eur=0.006), TOTAL, limit=(0.01, 0.0))
     assert reserve(doc, "j3", Reservation("beta", "H100", 1, cost_eur=0.006), TOTAL, limit=(0.01, 0.0))
     assert reserve(doc, "j4", Reservation("acme", "H100", 1, allocation_h=3.0), TOTAL, limit=(0.01, 5.0))
+
+
+def test_an_ended_runs_cost_stays_committed_until_billing_metered_it():
+    doc = reserve(None, "j1", Reservation("acme", "H100", 2, cost_eur=0.5), TOTAL)
+    ended = release(doc, "j1", until_metered=True)
+    assert free(ended, TOTAL)["H100"] == 8 and committed(ended, "acme") == (0.5, 0.0)  # GPUs back, cost not
+    done = metered(ended, "j1")
+    assert committed(done, "acme") == (0.0, 0.0) and metered(done, "j1") is None
+    # metered before its GPUs came back: the release then frees it whole
+    early = metered(doc, "j1")
+    assert committed(release(early, "j1", until_metered=True), "acme") == (0.0, 0.0)
+    # a run that never started is not metered: nothing stays
+    assert committed(release(doc, "j1"), "acme") == (0.0, 0.0)
