@@ -44,7 +44,8 @@ async def test_submit_status_sites_cancel_and_bill(system):
     assert "lacks certification secnumcloud" in status.stdout  # why not the others
 
     # its trace, from the embedded span file: every hop, each under the one before it
-    waterfall = await trace_when(system, job_id, "billing.rate")
+    waterfall = await trace_when(system, job_id, ("intake.submit", "intake.validate", "routing.place",
+                                                  "agent.dispatch", "site.run", "billing.rate"))
     rows = [line.split("│")[1].rstrip() for line in waterfall.splitlines() if line.startswith("│")]
     assert [row.strip() for row in rows] == ["intake.submit", "intake.validate", "routing.place", "agent.dispatch",
                                              "site.run", "billing.rate"]
@@ -68,13 +69,14 @@ async def test_submit_status_sites_cancel_and_bill(system):
     await nc.close()
 
 
-async def trace_when(system, job_id: str, span: str, timeout: float = 15.0) -> str:
-    """`continuum trace JOB_ID` once it shows `span` (spans reach the file about a second after they end)."""
+async def trace_when(system, job_id: str, spans: tuple[str, ...], timeout: float = 15.0) -> str:
+    """`continuum trace JOB_ID` once it shows every one of `spans` (each service writes its spans about a
+    second after they end)."""
     deadline = time.monotonic() + timeout
     while True:
         shown = continuum(system, "trace", job_id)
-        if span in shown.stdout or time.monotonic() > deadline:
-            assert shown.returncode == 0 and span in shown.stdout, shown.stdout + shown.stderr
+        if all(span in shown.stdout for span in spans) or time.monotonic() > deadline:
+            assert shown.returncode == 0 and all(span in shown.stdout for span in spans), shown.stdout + shown.stderr
             return shown.stdout
         await asyncio.sleep(0.2)
 
