@@ -543,7 +543,7 @@ def create_routing_app(settings: Settings):
     async def metered(event: CloudEvent) -> None:
         await router.metered(event.data["job_id"])
 
-    for kind in (*_RELEASING, JobState.requeued):  # only these kinds: most of a job's events concern it not
+    for kind in (*sorted(_RELEASING), JobState.requeued):  # only these: most of a job's events concern it not
         bus.consumer(subjects.job_event(kind=kind.value), topology.events_stream, f"release-{kind.value}",
                      batch=128)(release)
 
