@@ -105,12 +105,13 @@ class Bus:
     async def publish_event(self, subject: str, event: CloudEvent, traceparent: str | None = None):
         """Publish to the event stream; the event id is the Nats-Msg-Id, so a redone step is not doubled (the
         ack returned says `duplicate`)."""
-        return await self.broker.publish(event.model_dump_json().encode(), subject, stream=self.topology.events_stream,
-                                  headers=_headers(event.id, traceparent))
+        return await self.broker.publish(event.model_dump_json().encode(), subject,
+                                         stream=self.topology.events_stream, headers=_headers(event.id, traceparent))
 
-    async def publish_command(self, subject: str, body: Any, msg_id: str, traceparent: str | None = None) -> None:
+    async def publish_command(self, subject: str, body: Any, msg_id: str) -> None:
+        """An order to a site, in the trace of the span in progress."""
         await self.broker.publish(dumps(body), subject, stream=self.topology.dispatch_stream,
-                                  headers=_headers(msg_id, traceparent))
+                                  headers=_headers(msg_id, None))
 
     async def get_json(self, bucket: str, key: str) -> tuple[dict | None, int | None]:
         kv = await self.kv(bucket)

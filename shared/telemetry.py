@@ -26,6 +26,7 @@ from typing import Any
 
 import orjson
 import structlog
+from faststream.exceptions import HandlerException
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
 from opentelemetry.context import Context
@@ -106,17 +107,15 @@ def context_of(traceparent: str | None) -> Context | None:
     return _propagator.extract({TRACEPARENT: traceparent}) if traceparent else None
 
 
-def current_traceparent() -> str | None:
-    """The traceparent of the span in progress, for the header of what it publishes."""
-    carrier: dict[str, str] = {}
-    _propagator.inject(carrier)
-    return carrier.get(TRACEPARENT)
-
-
 def traceparent_of(span: Span) -> str | None:
     carrier: dict[str, str] = {}
     _propagator.inject(carrier, context=trace.set_span_in_context(span))
     return carrier.get(TRACEPARENT)
+
+
+def current_traceparent() -> str | None:
+    """The traceparent of the span in progress, for the header of what it publishes."""
+    return traceparent_of(trace.get_current_span())
 
 
 @contextmanager
@@ -145,8 +144,6 @@ def job_span(name: str, parent: str | None, job_id: str | None = None, tenant: s
 
     Control flow is not an error: a job handed back to wait (FastStream's Nack, Ack, Skip) ends the span as
     it is; any other exception marks it failed."""
-    from faststream.exceptions import HandlerException
-
     attrs = {Attr.JOB_ID: job_id, Attr.TENANT: tenant, **attributes}
     with tracer.start_as_current_span(name, context=context_of(parent), record_exception=False,
                                       set_status_on_exception=False,
