@@ -58,6 +58,7 @@ class Bus:
     subjects: Subjects
     topology: Topology
     _buckets: dict[str, KeyValue] = field(default_factory=dict)
+    _queued: dict[tuple[str, str], list[_Pending]] = field(default_factory=dict)  # changes waiting for a write
 
     @property
     def js(self):
@@ -133,33 +134,80 @@ class Bus:
         return out
 
     async def update_json(self, bucket: str, key: str, change: Callable[[dict | None], dict | None],
-                          mirror: KvMirror | None = None) -> dict | None:
+                          mirror: KvMirror | RecentWrites | None = None) -> dict | None:
         """Compare-and-set: apply `change` to the current value until no other writer got in between.
 
-        `change` returns the new value, or None to leave the key as it is. Concurrent replicas each retry on
-        a conflict against the value the other wrote, so no update is lost. With a mirror (a KvMirror, or
-        RecentWrites), the first try reads it when it has the key: a stale copy only costs a retry against
-        the bucket itself, and a value a stale copy already holds is in the newer one too.
+        `change` returns the new value, or None to leave the key as it is; what it raises is raised here.
+        Concurrent replicas each retry on a conflict against the value the other wrote, so no update is lost.
+        With a mirror (a KvMirror, or RecentWrites), the first try reads it when it has the key: a stale copy
+        only costs a retry against the bucket itself, and a value a stale copy already holds is in the newer
+        one too.
+
+        Changes this process makes to one key at once (the handlers of a fetched batch run concurrently) go
+        in one write, in the order they came: a group commit. Sixty placements on one site then cost one
+        write of its document, not sixty writes and the conflicts between them.
         """
+        pending = _Pending(change, asyncio.get_running_loop().create_future())
+        queue = self._queued.setdefault((bucket, key), [])
+        queue.append(pending)
+        if len(queue) == 1:  # no write of this key is on its way: start one, which takes what queues meanwhile
+            asyncio.create_task(self._write_queued(bucket, key, mirror), name=f"update-{bucket}-{key}")
+        return await pending.done
+
+    async def _write_queued(self, bucket: str, key: str, mirror: KvMirror | RecentWrites | None) -> None:
+        queue = self._queued[(bucket, key)]
+        try:
+            while queue:
+                taken = len(queue)
+                batch = [p for p in queue[:taken] if not p.done.done()]  # less those whose callers gave up
+                try:
+                    await self._commit(bucket, key, batch, mirror)
+                except Exception as e:  # the bucket failed us: every change of the batch fails with it
+                    for p in batch:
+                        if not p.done.done():
+                            p.done.set_exception(e)
+                del queue[:taken]
+        finally:  # emptied, or cancelled (the service stops): nothing is left waiting
+            for p in queue:
+                p.done.cancel()
+            del self._queued[(bucket, key)]
+
+    async def _commit(self, bucket: str, key: str, batch: list[_Pending], mirror) -> None:
+        if not batch:
+            return
         kv = await self.kv(bucket)
         current, revision = mirror.get(key) if mirror else (None, None)
         if revision is None:
             current, revision = await self.get_json(bucket, key)
         while True:
-            new = change(current)
-            if new is None:
-                return current
+            value, outcomes = current, []
+            for p in batch:
+                try:
+                    new = p.change(value)
+                    value = value if new is None else new
+                    outcomes.append((value, None))
+                except Exception as e:
+                    outcomes.append((None, e))
             try:
-                if revision is None:
-                    revision = await kv.create(key, orjson.dumps(new))
-                else:
-                    revision = await kv.update(key, orjson.dumps(new), last=revision)
-                if isinstance(mirror, RecentWrites):
-                    mirror.remember(key, new, revision)
-                return new
+                if value is not current:
+                    data = orjson.dumps(value)
+                    revision = await (kv.create(key, data) if revision is None else kv.update(key, data, last=revision))
+                    if mirror:
+                        mirror.remember(key, value, revision)
             except KeyWrongLastSequenceError:
                 # someone else wrote first: read again and redo
                 current, revision = await self.get_json(bucket, key)
+                continue
+            for p, (result, error) in zip(batch, outcomes):
+                if not p.done.done():
+                    p.done.set_exception(error) if error else p.done.set_result(result)
+            return
+
+
+@dataclass
+class _Pending:
+    change: Callable[[dict | None], dict | None]
+    done: asyncio.Future
 
 
 def _headers(msg_id: str, traceparent: str | None) -> dict[str, str]:
@@ -218,6 +266,12 @@ class KvMirror:
     def get(self, key: str) -> tuple[dict | None, int | None]:
         value = self.values.get(key)
         return value if value else (None, None)
+
+    def remember(self, key: str, value: dict, revision: int) -> None:
+        """This process's own write, seen before the watch brings it back: the next read is not stale."""
+        old = self.values.get(key)
+        if old is None or old[1] < revision:
+            self.values[key] = (value, revision)
 
     async def stop(self) -> None:
         if self._task:
