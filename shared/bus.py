@@ -18,7 +18,7 @@ from faststream import FastStream
 from faststream._internal.middlewares import BaseMiddleware
 from faststream.exceptions import AckMessage, HandlerException, NackMessage
 from faststream.middlewares import AckPolicy
-from faststream.nats import JStream, NatsBroker, PullSub
+from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import KeyValueConfig, StorageType
@@ -94,6 +94,15 @@ class Bus:
                                       durable=self.topology.durable(self.service, role),
                                       pull_sub=PullSub(batch_size=batch, timeout=1.0),
                                       ack_policy=AckPolicy.NACK_ON_ERROR, config=consumer_config(**config), title=role)
+
+    def message(self) -> NatsMessage:
+        """The message being handled. Handlers ask here rather than declare a `msg: NatsMessage` parameter:
+        fast_depends resolves such a parameter in a worker thread, a thread hop for every message."""
+        return self.broker.context.get_local("message")
+
+    def traceparent(self) -> str | None:
+        """The trace context the message being handled carries."""
+        return (self.message().headers or {}).get(TRACEPARENT)
 
     def responder(self, subject: str, title: str):
         """A request/reply handler; replicas share requests in the service's queue group."""

@@ -7,7 +7,6 @@ import asyncio
 from datetime import datetime
 
 import structlog
-from faststream.nats import NatsMessage
 
 from services.agent.backends import Backend, backend_for
 from services.agent.backends.base import Outcome
@@ -198,12 +197,12 @@ def create_agent_app(settings: Settings, site_ids: list[str] | None = None):
             site = agent.site.id
 
             @bus.consumer(subjects.dispatch(site), topology.dispatch_stream, f"{site}-run")
-            async def run(order: Dispatch, msg: NatsMessage) -> None:
-                await agent.take(order, (msg.headers or {}).get(telemetry.TRACEPARENT))
+            async def run(order: Dispatch) -> None:
+                await agent.take(order, bus.traceparent())
 
             @bus.consumer(subjects.stop(site), topology.dispatch_stream, f"{site}-cancel", batch=16)
-            async def stop(command: StopJob, msg: NatsMessage) -> None:
-                await agent.stop(command, (msg.headers or {}).get(telemetry.TRACEPARENT))
+            async def stop(command: StopJob) -> None:
+                await agent.stop(command, bus.traceparent())
         bind(agent)
 
     tasks: list[asyncio.Task] = []

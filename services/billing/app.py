@@ -6,7 +6,6 @@ from datetime import datetime
 
 import orjson
 import structlog
-from faststream.nats import NatsMessage
 
 from services.billing import budgets
 from services.billing.ledger import Ledger
@@ -132,15 +131,15 @@ def create_billing_app(settings: Settings):
                         "A tenant used 80 % of its monthly paid budget or of its allocation (data: BudgetStatus).")
     bus.document_events(subjects.billing_event(kind="budget_exhausted"),
                         "A tenant used all of its monthly paid budget or of its allocation (data: BudgetStatus).")
-    async def meter(event: CloudEvent, msg: NatsMessage) -> None:
-        await billing.meter(event, (msg.headers or {}).get(telemetry.TRACEPARENT))
+    async def meter(event: CloudEvent) -> None:
+        await billing.meter(event, bus.traceparent())
 
     for kind in _FINAL:
         bus.consumer(subjects.job_event(kind=kind.value), topology.events_stream, kind.value, batch=128)(meter)
 
     @bus.responder(subjects.billing_statement, "billing.statement")
-    async def get_statement(msg: NatsMessage) -> dict:
-        request = parse_request(StatementRequest, msg.body)
+    async def get_statement() -> dict:
+        request = parse_request(StatementRequest, bus.message().body)
         if isinstance(request, dict):
             return request
         if request.tenant not in billing.catalog.tenants:
@@ -153,8 +152,8 @@ def create_billing_app(settings: Settings):
         return statement(request.tenant, lines, request.since, request.until).model_dump(mode="json")
 
     @bus.responder(subjects.billing_topup, "billing.topup")
-    async def topup(msg: NatsMessage) -> dict:
-        request = parse_request(TopupRequest, msg.body)
+    async def topup() -> dict:
+        request = parse_request(TopupRequest, bus.message().body)
         if isinstance(request, dict):
             return request
         if request.tenant not in billing.catalog.tenants:

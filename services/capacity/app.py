@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 
 import structlog
-from faststream.nats import NatsMessage
 
 from services.capacity.view import (
     MISSED_BEATS_DOWN,
@@ -140,7 +139,7 @@ def create_capacity_app(settings: Settings):
         await view.heartbeat(beat)
 
     @bus.responder(subjects.sites_list, "sites.list")
-    async def sites(msg: NatsMessage) -> dict:
+    async def sites() -> dict:
         try:
             return (await view.sites()).model_dump(mode="json")
         except Exception as e:

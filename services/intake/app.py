@@ -6,7 +6,6 @@ import hashlib
 import uuid
 
 import structlog
-from faststream.nats import NatsMessage
 from nats.js.errors import NotFoundError
 
 from services.intake.registry import apply_event
@@ -160,18 +159,19 @@ def create_intake_app(settings: Settings):
     bus.document_events(subjects.job_event(kind="cancelled"), "A job not yet at a site was cancelled.")
 
     @bus.responder(subjects.jobs_submit, "jobs.submit")
-    async def submit(msg: NatsMessage) -> dict:
+    async def submit() -> dict:
         """Submit a JobSpec; the reply says accepted (with its job id) or rejected (with every problem)."""
         try:
-            reply = await intake.submit(msg.body, traceparent=(msg.headers or {}).get(telemetry.TRACEPARENT))
+            reply = await intake.submit(bus.message().body, traceparent=bus.traceparent())
         except Exception as e:  # a request is answered, whatever happens
             log.exception("submit.failed")
             reply = SubmitReply(job_id="", state="rejected", errors=[{"loc": [], "msg": f"internal error: {e}"}])
         return reply.model_dump(mode="json")
 
     @bus.consumer(subjects.intake("*"), topology.intake_stream, "intake")
-    async def fire_and_forget(msg: NatsMessage) -> None:
+    async def fire_and_forget() -> None:
         """A JobSpec from a system that emits job events; the outcome is an accepted or rejected event."""
+        msg = bus.message()
         headers = msg.headers or {}
         # without a key of its own, the message's place in the stream keeps a redelivery from being a second job
         key = headers.get("Nats-Msg-Id") or f"intake-seq-{msg.raw_message.metadata.sequence.stream}"
@@ -179,13 +179,13 @@ def create_intake_app(settings: Settings):
                             traceparent=headers.get(telemetry.TRACEPARENT))
 
     @bus.consumer(subjects.job_events_all, topology.events_stream, "registry", batch=128)
-    async def registry(event: CloudEvent, msg: NatsMessage) -> None:
+    async def registry(event: CloudEvent) -> None:
         """Fold every job event into the job's record."""
-        await intake.apply(event, msg.raw_message.metadata.sequence.stream)
+        await intake.apply(event, bus.message().raw_message.metadata.sequence.stream)
 
     @bus.responder(subjects.jobs_get, "jobs.get")
-    async def get(msg: NatsMessage) -> dict:
-        ref = parse_request(JobRef, msg.body)
+    async def get() -> dict:
+        ref = parse_request(JobRef, bus.message().body)
         if isinstance(ref, dict):
             return ref
         try:
@@ -196,8 +196,8 @@ def create_intake_app(settings: Settings):
         return record.model_dump(mode="json") if record else {"error": f"no job {ref.job_id!r}"}
 
     @bus.responder(subjects.jobs_cancel, "jobs.cancel")
-    async def cancel(msg: NatsMessage) -> dict:
-        request = parse_request(CancelRequest, msg.body)
+    async def cancel() -> dict:
+        request = parse_request(CancelRequest, bus.message().body)
         if isinstance(request, dict):
             return request
         try:

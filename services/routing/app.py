@@ -16,7 +16,6 @@ from datetime import datetime
 import orjson
 import structlog
 from faststream.exceptions import NackMessage
-from faststream.nats import NatsMessage
 from nats.js.api import DeliverPolicy
 from nats.js.errors import NotFoundError
 
@@ -513,10 +512,10 @@ def create_routing_app(settings: Settings):
     bus.document_events(subjects.job_event(kind="placed"), "A job was placed; data.decision explains why there.")
     bus.document_events(subjects.job_event(kind="queued"), "A job waits; data.reasons and data.decision say why.")
     bus.document_events(subjects.job_event(kind="rejected"), "No site in the catalog can ever run the job.")
-    async def place(event: CloudEvent, msg: NatsMessage) -> None:
-        tries = msg.raw_message.metadata.num_delivered
+    async def place(event: CloudEvent) -> None:
+        tries = bus.message().raw_message.metadata.num_delivered
         try:
-            await router.place(event, (msg.headers or {}).get(telemetry.TRACEPARENT), tries)
+            await router.place(event, bus.traceparent(), tries)
         except (NackMessage, asyncio.CancelledError):
             raise
         except Exception as e:
@@ -550,9 +549,9 @@ def create_routing_app(settings: Settings):
     # outages are acted on as they happen: a routing service deployed later does not replay old ones
     @bus.consumer(subjects.site_event(kind="down"), topology.events_stream, "site-down", batch=8,
                   deliver_policy=DeliverPolicy.NEW)
-    async def site_down(event: CloudEvent, msg: NatsMessage) -> None:
+    async def site_down(event: CloudEvent) -> None:
         status = SiteStatus.model_validate(event.data)
-        tries = msg.raw_message.metadata.num_delivered
+        tries = bus.message().raw_message.metadata.num_delivered
         try:
             await router.site_down(status.site_id, status.down_since or event.time, first_look=tries == 1)
         except (NackMessage, asyncio.CancelledError):
@@ -568,7 +567,7 @@ def create_routing_app(settings: Settings):
         await router.site_up(status.site_id, status.since, set(status.jobs))
 
     @bus.responder(subjects.routing_overflow, "routing.overflow")
-    async def overflow(msg: NatsMessage) -> dict:
+    async def overflow() -> dict:
         """Overflow from public to paid capacity, per site and per tenant."""
         try:
             return await router.overflow()
