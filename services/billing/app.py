@@ -84,8 +84,8 @@ class Billing:
         """The tenant's paid budget this month and its allocation, with top-ups, against what was metered."""
         tenant = self.catalog.tenants[tenant_id]
         month = budgets.month_start(utcnow())
-        spent_eur, _ = self.ledger.totals(tenant_id, since=month)
-        _, allocation_used = self.ledger.totals(tenant_id)
+        spent_eur, _ = self.ledger.metered(tenant_id, month.strftime("%Y-%m"))
+        _, allocation_used = self.ledger.metered(tenant_id)
         topup_eur, _ = self.ledger.topups(tenant_id, since=month)
         _, topup_hours = self.ledger.topups(tenant_id)
         return [budgets.status(tenant_id, "monthly_eur", month.strftime("%Y-%m"), spent_eur,

@@ -36,6 +36,14 @@ MIGRATIONS = (
         tenant TEXT NOT NULL, budget TEXT NOT NULL, period TEXT NOT NULL, level TEXT NOT NULL,
         budget_limit DOUBLE PRECISION NOT NULL, at TEXT NOT NULL,
         PRIMARY KEY (tenant, budget, period, level, budget_limit))""",
+    # what each tenant's lines add up to, per month they ended in, kept in the same transaction as each line:
+    # budgets read it after every job, and summing the lines themselves grows with the ledger
+    """CREATE TABLE usage_totals (
+        tenant TEXT NOT NULL, month TEXT NOT NULL, amount_eur DOUBLE PRECISION NOT NULL,
+        allocation_hours DOUBLE PRECISION NOT NULL, PRIMARY KEY (tenant, month))""",
+    """INSERT INTO usage_totals (tenant, month, amount_eur, allocation_hours)
+        SELECT tenant, substr(ended_at, 1, 7), SUM(amount_eur), SUM(allocation_hours) FROM usage_lines
+        GROUP BY tenant, substr(ended_at, 1, 7)""",
 )
 
 
@@ -51,7 +59,7 @@ class _Sqlite:
         return self.db.execute(sql, args)
 
     @contextmanager
-    def locked(self) -> Iterator[None]:
+    def transaction(self) -> Iterator[None]:
         """A transaction that holds the write lock from its start."""
         self.db.execute("BEGIN IMMEDIATE")
         try:
@@ -60,6 +68,8 @@ class _Sqlite:
             self.db.execute("ROLLBACK")
             raise
         self.db.execute("COMMIT")
+
+    locked = transaction  # SQLite has one writer at a time anyway
 
     def adopt_legacy_version(self) -> int:
         """Ledgers made before `ledger_schema` counted their migrations in SQLite's user_version."""
@@ -77,6 +87,11 @@ class _Postgres:
 
     def execute(self, sql: str, args: Sequence[Any] = ()) -> Any:
         return self.db.execute(sql.replace("?", "%s"), args)
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        with self.db.transaction():
+            yield
 
     @contextmanager
     def locked(self) -> Iterator[None]:
@@ -118,7 +133,15 @@ class Ledger:
     def add(self, line: UsageLine) -> bool:
         """Record the line; False if the job has one already (the line is keyed on the job, not the message)."""
         row = line.model_dump(mode="json") | {"started_at": _iso(line.started_at), "ended_at": _iso(line.ended_at)}
-        return self._insert("usage_lines", "job_id", _FIELDS, row)
+        with self.db.transaction():
+            if not self._insert("usage_lines", "job_id", _FIELDS, row):
+                return False
+            self.db.execute(
+                "INSERT INTO usage_totals (tenant, month, amount_eur, allocation_hours) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (tenant, month) DO UPDATE SET amount_eur = usage_totals.amount_eur + excluded.amount_eur, "
+                "allocation_hours = usage_totals.allocation_hours + excluded.allocation_hours",
+                [line.tenant, row["ended_at"][:7], line.amount_eur, line.allocation_hours])
+        return True
 
     def get(self, job_id: str) -> UsageLine | None:
         rows = self._select("job_id = ?", [job_id])
@@ -136,6 +159,14 @@ class Ledger:
         where, args = self._window(tenant, since, until)
         row = self.db.execute(f"SELECT COALESCE(SUM(amount_eur), 0), COALESCE(SUM(allocation_hours), 0) "
                               f"FROM usage_lines WHERE {where}", args).fetchone()
+        return float(row[0]), float(row[1])
+
+    def metered(self, tenant: str, month: str | None = None) -> tuple[float, float]:
+        """(euros, allocation hours) metered for the tenant in a month ("2026-11", by when its lines ended), or
+        ever: from the running totals, at the same cost whatever the ledger's size."""
+        where, args = ("tenant = ? AND month = ?", [tenant, month]) if month else ("tenant = ?", [tenant])
+        row = self.db.execute(f"SELECT COALESCE(SUM(amount_eur), 0), COALESCE(SUM(allocation_hours), 0) "
+                              f"FROM usage_totals WHERE {where}", args).fetchone()
         return float(row[0]), float(row[1])
 
     def add_topup(self, topup: Topup) -> bool:

@@ -104,6 +104,35 @@ def test_totals_sum_euros_and_allocation_hours_in_the_window(ledger):
     assert ledger.totals("nobody") == (0.0, 0.0)
 
 
+def test_running_totals_match_the_lines_per_month_and_ever(ledger):
+    june = T0 + timedelta(days=31)
+    ledger.add(line("may1", amount=1.25, ended=T0 + timedelta(hours=1)))
+    ledger.add(line("may2", amount=2.5, ended=T0 + timedelta(hours=5)))
+    ledger.add(line("may2", amount=99.0, ended=T0 + timedelta(hours=5)))  # a second line for a job: refused
+    ledger.add(line("june", amount=4.0, ended=june))
+    ledger.add(line("other", tenant="beta", amount=100.0))
+    assert ledger.metered("acme", "2025-05") == ledger.totals("acme", since=T0, until=june) == (3.75, 0.0)
+    assert ledger.metered("acme", "2025-06") == (4.0, 0.0)
+    assert ledger.metered("acme") == ledger.totals("acme") == (7.75, 0.0)
+    assert ledger.metered("nobody") == (0.0, 0.0)
+
+
+def test_running_totals_are_summed_for_a_ledger_made_before_them(ledger_target):
+    old = Ledger(ledger_target)
+    old.add(line("j1", amount=1.25))
+    old.add(line("j2", amount=2.5, ended=T0 + timedelta(days=40)))
+    old.db.execute("DROP TABLE usage_totals")  # as a ledger of the previous version was
+    old.db.execute("DELETE FROM ledger_schema WHERE version > ?", [len(MIGRATIONS) - 2])
+    old.close()
+
+    again = Ledger(ledger_target)
+    try:
+        assert again.metered("acme", "2025-05") == (1.25, 0.0)
+        assert again.metered("acme") == (3.75, 0.0)
+    finally:
+        again.close()
+
+
 def test_a_topup_counts_once_and_in_its_window(ledger):
     topup = Topup(topup_id="t1", tenant="acme", at=T0, amount_eur=50.0, allocation_hours=10.0, reason="grant")
     assert ledger.add_topup(topup) is True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import heapq
 from abc import ABC, abstractmethod
 from collections import deque
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ class Backend(ABC):
     def __init__(self, site: SiteEntry, reports: Reports) -> None:
         self.site = site
         self.reports = reports
+        # a heap per GPU type: a job takes the lowest-numbered free slots, in O(log n) however large the site
         self.free_slots: dict[str, list[int]] = {t: list(range(n)) for t, n in site.gpus.items()}
         self.queue: deque[Dispatch] = deque()
         self.running: dict[str, asyncio.Task] = {}
@@ -141,9 +143,7 @@ class Backend(ABC):
             if need > len(slots):
                 return
             self.queue.popleft()
-            taken = slots[:need]
-            if need:  # a job without GPUs holds no slot
-                self.free_slots[order.gpu_type] = slots[need:]
+            taken = [heapq.heappop(slots) for _ in range(need)]  # a job without GPUs holds no slot
             self.started[order.job_id] = (order, utcnow())
             # the run is a task of its own, so that cancelling it (even before it began) still ends in _watch;
             # both start from an empty context, not that of whichever job's end made room for this one (the
@@ -170,8 +170,8 @@ class Backend(ABC):
             if not run.done():  # the start could not be reported: the run must not outlive its GPUs
                 run.cancel("its start could not be reported")
                 await asyncio.gather(run, return_exceptions=True)
-            if slots:
-                self.free_slots[order.gpu_type] = sorted(self.free_slots[order.gpu_type] + slots)
+            for slot in slots:
+                heapq.heappush(self.free_slots[order.gpu_type], slot)
             self.running.pop(order.job_id, None)
             self.started.pop(order.job_id, None)
         try:
