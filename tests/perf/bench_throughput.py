@@ -194,6 +194,18 @@ async def at_rate(nc, subjects: Subjects, watch: Watch, rate: float, seconds: fl
             "dispatched_p50": percentile(dispatched, 0.5), "dispatched_p99": percentile(dispatched, 0.99)}
 
 
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """User and system CPU time each process has used so far."""
+    out = {}
+    for name, pid in pids.items():
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[name] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
 def peak_rss_mb(pids: dict[str, int]) -> dict[str, float]:
     out = {}
     for name, pid in pids.items():
@@ -234,9 +246,17 @@ async def run(args: argparse.Namespace, workdir: Path) -> None:
                 await asyncio.sleep(0.2)
             watch = Watch()
             await watch.start(nc, subjects)
+            processes = {**json.loads((workdir / "data" / "state.json").read_text())["services"],
+                         "nats-server": server.process.pid, "bench client": os.getpid()}
+            cpu_before = cpu_seconds(processes)
             rate, billed = await sustained(nc, subjects, watch, args.seconds, args.window)
+            cpu = {name: t - cpu_before[name] for name, t in cpu_seconds(processes).items()}
             print(f"sustained: {rate:,.1f} jobs/s submitted, run and billed over {args.seconds:g} s ({billed} jobs); "
                   f"efficiency against the baseline {rate / base:.1%}", flush=True)
+            # where the machine's time went: what each process spent on a job (2 cores give 2,000 ms a second)
+            print("  CPU per job billed: " + ", ".join(f"{name} {1000 * t / max(billed, 1):.2f} ms"
+                                                     for name, t in cpu.items())
+                  + f"; total {1000 * sum(cpu.values()) / max(billed, 1):.2f} ms", flush=True)
             results = [await at_rate(nc, subjects, watch, r, args.rate_seconds) for r in args.rates]
             print(f"{'offered':>8} {'achieved':>9} {'placed p50':>11} {'p99':>8} {'dispatched p50':>15} {'p99':>8}")
             for r in results:
