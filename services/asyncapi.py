@@ -9,8 +9,10 @@ from faststream import FastStream
 from faststream.specification import AsyncAPI
 
 from services.runtime import _factories
+from shared.bus import Bus
 from shared.settings import Settings
 
+Bus.documenting = True  # consumers as FastStream's per-message subscribers, which document their message type
 _settings = Settings(nats_url="nats://localhost:4222")
 _apps = [factory(_settings) for factory in _factories().values()]
 

@@ -139,7 +139,7 @@ def create_billing_app(settings: Settings):
 
     @bus.responder(subjects.billing_statement, "billing.statement")
     async def get_statement() -> dict:
-        request = parse_request(StatementRequest, bus.message().body)
+        request = parse_request(StatementRequest, bus.message().data)
         if isinstance(request, dict):
             return request
         if request.tenant not in billing.catalog.tenants:
@@ -153,7 +153,7 @@ def create_billing_app(settings: Settings):
 
     @bus.responder(subjects.billing_topup, "billing.topup")
     async def topup() -> dict:
-        request = parse_request(TopupRequest, bus.message().body)
+        request = parse_request(TopupRequest, bus.message().data)
         if isinstance(request, dict):
             return request
         if request.tenant not in billing.catalog.tenants:

@@ -162,7 +162,7 @@ def create_intake_app(settings: Settings):
     async def submit() -> dict:
         """Submit a JobSpec; the reply says accepted (with its job id) or rejected (with every problem)."""
         try:
-            reply = await intake.submit(bus.message().body, traceparent=bus.traceparent())
+            reply = await intake.submit(bus.message().data, traceparent=bus.traceparent())
         except Exception as e:  # a request is answered, whatever happens
             log.exception("submit.failed")
             reply = SubmitReply(job_id="", state="rejected", errors=[{"loc": [], "msg": f"internal error: {e}"}])
@@ -174,18 +174,18 @@ def create_intake_app(settings: Settings):
         msg = bus.message()
         headers = msg.headers or {}
         # without a key of its own, the message's place in the stream keeps a redelivery from being a second job
-        key = headers.get("Nats-Msg-Id") or f"intake-seq-{msg.raw_message.metadata.sequence.stream}"
-        await intake.submit(msg.body, subject_tenant=msg.raw_message.subject.rsplit(".", 1)[-1], msg_id=key,
+        key = headers.get("Nats-Msg-Id") or f"intake-seq-{msg.metadata.sequence.stream}"
+        await intake.submit(msg.data, subject_tenant=msg.subject.rsplit(".", 1)[-1], msg_id=key,
                             traceparent=headers.get(telemetry.TRACEPARENT))
 
     @bus.consumer(subjects.job_events_all, topology.events_stream, "registry", batch=128)
     async def registry(event: CloudEvent) -> None:
         """Fold every job event into the job's record."""
-        await intake.apply(event, bus.message().raw_message.metadata.sequence.stream)
+        await intake.apply(event, bus.message().metadata.sequence.stream)
 
     @bus.responder(subjects.jobs_get, "jobs.get")
     async def get() -> dict:
-        ref = parse_request(JobRef, bus.message().body)
+        ref = parse_request(JobRef, bus.message().data)
         if isinstance(ref, dict):
             return ref
         try:
@@ -197,7 +197,7 @@ def create_intake_app(settings: Settings):
 
     @bus.responder(subjects.jobs_cancel, "jobs.cancel")
     async def cancel() -> dict:
-        request = parse_request(CancelRequest, bus.message().body)
+        request = parse_request(CancelRequest, bus.message().data)
         if isinstance(request, dict):
             return request
         try:

@@ -513,7 +513,7 @@ def create_routing_app(settings: Settings):
     bus.document_events(subjects.job_event(kind="queued"), "A job waits; data.reasons and data.decision say why.")
     bus.document_events(subjects.job_event(kind="rejected"), "No site in the catalog can ever run the job.")
     async def place(event: CloudEvent) -> None:
-        tries = bus.message().raw_message.metadata.num_delivered
+        tries = bus.message().metadata.num_delivered
         try:
             await router.place(event, bus.traceparent(), tries)
         except (NackMessage, asyncio.CancelledError):
@@ -551,7 +551,7 @@ def create_routing_app(settings: Settings):
                   deliver_policy=DeliverPolicy.NEW)
     async def site_down(event: CloudEvent) -> None:
         status = SiteStatus.model_validate(event.data)
-        tries = bus.message().raw_message.metadata.num_delivered
+        tries = bus.message().metadata.num_delivered
         try:
             await router.site_down(status.site_id, status.down_since or event.time, first_look=tries == 1)
         except (NackMessage, asyncio.CancelledError):

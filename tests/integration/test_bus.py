@@ -1,13 +1,17 @@
-"""The bus's compare-and-set against a real nats-server: concurrent changes to one key are grouped into few
-writes, none is lost (within a process or across two), and each caller gets its own outcome."""
+"""The bus against a real nats-server: concurrent changes to one key are grouped into few writes, none is
+lost (within a process or across two), and each caller gets its own outcome; the messages a consumer fetches
+together are handled each on its own (acked, handed back, retried, dead-lettered)."""
 
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 
 import pytest
+from faststream.exceptions import NackMessage
 
 from shared.bus import create_bus
+from shared.contracts.events import CloudEvent, make_event
 from shared.settings import Settings
 
 BUCKET = "test_counters"
@@ -66,3 +70,53 @@ async def test_a_failing_change_fails_its_caller_only(buses):
     assert outcomes[2] == {"count": 2}
     assert outcomes[3] == {"count": 5}
     assert (await bus.get_json(BUCKET, "site"))[0] == {"count": 5}
+
+
+async def test_each_message_of_a_fetch_has_its_own_outcome(nats_server):
+    bus = create_bus(Settings(nats_url=nats_server.url, max_deliveries=2, retry_backoff_s=0.05), "test")
+    subjects, topology = bus.subjects, bus.topology
+    handled: Counter[str] = Counter()
+    done = asyncio.Event()
+
+    @bus.consumer(subjects.job_event(kind="succeeded"), topology.events_stream, "probe", batch=32)
+    async def probe(event: CloudEvent) -> None:
+        handled[event.subject] += 1
+        if event.subject == "fails" or event.subject == "waits" and handled["waits"] == 1:
+            if event.subject == "waits":
+                raise NackMessage(delay=0.05)  # not yet: again later, and not counted as a failure
+            raise RuntimeError("this one cannot be handled")
+        if handled["waits"] == 2 and all(handled[f"ok{i}"] for i in range(8)):
+            done.set()
+
+    await bus.broker.connect()
+    await bus.ensure_topology()
+    dead = await bus.js.pull_subscribe(subjects.dead_letter("test"), durable=None, stream=topology.dead_letter_stream)
+    for name in [*(f"ok{i}" for i in range(8)), "fails", "waits"]:
+        event = make_event("test", "job", "succeeded", name, {"job_id": name, "tenant": "t"}, name)
+        await bus.publish_event(subjects.job_event("t", name, "succeeded"), event)
+    await bus.broker.publish(b"{not json", subjects.job_event("t", "garbled", "succeeded"),
+                             stream=topology.events_stream)
+    await bus.start_consumers()
+    try:
+        await asyncio.wait_for(done.wait(), 10)
+        letters = []
+        while len(letters) < 2:  # a fetch returns what is there already
+            letters += await dead.fetch(2 - len(letters), timeout=10)
+        letters.sort(key=lambda m: m.headers["Continuum-Reason"])
+        # the failing one tried max_deliveries times, the garbled one failed to decode: each dead-lettered alone
+        assert [m.headers["Continuum-Tries"] for m in letters] == ["2", "2"]
+        assert "RuntimeError: this one cannot be handled" in letters[0].headers["Continuum-Reason"]
+        assert "ValidationError" in letters[1].headers["Continuum-Reason"]
+        assert letters[1].data == b"{not json"
+        await bus.stop_consumers()
+        # the others were handled once each and acked: nothing of them is pending in the consumer
+        assert all(handled[f"ok{i}"] == 1 for i in range(8)) and handled["fails"] == 2
+        async def settled():  # the server takes acks in on its own time
+            while (info := await bus.js.consumer_info(topology.events_stream, topology.durable("test", "probe"))
+                   ).num_ack_pending:
+                await asyncio.sleep(0.05)
+            return info
+        assert (await asyncio.wait_for(settled(), 5)).num_pending == 0
+    finally:
+        await bus.stop_consumers()
+        await bus.broker.stop()
