@@ -208,9 +208,10 @@ class Bus:
         """The trace context the message being handled carries."""
         return (self.message().headers or {}).get(TRACEPARENT)
 
-    def responder(self, subject: str, title: str):
-        """A request/reply handler; replicas share requests in the service's queue group."""
-        return self.broker.subscriber(subject, queue=self.service, title=title)
+    def responder(self, subject: str, title: str, concurrency: int = 64):
+        """A request/reply handler; replicas share requests in the service's queue group, and each serves up to
+        `concurrency` at once (one at a time, a submission's two round trips would queue every other)."""
+        return self.broker.subscriber(subject, queue=self.service, title=title, max_workers=concurrency)
 
     def document_events(self, subject: str, description: str) -> None:
         """Declare, for the AsyncAPI document, events this service publishes (subjects with wildcards)."""
