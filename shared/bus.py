@@ -128,14 +128,12 @@ class Bus:
 
     async def stop_consumers(self, grace_s: float = 10.0) -> None:
         """Stop fetching; the messages in hand are finished first (for at most `grace_s`)."""
-        for consumer in self._consumers:
-            consumer.stopping = True
-            if consumer.task and not consumer.busy:
-                consumer.task.cancel()
         tasks = [c.task for c in self._consumers if c.task]
+        for task in tasks:  # out of its fetch: it then waits for the messages it has
+            task.cancel()
         if tasks:
             _, late = await asyncio.wait(tasks, timeout=grace_s)
-            for task in late:
+            for task in late:  # and those too
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
         for consumer in self._consumers:  # a subscription left open would hold up the connection's drain
@@ -144,23 +142,38 @@ class Bus:
                 consumer.subscription = None
 
     async def _pull(self, consumer: _Consumer) -> None:
+        """Fetch and hand each message to its own task, up to `batch` at once; fetch again once half of them are
+        done, so that a slow message does not hold up the ones behind it (a fetch at a time, handled whole,
+        would), while a fetch still brings many."""
+        in_flight: set[asyncio.Task] = set()
+        room = asyncio.Event()
         failures = 0
-        while not consumer.stopping:
-            try:
-                messages = await consumer.subscription.fetch(consumer.batch, timeout=5.0)  # what is there, as soon as there is any
-            except TimeoutError:  # nothing came
-                continue
-            except Exception as e:  # the server is away: try again, less and less often, until it is back
-                failures += 1
-                log.warning("fetch.failed", consumer=consumer.durable, tries=failures, reason=repr(e))
-                await asyncio.sleep(min(5.0, 0.05 * 2 ** failures))
-                continue
-            failures = 0
-            consumer.busy = True
-            try:
-                await asyncio.gather(*(self._handle(consumer.handler, consumer.body, m) for m in messages))
-            finally:
-                consumer.busy = False
+
+        def done(task: asyncio.Task) -> None:
+            in_flight.discard(task)
+            if len(in_flight) <= consumer.batch // 2:
+                room.set()
+        try:
+            while True:
+                if len(in_flight) > consumer.batch // 2:
+                    room.clear()
+                    await room.wait()
+                try:  # what is there, as soon as there is any
+                    messages = await consumer.subscription.fetch(consumer.batch - len(in_flight), timeout=5.0)
+                except TimeoutError:  # nothing came
+                    continue
+                except Exception as e:  # the server is away: try again, less and less often, until it is back
+                    failures += 1
+                    log.warning("fetch.failed", consumer=consumer.durable, tries=failures, reason=repr(e))
+                    await asyncio.sleep(min(5.0, 0.05 * 2 ** failures))
+                    continue
+                failures = 0
+                for msg in messages:
+                    task = asyncio.create_task(self._handle(consumer.handler, consumer.body, msg))
+                    in_flight.add(task)
+                    task.add_done_callback(done)
+        finally:  # stopping: the messages in hand are finished (cancelled too if the stop cannot wait)
+            await asyncio.gather(*in_flight, return_exceptions=True)
 
     async def _handle(self, handler: Callable[..., Awaitable[None]], body: TypeAdapter | None, msg: Msg) -> None:
         """One message of a fetch: its handler's outcome decides its ack."""
@@ -335,8 +348,6 @@ class _Consumer:
     body: TypeAdapter | None
     subscription: Any = None  # nats-py's pull subscription, once started
     task: asyncio.Task | None = None
-    busy: bool = False  # handling a fetch
-    stopping: bool = False
 
 
 # the message the handler running in this task is handling (a consumer's; a responder's is FastStream's)
