@@ -7,6 +7,7 @@ No broker exists at import time: a service's `create_app(settings)` calls `creat
 from __future__ import annotations
 
 import asyncio
+import functools
 import typing
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
@@ -61,6 +62,7 @@ class Bus:
     _buckets: dict[str, KeyValue] = field(default_factory=dict)
     _queued: dict[tuple[str, str], list[_Pending]] = field(default_factory=dict)  # changes waiting for a write
     _consumers: list[_Consumer] = field(default_factory=list)
+    _responders: list[_Responder] = field(default_factory=list)
     # set while the AsyncAPI document is built: consumers are then FastStream subscribers
     documenting: ClassVar[bool] = False
 
@@ -120,17 +122,27 @@ class Bus:
             return handler
         return register
 
-    async def start_consumers(self) -> None:
+    async def start_handling(self) -> None:
+        """Subscribe every consumer and responder."""
         for consumer in self._consumers:
             consumer.subscription = await self.js.pull_subscribe(
                 consumer.subject, durable=consumer.durable, stream=consumer.stream, config=consumer.config)
             consumer.task = asyncio.create_task(self._pull(consumer), name=f"pull-{consumer.durable}")
+        nc = self.broker.config.connection_state.connection
+        for responder in self._responders:
+            responder.subscription = await nc.subscribe(responder.subject, queue=self.service,
+                                                        cb=functools.partial(self._take_request, responder))
 
-    async def stop_consumers(self, grace_s: float = 10.0) -> None:
-        """Stop fetching; the messages in hand are finished first (for at most `grace_s`)."""
+    async def stop_handling(self, grace_s: float = 10.0) -> None:
+        """Stop taking messages and requests; those in hand are finished first (for at most `grace_s`)."""
+        for responder in self._responders:
+            if responder.subscription:
+                await responder.subscription.unsubscribe()
+                responder.subscription = None
         tasks = [c.task for c in self._consumers if c.task]
         for task in tasks:  # out of its fetch: it then waits for the messages it has
             task.cancel()
+        tasks += [t for r in self._responders for t in r.in_flight]
         if tasks:
             _, late = await asyncio.wait(tasks, timeout=grace_s)
             for task in late:  # and those too
@@ -212,19 +224,44 @@ class Bus:
         await msg.ack()
 
     def message(self) -> Msg:
-        """The NATS message being handled (its `data`, `headers`, `subject`, JetStream `metadata`). Handlers ask
-        here rather than declare a `msg: NatsMessage` parameter: fast_depends resolves such a parameter in a
-        worker thread, a thread hop for every message."""
-        return _handling.get(None) or self.broker.context.get_local("message").raw_message
+        """The NATS message (or request) being handled: its `data`, `headers`, `subject`, JetStream `metadata`."""
+        return _handling.get()
 
     def traceparent(self) -> str | None:
         """The trace context the message being handled carries."""
         return (self.message().headers or {}).get(TRACEPARENT)
 
     def responder(self, subject: str, title: str, concurrency: int = 64):
-        """A request/reply handler; replicas share requests in the service's queue group, and each serves up to
-        `concurrency` at once (one at a time, a submission's two round trips would queue every other)."""
-        return self.broker.subscriber(subject, queue=self.service, title=title, max_workers=concurrency)
+        """A request/reply handler: it takes no parameter (the request is `message()`) and returns the reply, a
+        dict. Replicas share requests in the service's queue group; each serves up to `concurrency` at once (one
+        at a time, a submission's two round trips would queue every other). Served by the bus, as consumers
+        are; FastStream's subscriber documents it."""
+        def register(handler: Callable[[], Awaitable[dict]]):
+            if self.documenting:
+                self.broker.subscriber(subject, queue=self.service, title=title)(handler)
+            else:
+                self._responders.append(_Responder(subject, handler, asyncio.Semaphore(concurrency)))
+            return handler
+        return register
+
+    async def _take_request(self, responder: _Responder, msg: Msg) -> None:
+        # nats-py waits for this before it hands over the next request: it only starts the work
+        await responder.slots.acquire()
+        task = asyncio.create_task(self._answer(responder, msg))
+        responder.in_flight.add(task)
+        task.add_done_callback(lambda t: (responder.in_flight.discard(t), responder.slots.release()))
+
+    async def _answer(self, responder: _Responder, msg: Msg) -> None:
+        handling = _handling.set(msg)
+        try:
+            reply = await responder.handler()
+        except Exception as e:  # a request is answered, whatever happens
+            log.exception("request.failed", subject=msg.subject)
+            reply = {"error": f"internal error: {e}"}
+        finally:
+            _handling.reset(handling)
+        if msg.reply:
+            await msg.respond(dumps(reply))
 
     def document_events(self, subject: str, description: str) -> None:
         """Declare, for the AsyncAPI document, events this service publishes (subjects with wildcards)."""
@@ -350,8 +387,17 @@ class _Consumer:
     task: asyncio.Task | None = None
 
 
-# the message the handler running in this task is handling (a consumer's; a responder's is FastStream's)
-_handling: ContextVar[Msg | None] = ContextVar("handling", default=None)
+@dataclass
+class _Responder:
+    subject: str
+    handler: Callable[[], Awaitable[dict]]
+    slots: asyncio.Semaphore  # requests served at once
+    subscription: Any = None
+    in_flight: set[asyncio.Task] = field(default_factory=set)
+
+
+# the message the handler running in this task is handling
+_handling: ContextVar[Msg] = ContextVar("handling")
 
 
 def _headers(msg_id: str, traceparent: str | None) -> dict[str, str]:
@@ -442,9 +488,9 @@ Hook = Callable[[], Awaitable[None]]
 
 def create_app(bus: Bus, *, on_startup: tuple[Hook, ...] = (), after_startup: tuple[Hook, ...] = (),
                on_shutdown: tuple[Hook, ...] = ()) -> FastStream:
-    # consumers stop first, and finish the messages in hand while what they use is still there
+    # handlers stop first, and finish the messages in hand while what they use is still there
     app = FastStream(bus.broker, logger=None, after_startup=list(after_startup),
-                     on_shutdown=[bus.stop_consumers, *on_shutdown])
+                     on_shutdown=[bus.stop_handling, *on_shutdown])
 
     @app.on_startup
     async def _topology() -> None:
@@ -454,7 +500,7 @@ def create_app(bus: Bus, *, on_startup: tuple[Hook, ...] = (), after_startup: tu
 
     for hook in on_startup:  # after the topology: a hook may read a bucket
         app.on_startup(hook)
-    app.on_startup(bus.start_consumers)  # last: a handler may need what a hook set up (routing's mirrors)
+    app.on_startup(bus.start_handling)  # last: a handler may need what a hook set up (routing's mirrors)
     return app
 
 

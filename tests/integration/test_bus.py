@@ -96,7 +96,7 @@ async def test_each_message_of_a_fetch_has_its_own_outcome(nats_server):
         await bus.publish_event(subjects.job_event("t", name, "succeeded"), event)
     await bus.broker.publish(b"{not json", subjects.job_event("t", "garbled", "succeeded"),
                              stream=topology.events_stream)
-    await bus.start_consumers()
+    await bus.start_handling()
     try:
         await asyncio.wait_for(done.wait(), 10)
         letters = []
@@ -108,7 +108,7 @@ async def test_each_message_of_a_fetch_has_its_own_outcome(nats_server):
         assert "RuntimeError: this one cannot be handled" in letters[0].headers["Continuum-Reason"]
         assert "ValidationError" in letters[1].headers["Continuum-Reason"]
         assert letters[1].data == b"{not json"
-        await bus.stop_consumers()
+        await bus.stop_handling()
         # the others were handled once each and acked: nothing of them is pending in the consumer
         assert all(handled[f"ok{i}"] == 1 for i in range(8)) and handled["fails"] == 2
         async def settled():  # the server takes acks in on its own time
@@ -118,5 +118,5 @@ async def test_each_message_of_a_fetch_has_its_own_outcome(nats_server):
             return info
         assert (await asyncio.wait_for(settled(), 5)).num_pending == 0
     finally:
-        await bus.stop_consumers()
+        await bus.stop_handling()
         await bus.broker.stop()
