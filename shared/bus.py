@@ -102,9 +102,9 @@ class Bus:
         dead-lettered with its reason.
 
         The pull loop is the bus's own (see `_pull`), not a FastStream subscriber: FastStream's per-message
-        path costs a middleware stack and a dependency solve for every message (a third of a busy
-        consumer's time), its batch mode waits for a full batch and acks or retries it as a whole, and its
-        loop retries a failed fetch at once, without end. The AsyncAPI document is built from the same
+        path costs a middleware stack and a dependency solve for every message (a fifth of a busy service's
+        time), its batch mode waits for a full batch and acks or retries it as a whole, and its loop retries a
+        failed fetch at once, without end. The AsyncAPI document is built from the same
         handlers as FastStream subscribers (`documenting`), which describe each message as it is on the wire.
         """
         def register(handler: Callable[..., Awaitable[None]]):

@@ -9,7 +9,9 @@ publish-and-consume loop on the same nats-server, in one run.
    it can; its messages per second / 7 is the most jobs per second the broker could carry on this machine.
 2. sustained: `continuum up` (every service a process, four simulated sites with room for every job, jobs
    of zero runtime); jobs submitted on `continuum.jobs.submit` as fast as they are taken, with at most
-   `--window` of them not yet billed; jobs billed per second over `--seconds`.
+   `--window` of them not yet billed; jobs billed per second over `--seconds`, then jobs per second with
+   every service caught up (until no durable consumer has a message left), and the CPU each process spent
+   per job.
 3. latency: jobs offered at fixed rates (`--rates`, each for `--rate-seconds`): p50 and p99 from sending
    the submission to the `placed` and the `dispatched` events.
 4. memory: each service's peak RSS (VmHWM) at the end, and with how many jobs in the registry (the
@@ -125,6 +127,21 @@ class Watch:
             seen.setdefault(job_id, now)
             self.changed.set()
         return record
+
+
+async def system_up(nc, subjects: Subjects, up: subprocess.Popen) -> None:
+    """Until every site reports and intake answers."""
+    while True:
+        if up.poll() is not None:
+            raise SystemExit(f"continuum up exited with code {up.returncode}")
+        try:
+            reply = await request_json(nc, subjects.sites_list, {}, timeout=1)
+            await request_json(nc, subjects.jobs_get, {"job_id": "probe"}, timeout=1)
+            if reply.get("sites") and all(s["state"] == "up" for s in reply["sites"]):
+                return
+        except RuntimeError:
+            pass
+        await asyncio.sleep(0.2)
 
 
 async def submit(nc, subjects: Subjects, watch: Watch) -> None:
@@ -250,17 +267,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> None:
         subjects = Subjects()
         nc = await nats.connect(server.url, pending_size=256 * 1024 * 1024)
         try:
-            while True:  # every site reports and intake answers
-                if up.poll() is not None:
-                    raise SystemExit(f"continuum up exited with code {up.returncode}")
-                try:
-                    reply = await request_json(nc, subjects.sites_list, {}, timeout=1)
-                    await request_json(nc, subjects.jobs_get, {"job_id": "probe"}, timeout=1)
-                    if reply.get("sites") and all(s["state"] == "up" for s in reply["sites"]):
-                        break
-                except RuntimeError:
-                    pass
-                await asyncio.sleep(0.2)
+            await system_up(nc, subjects, up)
             watch = Watch()
             await watch.start(nc, subjects)
             processes = {**json.loads((workdir / "data" / "state.json").read_text())["services"],
