@@ -93,32 +93,34 @@ class Bus:
                     self._buckets[bucket] = await self.js.key_value(bucket)
         return self._buckets[bucket]
 
-    def consumer(self, subject: str, stream: str, role: str, batch: int = 64, **config: Any):
+    def consumer(self, subject: str, stream: str, role: str, batch: int = 64, dead_letter: bool = True,
+                 **config: Any):
         """A durable JetStream consumer of this service, shared by its replicas, with explicit acks.
 
         The handler takes the message's body as its one parameter's type (or no parameter: `message()`).
         The messages of a fetch are handled concurrently, each on its own: acked when its handler returns,
         handed back with the delay a NackMessage asks for, and when it fails retried with backoff, then
-        dead-lettered with its reason.
+        dead-lettered with its reason. Without `dead_letter` (a consumer whose messages wait by being handed
+        back: JetStream counts those rounds as deliveries too), a failing message is retried for as long as it
+        fails, with a backoff of up to 30 s.
 
         The pull loop is the bus's own (see `_pull`), not a FastStream subscriber: FastStream's per-message
         path costs a middleware stack and a dependency solve for every message (a fifth of a busy service's
         time), its batch mode waits for a full batch and acks or retries it as a whole, and its loop retries a
-        failed fetch at once, without end. The AsyncAPI document is built from the same
-        handlers as FastStream subscribers (`documenting`), which describe each message as it is on the wire.
+        failed fetch at once, without end. The AsyncAPI document is built from the same handlers as FastStream
+        subscribers (`documenting`), which describe each message as it is on the wire.
         """
         def register(handler: Callable[..., Awaitable[None]]):
-            durable = self.topology.durable(self.service, role)
+            durable, settings = self.topology.durable(self.service, role), consumer_config(**config)
             if self.documenting:
                 self.broker.subscriber(subject, stream=JStream(stream, declare=False), durable=durable,
-                                       pull_sub=PullSub(batch_size=batch), config=consumer_config(**config),
-                                       title=role)(handler)
+                                       pull_sub=PullSub(batch_size=batch), config=settings, title=role)(handler)
             else:
                 # the type of its one parameter, if it takes one
                 body = TypeAdapter(next(iter(typing.get_type_hints(handler).values()))) \
                     if handler.__code__.co_argcount else None
-                self._consumers.append(_Consumer(subject, stream, durable, consumer_config(**config), batch,
-                                                 handler, body))
+                self._consumers.append(_Consumer(subject, stream, durable, settings, batch, handler, body,
+                                                 dead_letter))
             return handler
         return register
 
@@ -181,35 +183,39 @@ class Bus:
                     continue
                 failures = 0
                 for msg in messages:
-                    task = asyncio.create_task(self._handle(consumer.handler, consumer.body, msg))
+                    task = asyncio.create_task(self._handle(consumer, msg))
                     in_flight.add(task)
                     task.add_done_callback(done)
         finally:  # stopping: the messages in hand are finished (cancelled too if the stop cannot wait)
             await asyncio.gather(*in_flight, return_exceptions=True)
 
-    async def _handle(self, handler: Callable[..., Awaitable[None]], body: TypeAdapter | None, msg: Msg) -> None:
+    async def _handle(self, consumer: _Consumer, msg: Msg) -> None:
         """One message of a fetch: its handler's outcome decides its ack."""
         handling = _handling.set(msg)
+        dead_letter = True  # a message that does not decode never will
         try:
-            await (handler(body.validate_json(msg.data)) if body else handler())
+            body = consumer.body.validate_json(msg.data) if consumer.body else None
+            dead_letter = consumer.dead_letter
+            await (consumer.handler(body) if consumer.body else consumer.handler())
         except NackMessage as nack:  # the handler asks for it again later
             await msg.nak(delay=nack.extra_options.get("delay"))
         except asyncio.CancelledError:
             raise  # the service stops: unacknowledged, the message comes again
         except Exception as exc:
-            await self._retry_or_dead_letter(msg, exc)
+            await self._retry_or_dead_letter(msg, exc, dead_letter)
         else:
             await msg.ack()
         finally:
             _handling.reset(handling)
 
-    async def _retry_or_dead_letter(self, msg: Msg, exc: Exception) -> None:
+    async def _retry_or_dead_letter(self, msg: Msg, exc: Exception, dead_letter: bool) -> None:
         """A failed message is retried with backoff; after the last try it goes to the dead-letter stream with
-        its reason (dropping it, as FastStream would, would lose the job's step)."""
+        its reason (dropping it, as FastStream would, would lose the job's step), unless it is never to be."""
         tries = msg.metadata.num_delivered
         reason = f"{type(exc).__name__}: {exc}"
-        if tries < self.settings.max_deliveries:
-            delay = self.settings.retry_backoff_s * 2 ** (tries - 1)
+        if not dead_letter or tries < self.settings.max_deliveries:
+            delay = self.settings.retry_backoff_s * 2 ** (tries - 1) if dead_letter \
+                else min(30.0, self.settings.retry_backoff_s * 2 ** min(tries, 6))
             log.warning("message.retry", subject=msg.subject, tries=tries, delay_s=delay, reason=reason)
             await msg.nak(delay=delay)
             return
@@ -383,6 +389,7 @@ class _Consumer:
     batch: int
     handler: Callable[..., Awaitable[None]]
     body: TypeAdapter | None
+    dead_letter: bool
     subscription: Any = None  # nats-py's pull subscription, once started
     task: asyncio.Task | None = None
 

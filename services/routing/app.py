@@ -7,7 +7,6 @@ dies while holding it loses nothing, since the event is redelivered to another.
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 import uuid
@@ -513,20 +512,12 @@ def create_routing_app(settings: Settings):
     bus.document_events(subjects.job_event(kind="queued"), "A job waits; data.reasons and data.decision say why.")
     bus.document_events(subjects.job_event(kind="rejected"), "No site in the catalog can ever run the job.")
     async def place(event: CloudEvent) -> None:
-        tries = bus.message().metadata.num_delivered
-        try:
-            await router.place(event, bus.traceparent(), tries)
-        except (NackMessage, asyncio.CancelledError):
-            raise
-        except Exception as e:
-            # JetStream counts a waiting job's rounds as deliveries too, so the dead-letter count would
-            # drop a job that waited long on its first hiccup: placement retries with backoff instead
-            log.warning("placement.retry", job_id=event.data.get("job_id"), tries=tries, reason=repr(e))
-            raise NackMessage(delay=min(30.0, bus.settings.retry_backoff_s * 2 ** min(tries, 6))) from e
+        await router.place(event, bus.traceparent(), bus.message().metadata.num_delivered)
 
     for kind in (JobState.accepted, JobState.requeued):
-        # waiting jobs stay unacknowledged while they wait: allow many of them
-        bus.consumer(subjects.job_event(kind=kind.value), topology.events_stream, kind.value,
+        # waiting jobs stay unacknowledged while they wait: allow many of them; JetStream counts their rounds
+        # as deliveries, so the dead-letter count would drop a job that waited long on its first hiccup
+        bus.consumer(subjects.job_event(kind=kind.value), topology.events_stream, kind.value, dead_letter=False,
                      max_ack_pending=100_000)(place)
 
     async def release(event: CloudEvent) -> None:
@@ -547,18 +538,13 @@ def create_routing_app(settings: Settings):
                      batch=128)(release)
 
     # outages are acted on as they happen: a routing service deployed later does not replay old ones
-    @bus.consumer(subjects.site_event(kind="down"), topology.events_stream, "site-down", batch=8,
+    # its waits for a grace period count as deliveries too: never dead-lettered
+    @bus.consumer(subjects.site_event(kind="down"), topology.events_stream, "site-down", batch=8, dead_letter=False,
                   deliver_policy=DeliverPolicy.NEW)
     async def site_down(event: CloudEvent) -> None:
         status = SiteStatus.model_validate(event.data)
-        tries = bus.message().metadata.num_delivered
-        try:
-            await router.site_down(status.site_id, status.down_since or event.time, first_look=tries == 1)
-        except (NackMessage, asyncio.CancelledError):
-            raise
-        except Exception as e:  # its waits count as deliveries too: retried with backoff, never dead-lettered
-            log.warning("site_down.retry", site=status.site_id, tries=tries, reason=repr(e))
-            raise NackMessage(delay=min(30.0, bus.settings.retry_backoff_s * 2 ** min(tries, 6))) from e
+        first_look = bus.message().metadata.num_delivered == 1
+        await router.site_down(status.site_id, status.down_since or event.time, first_look=first_look)
 
     @bus.consumer(subjects.site_event(kind="up"), topology.events_stream, "site-up", batch=8,
                   deliver_policy=DeliverPolicy.NEW)

@@ -120,3 +120,31 @@ async def test_each_message_of_a_fetch_has_its_own_outcome(nats_server):
     finally:
         await bus.stop_handling()
         await bus.broker.stop()
+
+
+async def test_a_consumer_without_dead_letters_retries_until_the_message_is_handled(nats_server):
+    bus = create_bus(Settings(nats_url=nats_server.url, max_deliveries=2, retry_backoff_s=0.05), "test")
+    subjects, topology = bus.subjects, bus.topology
+    tries: list[int] = []
+    done = asyncio.Event()
+
+    @bus.consumer(subjects.job_event(kind="accepted"), topology.events_stream, "patient", dead_letter=False)
+    async def patient(event: CloudEvent) -> None:
+        tries.append(bus.message().metadata.num_delivered)
+        if len(tries) < 4:  # past max_deliveries: a consumer that dead-letters would have given up
+            raise RuntimeError("not yet")
+        done.set()
+
+    await bus.broker.connect()
+    await bus.ensure_topology()
+    event = make_event("test", "job", "accepted", "j1", {"job_id": "j1", "tenant": "t"}, "j1")
+    await bus.publish_event(subjects.job_event("t", "j1", "accepted"), event)
+    await bus.start_handling()
+    try:
+        await asyncio.wait_for(done.wait(), 10)
+        assert tries == [1, 2, 3, 4]
+        info = await bus.js.stream_info(topology.dead_letter_stream)
+        assert info.state.messages == 0
+    finally:
+        await bus.stop_handling()
+        await bus.broker.stop()
