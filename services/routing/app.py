@@ -62,6 +62,9 @@ class Router:
         self.catalog = catalog
         # sites, reservations and metered budgets, kept in memory by watches: a placement reads no bucket
         self.mirrors: dict[str, KvMirror] = {}
+        # one wake at a time in this process; releases meanwhile ask for one more round after it
+        self.waking = False
+        self.wake_again = False
 
     async def start(self) -> None:
         t = self.bus.topology
@@ -134,10 +137,26 @@ class Router:
         await self.place_job(event.data["job_id"], event.data["tenant"], int(event.data.get("attempt", 0)),
                              traceparent, tries)
 
-    async def wake(self, limit: int = 8) -> None:
-        """GPUs came back: try waiting jobs now, highest priority and longest waiting first, rather than at
-        their next retry. A job placed here finds itself placed when its own event comes back (the same
-        placement, dispatched once: ids and reservations make it idempotent)."""
+    async def wake(self) -> None:
+        """GPUs came back: try waiting jobs now, rather than at their next retry. The releases of a fetch are
+        handled at once, and each would try the same waiting jobs at the same time: a release during a wake
+        asks for one more round after it instead."""
+        if self.waking:
+            self.wake_again = True
+            return
+        self.waking = True
+        try:
+            self.wake_again = True
+            while self.wake_again:
+                self.wake_again = False
+                await self._wake()
+        finally:
+            self.waking = False
+
+    async def _wake(self, limit: int = 8) -> None:
+        """Waiting jobs, highest priority and longest waiting first. A job placed here finds itself placed when
+        its own event comes back (the same placement, dispatched once: ids and reservations make it
+        idempotent)."""
         now = time.time()
         board = [(job_id, entry) for job_id, (entry, _) in self.mirrors[self.bus.topology.waiting_bucket].values.items()
                  if now - entry["refreshed_at"] <= 3 * WAITING_REFRESH_S]
@@ -201,17 +220,18 @@ class Router:
         held = self.held()
         holding = self.holder(held, job_id, attempt)
         if holding is not None:
-            # reserved before a crash, by this attempt's try that had not announced it: finish that placement
+            # reserved by a try at this attempt that crashed before announcing it, or that is still at work (a
+            # woken try and the job's own event): announce that placement, explained again. The stream keeps
+            # the first announcement; if another try's came first, only its order goes out, for the job may
+            # hold GPUs at two sites a moment (the other try's give its own back)
             site_id, r = holding
             span.set_attribute(telemetry.Attr.OUTCOME, f"already {record.state.value}")
-            if record.state == JobState.placed:  # announced; the order may not be out yet (JetStream drops a copy)
-                await self.send_order(record, spec, site_id, r.gpu_type, attempt)
-            elif record.state not in (JobState.dispatched, JobState.started):
-                # not announced: the same placement, explained again
+            if record.state not in (JobState.dispatched, JobState.started):
                 decision = place(spec, tenant, await self.views(held, need, give_back=holding),
                                  await self.budget(tenant_id, held), utcnow(), avoid)
                 decision = decision.model_copy(update={"site": site_id, "gpu_type": r.gpu_type, "overflow": r.overflow})
-                await self.dispatch(record, spec, decision, attempt, span, r.token)
+                if not await self.dispatch(record, spec, decision, attempt, span, r.token):
+                    await self.follow_winner(record, spec, attempt, span, site_id, r.token)
             await self.leave_line(job_id)
             return
 
@@ -277,18 +297,24 @@ class Router:
             # if two tries got this far, the stream decides: the first `placed` event it stores (the id is the
             # job's and the attempt's) wins, and the other try gives back what it reserved, unless the winner
             # uses those very GPUs
-            if await self.dispatch(record, spec, decision, attempt, span, holding_token, fresh=True):
+            if await self.dispatch(record, spec, decision, attempt, span, holding_token):
                 await self.leave_line(job_id)
                 return
-            winner = await self.placed_by_another(record, attempt) or {}
-            span.set_attribute(telemetry.Attr.OUTCOME, f"placed by another try at {winner.get('site')}")
-            if winner.get("reservation") != token:
-                await self.bus.update_json(self.bus.topology.reservations_bucket, site.id,
-                                           lambda doc: reservations.release(doc, job_id, token=token))
-            if int(winner.get("attempt", 0)) == attempt:
-                # the winner may have stopped before sending its order: sending it again is harmless (one id)
-                await self.send_order(record, spec, winner["site"], winner["gpu_type"], attempt)
+            await self.follow_winner(record, spec, attempt, span, site.id, token)
             return
+
+    async def follow_winner(self, record: JobRecord, spec: JobSpec, attempt: int, span, site_id: str,
+                            token: str) -> None:
+        """Another try's `placed` event for this attempt came first, and it stands: the reservation made with
+        `token` at the site goes back unless the winner uses it, and the winner's order goes out (again, if
+        the winner sent it: one id, JetStream keeps one)."""
+        winner = await self.placed_by_another(record, attempt) or {}
+        span.set_attribute(telemetry.Attr.OUTCOME, f"placed by another try at {winner.get('site')}")
+        if winner.get("reservation") != token:
+            await self.bus.update_json(self.bus.topology.reservations_bucket, site_id,
+                                       lambda doc: reservations.release(doc, record.job_id, token=token))
+        if int(winner.get("attempt", 0)) == attempt:
+            await self.send_order(record, spec, winner["site"], winner["gpu_type"], attempt)
 
     async def wait_in_line(self, job_id: str, spec: JobSpec) -> None:
         """Put the job on the waiting board (or refresh it there), with what a lower priority must check."""
@@ -334,14 +360,14 @@ class Router:
         return data if int(data.get("attempt", 0)) >= attempt else None
 
     async def dispatch(self, record: JobRecord, spec: JobSpec, decision: Decision, attempt: int, span,
-                       reservation: str, fresh: bool = False) -> bool:
+                       reservation: str) -> bool:
         """Announce the placement (with the token of the reservation it uses) and send the site its order.
-        False for a fresh placement whose `placed` event the stream had already (another try placed this
-        attempt first): the order is not this try's to send."""
+        False if the stream had this attempt's `placed` event already (another try placed it first): the
+        order is not this try's to send, since the two may have chosen different sites."""
         _trace_decision(span, decision, JobState.placed)
         ack = await self.publish(record, JobState.placed, attempt, site=decision.site, gpu_type=decision.gpu_type,
                                  overflow=decision.overflow, reservation=reservation, decision=decision)
-        if fresh and ack is not None and ack.duplicate:
+        if ack is not None and ack.duplicate:
             return False
         await self.send_order(record, spec, decision.site, decision.gpu_type, attempt)
         entered = next((h.time for h in reversed(record.history)
