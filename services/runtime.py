@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
+import uvloop
 
 from shared.logging import configure_logging
 from shared.settings import Settings
@@ -48,7 +49,10 @@ def run_service(name: str, settings: Settings, sites: list[str] | None = None) -
     log.info("service.starting", nats=settings.nats_url, traces=telemetry.exporter,
              metrics_port=settings.metrics_port)
     try:
-        asyncio.run(app.run())
+        if settings.event_loop == "uvloop":
+            uvloop.run(app.run())
+        else:
+            asyncio.run(app.run())
     finally:
         telemetry.shutdown()
 

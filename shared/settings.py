@@ -32,6 +32,8 @@ class Settings(BaseSettings):
                                      "each service one)")
     log_format: Literal["auto", "json", "console"] = Field("auto", description="CONTINUUM_LOG_FORMAT")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="CONTINUUM_LOG_LEVEL")
+    event_loop: Literal["uvloop", "asyncio"] = Field("uvloop", description="CONTINUUM_EVENT_LOOP: uvloop (libuv: "
+                                                      "less CPU for each message) or Python's own asyncio loop")
 
     @property
     def state_file(self) -> Path:
