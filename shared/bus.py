@@ -223,8 +223,8 @@ class Bus:
         headers.pop("Nats-Msg-Id", None)
         headers.update({"Continuum-Reason": reason[:2000], "Continuum-Subject": msg.subject,
                         "Continuum-Service": self.service, "Continuum-Tries": str(tries)})
-        await self.broker.publish(msg.data, self.subjects.dead_letter(self.service),
-                                  stream=self.topology.dead_letter_stream, headers=headers)
+        await self.js.publish(self.subjects.dead_letter(self.service), msg.data,
+                              stream=self.topology.dead_letter_stream, headers=headers)
         dead_lettered.add(1, {"service": self.service})
         log.error("message.dead_lettered", subject=msg.subject, tries=tries, reason=reason)
         await msg.ack()
@@ -276,13 +276,13 @@ class Bus:
     async def publish_event(self, subject: str, event: CloudEvent, traceparent: str | None = None):
         """Publish to the event stream; the event id is the Nats-Msg-Id, so a redone step is not doubled (the
         ack returned says `duplicate`)."""
-        return await self.broker.publish(event.model_dump_json().encode(), subject,
-                                         stream=self.topology.events_stream, headers=_headers(event.id, traceparent))
+        return await self.js.publish(subject, event.model_dump_json().encode(), stream=self.topology.events_stream,
+                                     headers=_headers(event.id, traceparent))
 
     async def publish_command(self, subject: str, body: Any, msg_id: str) -> None:
         """An order to a site, in the trace of the span in progress."""
-        await self.broker.publish(dumps(body), subject, stream=self.topology.dispatch_stream,
-                                  headers=_headers(msg_id, None))
+        await self.js.publish(subject, dumps(body), stream=self.topology.dispatch_stream,
+                              headers=_headers(msg_id, None))
 
     async def get_json(self, bucket: str, key: str) -> tuple[dict | None, int | None]:
         kv = await self.kv(bucket)
@@ -483,6 +483,7 @@ def create_bus(settings: Settings, service: str) -> Bus:
     topology = Topology(subjects)
     broker = NatsBroker(
         settings.nats_url,
+        name=f"continuum-{service}",  # how nats-server's monitoring (/connz) names the connection
         logger=None,
         graceful_timeout=10.0,
         max_reconnect_attempts=-1,
