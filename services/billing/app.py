@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime
 
 import orjson
@@ -36,6 +37,9 @@ class Billing:
         self.catalog = catalog
         self.carbon = carbon
         self.ledger: Ledger  # opened at start: building the service (for docs, say) touches no file
+        # per tenant, the next accounting, shared by the jobs metered while the one before it runs
+        self._next_account: dict[str, asyncio.Future] = {}
+        self._accounting: set[str] = set()
 
     def usage(self, event: CloudEvent) -> UsageLine | None:
         """The usage line of a job's final event; None for a job that never started (nothing ran)."""
@@ -74,7 +78,7 @@ class Billing:
                                  telemetry.Attr.ALLOCATION_HOURS: line.allocation_hours,
                                  telemetry.Attr.GPU_HOURS: line.gpu_hours, telemetry.Attr.ENERGY_KWH: line.energy_kwh,
                                  telemetry.Attr.BILLED_CO2E_KG: line.co2e_kg})
-            await self.account(line.tenant)
+            await self.account_after(line.tenant)
             # publishing again after a crash is harmless: the usage event's id is the job's
             usage = make_event(SERVICE, "billing", "usage", line.tenant, line.model_dump(mode="json"), line.job_id)
             await self.bus.publish_event(self.bus.subjects.billing_event(line.tenant, "usage"), usage)
@@ -92,6 +96,30 @@ class Billing:
                                tenant.monthly_budget_eur + topup_eur),
                 budgets.status(tenant_id, "allocation_hours", budgets.WHOLE_GRANT, allocation_used,
                                tenant.allocation_gpu_hours + topup_hours)]
+
+    async def account_after(self, tenant: str) -> list[BudgetStatus]:
+        """`account(tenant)` run after this call, so that it counts what the caller metered; the jobs of a fetch
+        metered while one runs share the next one (one budget write, not one a job)."""
+        waiting = self._next_account.get(tenant)
+        if waiting is None:
+            waiting = self._next_account[tenant] = asyncio.get_running_loop().create_future()
+            if tenant not in self._accounting:
+                asyncio.create_task(self._account_in_turn(tenant), name=f"account-{tenant}")
+        return await asyncio.shield(waiting)  # a caller that stops does not stop it for the others
+
+    async def _account_in_turn(self, tenant: str) -> None:
+        self._accounting.add(tenant)
+        try:
+            while (waiting := self._next_account.pop(tenant, None)) is not None:
+                try:
+                    waiting.set_result(await self.account(tenant))
+                except asyncio.CancelledError:  # the service stops
+                    waiting.cancel()
+                    raise
+                except Exception as e:  # each job's message is retried
+                    waiting.set_exception(e)
+        finally:
+            self._accounting.discard(tenant)
 
     async def account(self, tenant: str) -> list[BudgetStatus]:
         """Tell routing where the tenant stands (KV, one key a tenant), and announce the budget events due."""
