@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import uuid
 
+import orjson
 import structlog
 from nats.js.errors import NotFoundError
 
@@ -116,6 +117,17 @@ class Intake:
         await self.bus.publish_event(self.bus.subjects.job_event(data["tenant"], data["job_id"], event.kind), event,
                                      traceparent)
 
+    async def placed_at(self, record: JobRecord) -> tuple[str | None, int]:
+        """The site of the job's current placement if the event stream has it, and its attempt."""
+        try:
+            msg = await self.bus.js.get_last_msg(self.bus.topology.events_stream, self.bus.subjects.job_event(
+                record.tenant, record.job_id, JobState.placed.value))
+        except NotFoundError:
+            return None, record.attempt
+        data = orjson.loads(msg.data)["data"]
+        attempt = int(data.get("attempt", 0))
+        return (data["site"], attempt) if attempt >= record.attempt else (None, record.attempt)
+
     async def get(self, job_id: str) -> JobRecord | None:
         record, _ = await self.bus.get_json(self.jobs, job_id)
         return JobRecord.model_validate(record) if record else None
@@ -134,17 +146,19 @@ class Intake:
 
     async def _cancel(self, record: JobRecord, reason: str) -> CancelReply:
         site_down = False
-        if record.site is not None:
+        # the registry follows the events: a job placed a moment ago may not show its site there yet
+        site, attempt = (record.site, record.attempt) if record.site else await self.placed_at(record)
+        if site is not None:
             # the site stops it, and if it is down, stops it when it is back (a cancel is never lost)
-            await self.bus.publish_command(self.bus.subjects.stop(record.site),
-                                           StopJob(job_id=record.job_id, reason=reason, attempt=record.attempt),
-                                           msg_id=f"{record.job_id}.stop.{record.attempt}")
-            status, _ = await self.bus.get_json(self.bus.topology.sites_bucket, record.site)
+            await self.bus.publish_command(self.bus.subjects.stop(site),
+                                           StopJob(job_id=record.job_id, reason=reason, attempt=attempt),
+                                           msg_id=f"{record.job_id}.stop.{attempt}")
+            status, _ = await self.bus.get_json(self.bus.topology.sites_bucket, site)
             site_down = not status or status["state"] != "up"
-        if record.site is None or site_down:
+        if site is None or site_down:
             # not at a working site: cancelled now, so routing neither places it nor moves it elsewhere
             await self.record(make_event(SERVICE, "job", "cancelled", record.job_id, job_event_data(
-                record.job_id, record.tenant, JobState.cancelled, record.site, reason=reason),
+                record.job_id, record.tenant, JobState.cancelled, site, reason=reason),
                 record.job_id))
             return CancelReply(job_id=record.job_id, state=JobState.cancelled.value)
         return CancelReply(job_id=record.job_id, state="cancelling")

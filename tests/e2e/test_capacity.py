@@ -14,7 +14,7 @@ import pytest
 from shared.bus import request_json
 from shared.carbon import default_carbon
 from tests.conftest import SUBJECTS, listen
-from tests.e2e.harness import FAST, connect_when_up, start_system
+from tests.e2e.harness import FAST, connect_when_up, record_when, start_system
 
 pytestmark = pytest.mark.e2e
 INTERVAL_S = float(FAST["CONTINUUM_HEARTBEAT_INTERVAL_S"])
@@ -159,7 +159,7 @@ async def test_a_lost_site_goes_down_its_jobs_run_elsewhere_and_none_twice(clien
         # started once at fr-a if it was running there when the agent died, then once at fr-b
         assert kinds.count("started") == (2 if job_id in running else 1), (job_id, kinds)
         assert kinds.count("succeeded") == 1, (job_id, kinds)
-        record = await request_json(nc, SUBJECTS.jobs_get, {"job_id": job_id})
+        record = await record_when(nc, job_id, "succeeded")  # the registry follows the events
         assert record["state"] == "succeeded" and record["site"] == "fr-b" and record["attempt"] == 1
     # the restarted agent ran none of them: it skipped the dispatches its predecessor never got to
     assert [e for e in agent_events_after(events, "fr-a", sweep_left) if e["data"].get("job_id") in everyone] == []
@@ -211,5 +211,5 @@ async def test_a_job_cancelled_while_its_site_is_down_stays_cancelled(client, sy
     await events.wait_for(lambda: all(j in events.billed for j in others), 30, "the others run again and end")
     for job_id in others:
         assert placements(events, job_id) == [("fr-a", 0), ("fr-b", 1)]
-    record = await request_json(nc, SUBJECTS.jobs_get, {"job_id": cancelled})
+    record = await record_when(nc, cancelled, "cancelled")
     assert record["state"] == "cancelled" and placements(events, cancelled) == [("fr-a", 0)]
