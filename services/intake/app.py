@@ -9,7 +9,6 @@ import orjson
 import structlog
 from nats.js.errors import NotFoundError
 
-from services.intake.registry import apply_event
 from services.intake.validation import Rejection, check_submission
 from shared import telemetry
 from shared.bus import Bus, RecentWrites, create_app, create_bus, parse_request
@@ -25,6 +24,7 @@ from shared.contracts.jobs import (
     SubmitReply,
     job_event_data,
 )
+from shared.registry import apply_event
 from shared.settings import Settings
 
 log = structlog.get_logger()

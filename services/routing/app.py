@@ -42,6 +42,7 @@ from shared.contracts.jobs import (
     job_event_data,
 )
 from shared.contracts.sites import SiteStatus
+from shared.registry import apply_event
 from shared.settings import Settings
 
 log = structlog.get_logger()
@@ -134,8 +135,12 @@ class Router:
         return None
 
     async def place(self, event: CloudEvent, traceparent: str | None, tries: int = 1) -> None:
+        # a job's first try: its accepted event is all the registry holds of it (intake writes it there with the
+        # event), so the try needs no read; a cancel meanwhile is seen by the read after the reservation
+        first = JobRecord.model_validate(apply_event(None, event, 0)) \
+            if event.kind == JobState.accepted and tries == 1 else None
         await self.place_job(event.data["job_id"], event.data["tenant"], int(event.data.get("attempt", 0)),
-                             traceparent, tries)
+                             traceparent, tries, known=first)
 
     async def wake(self) -> None:
         """GPUs came back: try waiting jobs now, rather than at their next retry. The releases of a fetch are
@@ -173,18 +178,20 @@ class Router:
                 log.warning("wake.failed", job_id=job_id, reason=repr(e))
 
     async def place_job(self, job_id: str, tenant_id: str, attempt: int, traceparent: str | None,
-                        tries: int = 1, woken: bool = False) -> None:
+                        tries: int = 1, woken: bool = False, known: JobRecord | None = None) -> None:
         """Place the job (or find it a reason to wait) in a span of its trace: what this try decided, and why."""
         with telemetry.job_span(telemetry.SpanName.PLACE, traceparent, job_id, tenant_id,
                                 **{telemetry.Attr.ATTEMPT: attempt, telemetry.Attr.TRIES: tries}) as span:
             # a job that waits may be placed by its own event and, woken, by a release at the same time
             contended = woken or self.mirrors[self.bus.topology.waiting_bucket].get(job_id)[0] is not None
-            await self._place_job(job_id, tenant_id, attempt, tries, contended, span)
+            await self._place_job(job_id, tenant_id, attempt, tries, contended, span, known)
 
     async def _place_job(self, job_id: str, tenant_id: str, attempt: int, tries: int, contended: bool,
-                         span) -> None:
-        current, _ = await self.bus.get_json(self.bus.topology.jobs_bucket, job_id)
-        record = JobRecord.model_validate(current) if current else None
+                         span, known: JobRecord | None) -> None:
+        record = known
+        if record is None:
+            current, _ = await self.bus.get_json(self.bus.topology.jobs_bucket, job_id)
+            record = JobRecord.model_validate(current) if current else None
         if record is None:
             raise LookupError(f"job {job_id} is not in the registry yet")
         if record.state.terminal:

@@ -1,4 +1,4 @@
-"""services/intake/registry.py: apply_event folds a job's events into its JobRecord."""
+"""shared/registry.py: apply_event folds a job's events into its JobRecord."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from services.intake.registry import apply_event
+from shared.registry import apply_event
 from shared.contracts.events import make_event
 from shared.contracts.jobs import (
     Candidate,

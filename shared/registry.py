@@ -1,4 +1,5 @@
-"""The job registry's read model: a JobRecord folded from the job's events. Pure and idempotent.
+"""The job registry's read model: a JobRecord folded from the job's events. Pure and idempotent. Intake keeps
+the registry with it; routing folds a job's accepted event itself, which is all the registry holds of it yet.
 
 Applying an event twice changes nothing (events are known by id). Events may be applied in any order (a
 consumer handles a batch concurrently, a redelivery comes late): what the job is now is read from its
