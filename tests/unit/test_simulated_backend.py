@@ -1,12 +1,17 @@
-"""services/agent/backends/simulated.py: simulated_outcome() reads the run's length and exit code from labels."""
+"""services/agent/backends/simulated.py: simulated_outcome() reads the run's length and exit code from labels;
+a run lasts at least that long."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
+import uvloop
 
 from services.agent.backends.simulated import (
     EXIT_CODE_LABEL,
     RUNTIME_LABEL,
+    last,
     simulated_outcome,
 )
 from shared.contracts.jobs import Dispatch, JobSpec
@@ -60,3 +65,15 @@ def test_a_runtime_past_walltime_is_returned_as_asked():
 def test_a_bad_label_raises_value_error(labels):
     with pytest.raises(ValueError, match="bad simulation label"):
         simulated_outcome(order(labels))
+
+
+def test_a_run_lasts_at_least_its_runtime_on_uvloop():
+    """uvloop's timers have millisecond steps: its sleep of 10.5 ms ends early. A job is billed by the clock."""
+    async def shortfalls(wait) -> int:  # how many of 20 waits end early
+        short = 0
+        for _ in range(20):
+            start = time.monotonic()
+            await wait(0.0105)
+            short += time.monotonic() - start < 0.0105
+        return short
+    assert uvloop.run(shortfalls(last)) == 0  # asyncio.sleep: 20 of 20 short, on uvloop 0.23
