@@ -7,6 +7,7 @@ No broker exists at import time: a service's `create_app(settings)` calls `creat
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import typing
 from collections import OrderedDict
@@ -25,6 +26,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import (
+    APIError,
     BadRequestError,
     KeyNotFoundError,
     KeyValueError,
@@ -127,6 +129,7 @@ class Bus:
     async def start_handling(self) -> None:
         """Subscribe every consumer and responder."""
         for consumer in self._consumers:
+            await self._declare(consumer)
             consumer.subscription = await self.js.pull_subscribe(
                 consumer.subject, durable=consumer.durable, stream=consumer.stream, config=consumer.config)
             consumer.task = asyncio.create_task(self._pull(consumer), name=f"pull-{consumer.durable}")
@@ -134,6 +137,16 @@ class Bus:
         for responder in self._responders:
             responder.subscription = await nc.subscribe(responder.subject, queue=self.service,
                                                         cb=functools.partial(self._take_request, responder))
+
+    async def _declare(self, consumer: _Consumer) -> None:
+        """Create the durable, or bring one that exists to this code's config (its filter changed, say): binding
+        alone would keep what an older version made. A change the server refuses leaves the durable as it is."""
+        config = dataclasses.replace(consumer.config, name=consumer.durable, durable_name=consumer.durable,
+                                     filter_subject=None if consumer.config.filter_subjects else consumer.subject)
+        try:
+            await self.js.add_consumer(consumer.stream, config=config)
+        except APIError as e:
+            log.warning("consumer.kept", consumer=consumer.durable, reason=str(e))
 
     async def stop_handling(self, grace_s: float = 10.0) -> None:
         """Stop taking messages and requests; those in hand are finished first (for at most `grace_s`)."""

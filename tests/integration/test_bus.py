@@ -9,6 +9,7 @@ from collections import Counter
 
 import pytest
 from faststream.exceptions import NackMessage
+from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from shared.bus import create_bus
 from shared.contracts.events import CloudEvent, make_event
@@ -145,6 +146,46 @@ async def test_a_consumer_without_dead_letters_retries_until_the_message_is_hand
         assert tries == [1, 2, 3, 4]
         info = await bus.js.stream_info(topology.dead_letter_stream)
         assert info.state.messages == 0
+    finally:
+        await bus.stop_handling()
+        await bus.broker.stop()
+
+
+async def test_a_durable_an_older_version_made_takes_this_versions_filter(nats_server):
+    """A consumer of several filters (an older registry's) becomes one of every job event when the service
+    starts; one whose change the server refuses (its delivery policy) is kept as it is, and still serves."""
+    bus = create_bus(Settings(nats_url=nats_server.url), "test")
+    subjects, topology = bus.subjects, bus.topology
+    seen: list[str] = []
+    both = asyncio.Event()
+    await bus.broker.connect()
+    await bus.ensure_topology()
+    older, newer = topology.durable("test", "fold"), topology.durable("test", "late")
+    await bus.js.add_consumer(topology.events_stream, ConsumerConfig(
+        durable_name=older, filter_subjects=[subjects.job_event(kind="placed"), subjects.job_event(kind="started")]))
+    await bus.js.add_consumer(topology.events_stream, ConsumerConfig(
+        durable_name=newer, filter_subject=subjects.job_events_all, deliver_policy=DeliverPolicy.NEW))
+
+    @bus.consumer(subjects.job_events_all, topology.events_stream, "fold")
+    async def fold(event: CloudEvent) -> None:
+        seen.append(event.kind)
+        if len(seen) == 2:
+            both.set()
+
+    @bus.consumer(subjects.job_events_all, topology.events_stream, "late")  # asks for every event, from the first
+    async def late(event: CloudEvent) -> None:
+        pass
+
+    await bus.start_handling()
+    try:
+        info = await bus.js.consumer_info(topology.events_stream, older)
+        assert info.config.filter_subject == subjects.job_events_all and not info.config.filter_subjects
+        assert (await bus.js.consumer_info(topology.events_stream, newer)).config.deliver_policy == DeliverPolicy.NEW
+        for kind in ("accepted", "succeeded"):  # kinds the older filters did not take
+            await bus.publish_event(subjects.job_event("t", "j1", kind),
+                                    make_event("test", "job", kind, "j1", {"job_id": "j1", "tenant": "t"}, "j1"))
+        await asyncio.wait_for(both.wait(), 10)
+        assert seen == ["accepted", "succeeded"]
     finally:
         await bus.stop_handling()
         await bus.broker.stop()
