@@ -10,6 +10,8 @@ left that site.
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from shared.contracts.events import CloudEvent
 from shared.contracts.jobs import Decision, HistoryEntry, JobRecord, JobSpec, JobState
 
@@ -18,51 +20,58 @@ _HISTORY_FIELDS = ("site", "reason", "exit_code", "attempt", "reasons")
 
 
 def apply_event(current: dict | None, event: CloudEvent, seq: int) -> dict | None:
-    """The record after `event` (as JSON-ready dict), or None when the event is already in it."""
+    """The record after `event` (as JSON-ready dict), or None when the event is already in it.
+
+    It works on the stored JSON itself: only what the event brings is validated (its history entry, a spec, a
+    decision), so that a job's fifth event does not validate and serialise its whole record again. `current`
+    is never changed (it may be a cache's copy): what changes is replaced."""
     data = event.data
-    record = JobRecord.model_validate(current) if current else JobRecord(
-        job_id=data["job_id"], tenant=data["tenant"], state=JobState(event.kind))
-    if any(h.event_id == event.id for h in record.history):
+    record = dict(current) if current else JobRecord(
+        job_id=data["job_id"], tenant=data["tenant"], state=JobState(event.kind)).model_dump(mode="json")
+    if any(h["event_id"] == event.id for h in record["history"]):
         return None
 
     state = JobState(event.kind)
     entry = HistoryEntry(state=state, time=event.time, event_id=event.id, seq=seq,
-                         **{k: data[k] for k in _HISTORY_FIELDS if data.get(k) is not None})
-    record.history.append(entry)
-    record.history.sort(key=lambda h: (h.seq, h.time))
+                         **{k: data[k] for k in _HISTORY_FIELDS if data.get(k) is not None}).model_dump(mode="json")
+    history = record["history"] = sorted([*record["history"], entry], key=_in_order)
 
-    if "spec" in data and record.spec is None and data["spec"] is not None:
-        record.spec = JobSpec.model_validate(data["spec"])
-    if data.get("traceparent") and not record.traceparent:
-        record.traceparent = data["traceparent"]
+    if "spec" in data and record.get("spec") is None and data["spec"] is not None:
+        record["spec"] = JobSpec.model_validate(data["spec"]).model_dump(mode="json")
+    if data.get("traceparent") and not record.get("traceparent"):
+        record["traceparent"] = data["traceparent"]
 
-    if "attempt" in data:
-        record.attempt = max(record.attempt, int(data["attempt"]))
+    attempt = record["attempt"] = max(record.get("attempt", 0), int(data.get("attempt", 0)))
     # an event of an attempt the job has left (a site that was lost and reports late) changes nothing
-    live = [h for h in record.history if getattr(h, "attempt", record.attempt) >= record.attempt]
-    terminal = next((h for h in live if h.state.terminal), None)
-    record.state = terminal.state if terminal else live[-1].state
-    if entry not in live or terminal is not None and entry.seq > terminal.seq:
-        return record.model_dump(mode="json")  # kept in the history, but the job is over or moved on
+    live = [h for h in history if h.get("attempt", attempt) >= attempt]
+    terminal = next((h for h in live if JobState(h["state"]).terminal), None)
+    record["state"] = (terminal or live[-1])["state"]
+    if not any(h is entry for h in live) or terminal is not None and entry["seq"] > terminal["seq"]:
+        return record  # kept in the history, but the job is over or moved on
 
     if state in (JobState.placed, JobState.queued, JobState.rejected) and data.get("decision") \
-            and seq >= record.decision_seq:
-        record.decision = Decision.model_validate(data["decision"])
-        record.decision_seq = seq
-    record.site = _current_site(live)
+            and seq >= record.get("decision_seq", -1):
+        record["decision"] = Decision.model_validate(data["decision"]).model_dump(mode="json")
+        record["decision_seq"] = seq
+    record["site"] = _current_site(live)
     if entry is (terminal or live[-1]):  # the outcome and its reasons come from the newest event
         if state in (JobState.succeeded, JobState.failed) and data.get("exit_code") is not None:
-            record.exit_code = int(data["exit_code"])
+            record["exit_code"] = int(data["exit_code"])
         # reasons say why the job waits, failed or was refused: a newer event without any clears them
-        record.reasons = list(data.get("reasons") or ([data["reason"]] if data.get("reason") else []))
-    return record.model_dump(mode="json")
+        record["reasons"] = [str(r) for r in data.get("reasons") or ([data["reason"]] if data.get("reason") else [])]
+    return record
 
 
-def _current_site(history: list[HistoryEntry]) -> str | None:
+def _in_order(entry: dict) -> tuple[int, datetime]:
+    """History is in stream order; the events intake records itself (sequence 0) by their time."""
+    return entry["seq"], datetime.fromisoformat(entry["time"])
+
+
+def _current_site(history: list[dict]) -> str | None:
     site = None
     for h in history:
-        if h.state in (JobState.placed, JobState.dispatched, JobState.started):
-            site = getattr(h, "site", None) or site
-        elif h.state == JobState.requeued:
+        if h["state"] in (JobState.placed, JobState.dispatched, JobState.started):
+            site = h.get("site") or site
+        elif h["state"] == JobState.requeued:
             site = None
     return site

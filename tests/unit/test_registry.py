@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -252,3 +253,14 @@ def test_late_events_of_an_attempt_the_job_left_change_nothing(accepted):
     assert job.history[-1].state == JobState.succeeded  # kept, for the record
     job = JobRecord.model_validate(apply_event(record, event(JobState.failed, 1, site="b", attempt=1, exit_code=3), 8))
     assert (job.state, job.site, job.exit_code) == (JobState.failed, "b", 3)
+
+
+def test_the_record_given_is_left_as_it_was(accepted):
+    """The fold works on the stored JSON: the record it is given (a cache's copy) must not change under it."""
+    record = fold((accepted, 1), (event(JobState.placed, site="a", attempt=0, decision=decision("a")), 2))
+    before = copy.deepcopy(record)
+    for ev, seq in ((event(JobState.started, site="a", attempt=0), 3),
+                    (event(JobState.requeued, 1, site="a", attempt=1, reason="lost"), 4),
+                    (event(JobState.failed, site="a", attempt=0, exit_code=2, reason="late"), 5)):
+        assert apply_event(record, ev, seq) is not None
+    assert record == before
