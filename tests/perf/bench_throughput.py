@@ -257,9 +257,12 @@ async def run(args: argparse.Namespace, workdir: Path) -> None:
     server = EmbeddedNats(workdir / "nats").start()
     print(f"machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}, nats-server on {server.url}", flush=True)
     try:
+        server_cpu = cpu_seconds({"nats-server": server.process.pid})["nats-server"]
         base = await baseline(server.url, args.baseline_jobs)
-        print(f"baseline: bare JetStream publish+consume, {MESSAGES_PER_JOB} messages a job: {base:,.0f} jobs/s",
-              flush=True)
+        server_cpu = cpu_seconds({"nats-server": server.process.pid})["nats-server"] - server_cpu
+        # the broker's own share: what a message costs it when nothing but the loop runs
+        print(f"baseline: bare JetStream publish+consume, {MESSAGES_PER_JOB} messages a job: {base:,.0f} jobs/s; "
+              f"nats-server {1000 * server_cpu / args.baseline_jobs:.2f} ms of CPU a job", flush=True)
         env = dict(os.environ, CONTINUUM_NATS_URL=server.url, CONTINUUM_DATA_DIR=str(workdir / "data"))
         up = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--sites", str(workdir / "sites.yaml"),
                                "--tenants", str(workdir / "tenants.yaml")], env=env, cwd=ROOT,
