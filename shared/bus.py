@@ -297,6 +297,15 @@ class Bus:
         await self.js.publish(subject, dumps(body), stream=self.topology.dispatch_stream,
                               headers=_headers(msg_id, None))
 
+    async def last_job_event(self, tenant: str, job_id: str, kind: str) -> dict | None:
+        """The data of the job's last event of `kind` in the event stream (the registry may not show it yet)."""
+        try:
+            msg = await self.js.get_last_msg(self.topology.events_stream,
+                                             self.subjects.job_event(tenant, job_id, kind))
+        except NotFoundError:
+            return None
+        return orjson.loads(msg.data)["data"]
+
     async def get_json(self, bucket: str, key: str) -> tuple[dict | None, int | None]:
         kv = await self.kv(bucket)
         try:

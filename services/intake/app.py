@@ -5,9 +5,7 @@ from __future__ import annotations
 import hashlib
 import uuid
 
-import orjson
 import structlog
-from nats.js.errors import NotFoundError
 
 from services.intake.validation import Rejection, check_submission
 from shared import telemetry
@@ -91,12 +89,7 @@ class Intake:
 
     async def published(self, tenant: str, job_id: str) -> bool:
         """Is the job's accepted event in the stream?"""
-        try:
-            await self.bus.js.get_last_msg(self.bus.topology.events_stream,
-                                           self.bus.subjects.job_event(tenant, job_id, JobState.accepted.value))
-        except NotFoundError:
-            return False
-        return True
+        return await self.bus.last_job_event(tenant, job_id, JobState.accepted.value) is not None
 
     async def apply(self, event: CloudEvent, seq: int) -> None:
         """Fold the event into the job's record."""
@@ -119,14 +112,9 @@ class Intake:
 
     async def placed_at(self, record: JobRecord) -> tuple[str | None, int]:
         """The site of the job's current placement if the event stream has it, and its attempt."""
-        try:
-            msg = await self.bus.js.get_last_msg(self.bus.topology.events_stream, self.bus.subjects.job_event(
-                record.tenant, record.job_id, JobState.placed.value))
-        except NotFoundError:
-            return None, record.attempt
-        data = orjson.loads(msg.data)["data"]
-        attempt = int(data.get("attempt", 0))
-        return (data["site"], attempt) if attempt >= record.attempt else (None, record.attempt)
+        placed = await self.bus.last_job_event(record.tenant, record.job_id, JobState.placed.value) or {}
+        attempt = int(placed.get("attempt", 0))
+        return (placed["site"], attempt) if placed and attempt >= record.attempt else (None, record.attempt)
 
     async def get(self, job_id: str) -> JobRecord | None:
         record, _ = await self.bus.get_json(self.jobs, job_id)

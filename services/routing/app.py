@@ -16,7 +16,6 @@ import orjson
 import structlog
 from faststream.exceptions import NackMessage
 from nats.js.api import DeliverPolicy
-from nats.js.errors import NotFoundError
 
 from services.routing import reservations
 from services.routing.policy import (
@@ -358,13 +357,8 @@ class Router:
 
     async def placed_by_another(self, record: JobRecord, attempt: int) -> dict | None:
         """This attempt's `placed` event data if the event stream has it already (another try made it)."""
-        try:
-            msg = await self.bus.js.get_last_msg(self.bus.topology.events_stream, self.bus.subjects.job_event(
-                record.tenant, record.job_id, JobState.placed.value))
-        except NotFoundError:
-            return None
-        data = orjson.loads(msg.data)["data"]
-        return data if int(data.get("attempt", 0)) >= attempt else None
+        data = await self.bus.last_job_event(record.tenant, record.job_id, JobState.placed.value)
+        return data if data and int(data.get("attempt", 0)) >= attempt else None
 
     async def dispatch(self, record: JobRecord, spec: JobSpec, decision: Decision, attempt: int, span,
                        reservation: str) -> bool:
