@@ -285,7 +285,7 @@ class Router:
 
             def hold(doc: dict | None) -> dict | None:
                 nonlocal holding_token
-                new = reservations.reserve(doc, job_id, reservation, site.gpus, limit)
+                new = reservations.reserve(doc, job_id, reservation, site.gpus, limit, site.overflow_share)
                 # None: the job holds GPUs here for this attempt already (another try's): this try uses them
                 holding_token = token if new is not None else reservations.job(doc, job_id).token
                 return new

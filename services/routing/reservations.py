@@ -132,10 +132,14 @@ def overflow_placed(doc: dict | None) -> dict[str, int]:
 
 
 def reserve(doc: dict | None, job_id: str, reservation: Reservation, total: dict[str, int],
-            limit: tuple[float, float] | None = None) -> dict | None:
+            limit: tuple[float, float] | None = None, overflow_share: float = 1.0) -> dict | None:
     """The document with the job's GPUs held; None if it holds them already for this attempt (or a later one);
-    NoCapacity if they are gone, or if the tenant's jobs here would commit more than `limit` (euros,
-    allocation hours). GPUs still held for an earlier attempt (one it left) are taken over."""
+    NoCapacity if they are gone, if an overflow job would take overflow jobs past the site's `overflow_share`
+    of its GPUs, or if the tenant's jobs here would commit more than `limit` (euros, allocation hours).
+    GPUs still held for an earlier attempt (one it left) are taken over.
+
+    Tries placed at once each decided on the document as it was before the others: these are the checks
+    that must hold for all of them together."""
     r = reservation
     earlier = job(doc, job_id)
     if earlier is not None and earlier.attempt >= r.attempt:
@@ -143,6 +147,9 @@ def reserve(doc: dict | None, job_id: str, reservation: Reservation, total: dict
     base = release(doc, job_id) or doc
     if r.gpus and free(base, total).get(r.gpu_type, 0) < r.gpus:
         raise NoCapacity(f"{r.gpus} {r.gpu_type} no longer free")
+    share = int(overflow_share * total.get(r.gpu_type, 0))  # as the policy counts it
+    if r.overflow and r.gpus and overflow_held(base).get(r.gpu_type, 0) + r.gpus > share:
+        raise NoCapacity(f"the overflow share of {r.gpu_type} is taken meanwhile")
     if limit is not None:
         eur, hours = committed(base, r.tenant)
         over_eur = r.cost_eur and eur + r.cost_eur > limit[0] + 1e-9

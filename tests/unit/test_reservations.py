@@ -169,6 +169,18 @@ def test_overflow_placements_are_counted_in_the_same_write():
     assert overflow_placed(release(doc, "j1")) == {"lab": 2}  # a count of placements, not of current holdings
 
 
+def test_overflow_jobs_placed_at_once_cannot_take_more_than_the_share_together():
+    # half of the 8 H100 lent to overflow: three tries that each saw the share free do not all get in
+    doc = reserve(None, "j1", Reservation("lab", "H100", 2, overflow=True), TOTAL, overflow_share=0.5)
+    doc = reserve(doc, "j2", Reservation("lab", "H100", 2, overflow=True), TOTAL, overflow_share=0.5)
+    with pytest.raises(NoCapacity, match="overflow share"):
+        reserve(doc, "j3", Reservation("lab", "H100", 2, overflow=True), TOTAL, overflow_share=0.5)
+    # the site's own work is not overflow, and the other type's share is its own
+    doc = reserve(doc, "j4", Reservation("local", "H100", 2), TOTAL, overflow_share=0.5)
+    doc = reserve(doc, "j5", Reservation("lab", "L40S", 2, overflow=True), TOTAL, overflow_share=0.5)
+    assert overflow_held(doc) == {"H100": 4, "L40S": 2} and free(doc, TOTAL) == {"H100": 2, "L40S": 2}
+
+
 def test_a_second_try_at_the_same_attempt_uses_the_gpus_already_held_and_a_new_attempt_takes_them_over():
     first = reserve(None, "j1", Reservation("acme", "H100", 3, attempt=0, token="a"), TOTAL)
     assert reserve(first, "j1", Reservation("acme", "H100", 3, attempt=0, token="b"), TOTAL) is None
