@@ -16,7 +16,7 @@ from shared.contracts.events import CloudEvent
 from shared.contracts.jobs import Decision, HistoryEntry, JobRecord, JobSpec, JobState
 
 # what a history entry keeps of an event's data, besides its state and time
-_HISTORY_FIELDS = ("site", "reason", "exit_code", "attempt", "reasons")
+_HISTORY_FIELDS = ("site", "reason", "exit_code", "attempt", "reasons", "refusal")
 
 
 def apply_event(current: dict | None, event: CloudEvent, seq: int) -> dict | None:

@@ -6,6 +6,8 @@
 #   deploy/slurm/test-cluster.sh start    install what is missing, configure, start; wait until the node is idle
 #   deploy/slurm/test-cluster.sh stop     stop the daemons
 #   deploy/slurm/test-cluster.sh status   exit 0 if the cluster answers
+#   deploy/slurm/test-cluster.sh restart-controller   start slurmctld again, keeping its jobs (after a test
+#                                         stopped it to see what the agent does while the controller is away)
 #
 # Exit code 77: this machine cannot run it (not root, or no apt-get and no Slurm): tests skip with the reason.
 set -euo pipefail
@@ -13,6 +15,9 @@ set -euo pipefail
 GPUS=${CONTINUUM_SLURM_GPUS:-8}
 # more CPUs than the machine has (config_overrides): CPUs must not be what limits how many GPU jobs run
 CPUS=${CONTINUUM_SLURM_CPUS:-64}
+# less memory than a node of a real centre, and than the 8 GB Continuum once sent to every job unasked: a job
+# that names no memory must run on it, with Slurm's own default
+MEMORY_MB=${CONTINUUM_SLURM_MEMORY_MB:-4000}
 CONF=/etc/slurm
 NODE=continuum
 SPOOL=/var/spool/continuum-slurm
@@ -75,7 +80,7 @@ MinJobAge=600
 KillWait=2
 OverTimeLimit=0
 InactiveLimit=0
-NodeName=$NODE NodeHostname=$(hostname -s) CPUs=$CPUS RealMemory=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 / 2 )) Gres=gpu:h100:$GPUS State=UNKNOWN
+NodeName=$NODE NodeHostname=$(hostname -s) CPUs=$CPUS RealMemory=$MEMORY_MB Gres=gpu:h100:$GPUS State=UNKNOWN
 PartitionName=gpu Nodes=$NODE Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 CONFEOF
   echo "NodeName=$NODE Name=gpu Type=h100 File=/dev/continuum-gpu[0-$((GPUS - 1))]" > "$CONF/gres.conf"
@@ -92,7 +97,8 @@ start() {
   install
   [ "$(id -u)" = 0 ] || cannot "starting Slurm daemons needs root"
   configure
-  if answers && [ "$(sinfo -h -n "$NODE" -o %c)" = "$CPUS" ] && sinfo -h -o %T | grep -qE 'idle|mix|alloc'; then
+  if answers && [ "$(sinfo -h -n "$NODE" -o %c)" = "$CPUS" ] && [ "$(sinfo -h -n "$NODE" -o %m)" = "$MEMORY_MB" ] \
+      && sinfo -h -o %T | grep -qE 'idle|mix|alloc'; then
     exit 0  # already up, with this configuration
   fi
   stop
@@ -103,7 +109,7 @@ start() {
   pgrep -x slurmd >/dev/null || slurmd -c </dev/null >>"$LOG/start.log" 2>&1
   for _ in $(seq 1 60); do
     if answers && sinfo -h -n "$NODE" -o %T | grep -qE '^(idle|mixed|allocated)'; then
-      echo "test-cluster: up, node $NODE with $GPUS h100 GPUs" >&2
+      echo "test-cluster: up, node $NODE with $GPUS h100 GPUs and $MEMORY_MB MB of memory" >&2
       exit 0
     fi
     scontrol update nodename="$NODE" state=resume >/dev/null 2>&1 || true
@@ -120,9 +126,17 @@ stop() {
   for _ in $(seq 1 50); do pgrep -x slurmctld >/dev/null || pgrep -x slurmd >/dev/null || return 0; sleep 0.1; done
 }
 
+restart_controller() {
+  pgrep -x slurmctld >/dev/null || slurmctld </dev/null >>"$LOG/start.log" 2>&1
+  for _ in $(seq 1 60); do answers && exit 0; sleep 0.5; done
+  echo "test-cluster: slurmctld did not answer again" >&2
+  exit 1
+}
+
 case "${1:-start}" in
   start) start ;;
+  restart-controller) restart_controller ;;
   stop) stop ;;
   status) answers ;;
-  *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+  *) echo "usage: $0 start|stop|status|restart-controller" >&2; exit 2 ;;
 esac

@@ -57,20 +57,26 @@ class SiteAgent:
             log.info("job.skipped", job_id=order.job_id, site=self.site.id, state=record["state"], reason=stale)
             return f"skipped: {stale}"
         refusal = self.refusal(order)
-        if refusal:  # back to placement, elsewhere
-            await self.publish(order, JobState.requeued, attempt=order.attempt + 1, reason=f"site refused: {refusal}")
-            log.warning("job.refused", job_id=order.job_id, site=self.site.id, reason=refusal)
-            return f"refused: {refusal}"
+        if refusal:
+            return await self.refuse(order, refusal, permanent=True)
         self.traces[order.job_id] = telemetry.current_traceparent()
         await self.publish(order, JobState.dispatched)
         try:
             await self.backend.submit(order)
-        except SubmitError as e:  # the site's scheduler refused it: back to placement, elsewhere
-            await self.publish(order, JobState.requeued, attempt=order.attempt + 1, reason=f"site refused: {e}")
-            log.warning("job.refused", job_id=order.job_id, site=self.site.id, reason=str(e))
+        except SubmitError as e:  # the site's scheduler refused it
+            outcome = await self.refuse(order, str(e), e.permanent)
             self.traces.pop(order.job_id, None)
-            return f"refused: {e}"
+            return outcome
         return JobState.dispatched.value
+
+    async def refuse(self, order: Dispatch, words: str, permanent: bool) -> str:
+        """Back to placement, with the site's words: elsewhere, or here again later if the refusal was a passing
+        one; a job every eligible site refused for good fails with their words."""
+        refusal = "permanent" if permanent else "transient"
+        await self.publish(order, JobState.requeued, attempt=order.attempt + 1, reason=f"site refused: {words}",
+                           refusal=refusal)
+        log.warning("job.refused", job_id=order.job_id, site=self.site.id, reason=words, refusal=refusal)
+        return f"refused ({refusal}): {words}"
 
     def stale(self, order: Dispatch, record: dict) -> str | None:
         """Why a dispatch must not run here, though it was sent here: the job ended, moved on, or this site's

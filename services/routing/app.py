@@ -22,6 +22,7 @@ from services.routing.policy import (
     Holding,
     SiteView,
     TenantBudget,
+    departures,
     place,
     worst_case_allocation_h,
     worst_case_cost,
@@ -47,10 +48,6 @@ from shared.settings import Settings
 log = structlog.get_logger()
 SERVICE = "routing"
 _RELEASING = {JobState.succeeded, JobState.failed, JobState.cancelled, JobState.rejected}
-# placements a job gets before it fails: the first, and one after each site that refused or lost it
-MAX_ATTEMPTS = 4
-# how long a site that refused or lost a job is avoided for it
-AVOID_S = 600.0
 # a waiting job refreshes its entry on the waiting board this often; an entry not refreshed for three
 # times as long is ignored (its job is no longer being placed: dead-lettered, say)
 WAITING_REFRESH_S = 60.0
@@ -205,12 +202,12 @@ class Router:
             raise LookupError(f"the registry has not seen attempt {attempt} of job {job_id} yet")
         spec: JobSpec = record.spec
         tenant = self.catalog.tenants[tenant_id]
-        if attempt >= MAX_ATTEMPTS:
+        left = departures(record.history, utcnow())
+        if left.give_up:
             span.set_attribute(telemetry.Attr.OUTCOME, JobState.failed.value)
-            await self.publish(record, JobState.failed, attempt, reasons=record.reasons,
-                               reason=f"placed {attempt} times, refused or lost every time")
+            await self.publish(record, JobState.failed, attempt, reasons=record.reasons, reason=left.give_up)
             return
-        avoid = _recently_left(record)
+        avoid, refused = left.avoid, left.refused
         need = spec.resources.total_gpus
 
         # Two tries may place the same attempt at once: a waiting job woken by a release and its own event, or
@@ -234,7 +231,7 @@ class Router:
             span.set_attribute(telemetry.Attr.OUTCOME, f"already {record.state.value}")
             if record.state not in (JobState.dispatched, JobState.started):
                 decision = place(spec, tenant, await self.views(held, need, give_back=holding),
-                                 await self.budget(tenant_id, held), utcnow(), avoid)
+                                 await self.budget(tenant_id, held), utcnow(), avoid, refused)
                 decision = decision.model_copy(update={"site": site_id, "gpu_type": r.gpu_type, "overflow": r.overflow})
                 if not await self.dispatch(record, spec, decision, attempt, span, r.token):
                     await self.follow_winner(record, spec, attempt, span, site_id, r.token)
@@ -245,7 +242,14 @@ class Router:
         while True:
             views = await self.views(held, need)
             room = await self.budget(tenant_id, held)
-            decision = place(spec, tenant, views, room, utcnow(), avoid)
+            decision = place(spec, tenant, views, room, utcnow(), avoid, refused)
+            if decision.impossible and refused:  # it was tried, and every site that could run it said no
+                _trace_decision(span, decision, JobState.failed)
+                await self.publish(record, JobState.failed, attempt, decision=decision, reasons=decision.reasons,
+                                   reason="refused by every site that could run it: "
+                                          + "; ".join(f"{site}: {words}" for site, words in refused.items()))
+                log.info("job.refused_everywhere", job_id=job_id, tenant=tenant_id)
+                return
             if decision.impossible:
                 _trace_decision(span, decision, JobState.rejected)
                 await self.publish(record, JobState.rejected, attempt, decision=decision,
@@ -521,14 +525,6 @@ def _trace_decision(span, decision: Decision, outcome: JobState) -> None:
                            (telemetry.Attr.CO2E_KG, "co2e_kg")):
             if (value := chosen.parts.get(part)) is not None:
                 span.set_attribute(attr, value)
-
-
-def _recently_left(record: JobRecord) -> set[str]:
-    """Sites that refused or lost this job lately: the next placement avoids them."""
-    now = utcnow()
-    return {h.site for h in record.history
-            if h.state == JobState.requeued and getattr(h, "site", None)
-            and (now - h.time).total_seconds() < AVOID_S}
 
 
 def create_routing_app(settings: Settings):

@@ -20,12 +20,12 @@ a Decision out, with every site's reasons, score and score parts.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
 from shared.contracts.catalog import SiteEntry, TenantEntry
-from shared.contracts.jobs import Candidate, Decision, JobSpec
+from shared.contracts.jobs import Candidate, Decision, HistoryEntry, JobSpec, JobState
 
 NO_GPU = "none"
 INF = math.inf
@@ -88,6 +88,58 @@ class SiteView:
         return sum(h.gpus for h in self.holdings if h.overflow and h.gpu_type == gpu_type)
 
 
+# placements a job gets before it fails: the first, and one after each site that refused or lost it (a
+# refusal for a passing reason, a controller busy or out of reach, counts apart: it is tried again later)
+MAX_ATTEMPTS = 4
+MAX_TRANSIENT_REFUSALS = 8
+# how long a site that lost a job is passed over for it; one that was briefly unable to take it, for a time
+# that doubles with each such refusal, up to the same
+AVOID_S = 600.0
+TRANSIENT_BACKOFF_S = 5.0
+
+
+@dataclass(frozen=True)
+class Departures:
+    """What a job's requeues say of the sites it left."""
+
+    avoid: dict[str, str]  # site -> why it is passed over for now, in the site's own words
+    refused: dict[str, str]  # site -> the words it refused the job with, for a reason that will not change
+    give_up: str | None  # why the job fails now rather than be placed again
+
+
+def departures(history: Iterable[HistoryEntry], now: datetime) -> Departures:
+    """Read from the job's `requeued` events: which sites to avoid, for how long, and whether to stop."""
+    until: dict[str, float] = {}
+    words: dict[str, str] = {}
+    refused: dict[str, str] = {}
+    transient: dict[str, int] = {}
+    lost = 0
+    last = ""
+    for h in history:
+        site = getattr(h, "site", None)
+        if h.state != JobState.requeued or not site:
+            continue
+        last = words[site] = getattr(h, "reason", None) or f"{site} gave the job back"
+        kind = getattr(h, "refusal", None)
+        if kind == "permanent":
+            refused[site] = words[site]
+        if kind == "transient":
+            transient[site] = transient.get(site, 0) + 1
+            window = min(AVOID_S, TRANSIENT_BACKOFF_S * 2 ** (transient[site] - 1))
+        else:
+            lost += 1
+            window = AVOID_S
+        until[site] = max(until.get(site, -INF), (h.time - now).total_seconds() + window)
+    avoid = {site: f"{words[site]} (tried again in {left:.0f} s)" for site, left in until.items()
+             if left > 0 and site not in refused}
+    give_up = None
+    if lost >= MAX_ATTEMPTS:
+        give_up = f"placed {lost + sum(transient.values())} times, refused or lost every time; last: {last}"
+    elif sum(transient.values()) >= MAX_TRANSIENT_REFUSALS:
+        give_up = f"refused {sum(transient.values())} times by sites that were busy or out of reach; last: {last}"
+    return Departures(avoid, refused, give_up)
+
+
 @dataclass(frozen=True)
 class TenantBudget:
     """What the tenant has left this period, net of what its running jobs may still use (worst case)."""
@@ -133,6 +185,25 @@ def permanent_reasons(spec: JobSpec, tenant: TenantEntry, site: SiteEntry) -> li
         if hours > tenant.allocation_gpu_hours:
             reasons.append(f"may use {hours:.1f} allocation hours, the tenant's grant is "
                            f"{tenant.allocation_gpu_hours:.1f}")
+    return reasons + beyond_limits(spec, site)
+
+
+def beyond_limits(spec: JobSpec, site: SiteEntry) -> list[str]:
+    """What the job asks for beyond the limits the site is known to have (its catalog's Slurm options). Only
+    what the job says counts: what it leaves unset, the site's own defaults decide."""
+    limits, r = site.slurm, spec.resources
+    if limits is None:
+        return []
+    reasons = []
+    if limits.max_mem_per_node_gb and r.memory_gb and r.memory_gb > limits.max_mem_per_node_gb:
+        reasons.append(f"asks {r.memory_gb:g} GB of memory a node, the site's nodes have at most "
+                       f"{limits.max_mem_per_node_gb:g} GB")
+    if limits.max_cpus_per_node and r.cpus and r.cpus > limits.max_cpus_per_node:
+        reasons.append(f"asks {r.cpus} CPUs a task, the site's nodes have at most {limits.max_cpus_per_node}")
+    if limits.max_nodes and r.nodes > limits.max_nodes:
+        reasons.append(f"asks {r.nodes} nodes, the site allows at most {limits.max_nodes} a job")
+    if limits.max_walltime_s and spec.walltime_s > limits.max_walltime_s:
+        reasons.append(f"asks a walltime of {spec.walltime_s} s, the site allows at most {limits.max_walltime_s} s")
     return reasons
 
 
@@ -145,9 +216,12 @@ def worst_case_allocation_h(spec: JobSpec, site: SiteEntry, gpu_type: str) -> fl
 
 
 def place(spec: JobSpec, tenant: TenantEntry, sites: Iterable[SiteView], budget: TenantBudget | None = None,
-          now: datetime | None = None, avoid: Iterable[str] = ()) -> Decision:
+          now: datetime | None = None, avoid: Mapping[str, str] | None = None,
+          refused: Mapping[str, str] | None = None) -> Decision:
+    """`avoid`: sites passed over for now, with why; `refused`: sites that refused this job for good, with
+    their words (`departures` reads both from the job's history)."""
     budget = budget or TenantBudget()
-    avoid = set(avoid)
+    avoid, refused = avoid or {}, refused or {}
     views = sorted(sites, key=lambda s: s.id)
     reasons: dict[str, list[str]] = {}
     chosen_type: dict[str, str] = {}
@@ -156,6 +230,8 @@ def place(spec: JobSpec, tenant: TenantEntry, sites: Iterable[SiteView], budget:
 
     for site in views:
         reasons[site.id] = permanent_reasons(spec, tenant, site.entry)
+        if site.id in refused:
+            reasons[site.id].append(f"refused this job: {refused[site.id]}")
         possible = possible or not reasons[site.id]
         chosen_type[site.id] = _best_type(spec, site)
         parts[site.id] = _parts(spec, site, chosen_type[site.id])
@@ -189,13 +265,13 @@ def place(spec: JobSpec, tenant: TenantEntry, sites: Iterable[SiteView], budget:
                     candidates=candidates)
 
 
-def _passing_reasons(spec: JobSpec, site: SiteView, gpu_type: str, budget: TenantBudget, avoid: set[str],
-                     overflow: bool) -> list[str]:
+def _passing_reasons(spec: JobSpec, site: SiteView, gpu_type: str, budget: TenantBudget,
+                     avoid: Mapping[str, str], overflow: bool) -> list[str]:
     """Why the site cannot take the job now, though it could some day."""
     need = spec.resources.total_gpus
     why = []
     if site.id in avoid:
-        why.append("refused or lost this job recently")
+        why.append(avoid[site.id])
     if not site.up:
         why.append("site is down or has not reported")
     entry = site.entry

@@ -27,10 +27,28 @@ GpuType = Literal["H100", "A100", "L40S", "L4"]
 
 
 class SlurmOptions(BaseModel):
+    """How a Slurm site takes jobs: where they go, the site's own defaults (applied only to what a job leaves
+    unset) and the limits it is known to have (a job beyond them is ineligible there before any dispatch)."""
+
     model_config = ConfigDict(extra="forbid")
 
     partition: str | None = None
     account: str | None = None
+    qos: str | None = None
+    # defaults: sent as --mem-per-gpu / --cpus-per-gpu when the job names no memory / CPUs (unset: Slurm's own)
+    mem_per_gpu_gb: float | None = Field(None, gt=0)
+    cpus_per_gpu: int | None = Field(None, ge=1)
+    # the GRES type Slurm knows a catalog GPU type by (`h100` by default; "" for untyped `gpu:N` GRES)
+    gres_type_map: dict[GpuType, Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]*$")]] = Field(
+        default_factory=dict)
+    # limits (MaxMemPerNode, a node's CPUs, MaxNodes, MaxTime of the partition)
+    max_mem_per_node_gb: float | None = Field(None, gt=0)
+    max_cpus_per_node: int | None = Field(None, ge=1)
+    max_nodes: int | None = Field(None, ge=1)
+    max_walltime_s: int | None = Field(None, ge=1)
+
+    def gres_type(self, gpu_type: str) -> str:
+        return self.gres_type_map.get(gpu_type, gpu_type.lower())
 
 
 class SiteEntry(BaseModel):
@@ -57,10 +75,15 @@ class SiteEntry(BaseModel):
     def _consistent(self) -> SiteEntry:
         if self.carbon_zone is None and self.carbon_g_per_kwh is None:
             raise ValueError("needs carbon_zone or carbon_g_per_kwh")
+        if self.slurm is not None and self.backend != "slurm":
+            raise ValueError(f"slurm options on a site whose backend is {self.backend}")
         for field in ("gpu_watts", "price_eur_per_gpu_hour", "allocation_factor"):
             unknown = set(getattr(self, field)) - set(self.gpus)
             if unknown:
                 raise ValueError(f"{field} names GPU types the site does not offer: {sorted(unknown)}")
+        unknown = set(self.slurm.gres_type_map if self.slurm else ()) - set(self.gpus)
+        if unknown:
+            raise ValueError(f"slurm.gres_type_map names GPU types the site does not offer: {sorted(unknown)}")
         return self
 
     @property

@@ -51,8 +51,10 @@ class Resources(BaseModel):
 
     gpus: int = Field(1, ge=0, le=4096)
     gpu_type: GpuType | Literal["any"] = "any"
-    cpus: int = Field(1, ge=1, le=100_000)
-    memory_gb: float = Field(8.0, gt=0, le=1_000_000)
+    # CPUs a task and memory a node: None when the job does not say, so that a site applies its own defaults
+    # (Slurm's DefMemPerGPU, say) rather than one of ours that its nodes may not have
+    cpus: int | None = Field(None, ge=1, le=100_000)
+    memory_gb: float | None = Field(None, gt=0, le=1_000_000)
     nodes: int = Field(1, ge=1, le=10_000)
 
     @property

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
+from services.agent.backends.slurm import SlurmBackend
 from shared.bus import request_json
+from shared.contracts.catalog import Catalog
 from tests.conftest import SUBJECTS, listen
-from tests.e2e.harness import connect_when_up, start_system
+from tests.e2e.harness import CATALOG, connect_when_up, record_when, start_system
 
 pytestmark = pytest.mark.e2e
 
@@ -67,6 +71,8 @@ async def test_jobs_run_in_slurm_and_their_states_come_back(client):
     assert data(events, ok, "started")["started_at"]
     # Slurm ran them, with the GPUs asked for
     assert slurm_job(ok)["JobState"] == "COMPLETED" and slurm_job(ok)["TresPerNode"] == "gres:gpu:h100:2"
+    # the job named no memory, and none was asked of Slurm: the node's 4,000 MB are less than the 8 GB once sent
+    assert slurm_job(ok)["MinMemoryNode"] == "0"
     assert slurm_job(bad)["JobState"] == "FAILED" and slurm_job(bad)["ExitCode"] == "3:0"
     await events.wait_for(lambda: ok in events.billed and bad in events.billed, 20, "both billed")
 
@@ -115,3 +121,79 @@ async def test_a_full_slurm_with_a_queue_is_saturated_and_overflow_goes_private(
     reasons = {c["site"]: c["reasons"] for c in placed["decision"]["candidates"]}
     assert reasons["hpc-slurm"][0].startswith("saturated: ")
     await asyncio.wait_for(events.wait_for(lambda: job in events.billed, 30, "billed"), 40)
+
+
+async def test_a_job_refused_for_good_by_the_only_site_fails_with_sbatchs_words(client):
+    nc, events = client
+    # more memory than the node has: only sbatch knows it (the catalog does not state the site's memory)
+    big = await submit(nc, spec(["true"], resources={"gpus": 1, "gpu_type": "H100", "memory_gb": 64}))
+    # more nodes than the site allows, which the catalog states: ineligible before any dispatch
+    wide = await submit(nc, spec(["true"], resources={"gpus": 1, "gpu_type": "H100", "nodes": 2}))
+    asked = await submit(nc, spec(["true"], resources={"gpus": 1, "gpu_type": "H100", "memory_gb": 2}))
+    await events.wait_for(lambda: "failed" in events.kinds(big) and "rejected" in events.kinds(wide)
+                          and "succeeded" in events.kinds(asked), 60, "the three jobs to end")
+    assert events.kinds(big) == ["accepted", "placed", "dispatched", "requeued", "failed"]
+    reason = data(events, big, "failed")["reason"]
+    assert reason.startswith("refused by every site that could run it: hpc-slurm: site refused: sbatch: ")
+    assert "Memory specification can not be satisfied" in reason
+    assert data(events, big, "requeued")["refusal"] == "permanent"
+    record = await record_when(nc, big, "failed")
+    assert any("Memory specification can not be satisfied" in r for r in record["reasons"])
+
+    assert events.kinds(wide) == ["accepted", "rejected"]
+    assert "hpc-slurm: asks 2 nodes, the site allows at most 1 a job" in data(events, wide, "rejected")["reasons"]
+    assert slurm_job(asked)["MinMemoryNode"] == "2G"
+
+
+@pytest.fixture
+def controller_down(slurm_cluster):
+    """Slurm's controller stopped (its jobs kept on disk), and started again after the test."""
+    subprocess.run(["pkill", "-x", "slurmctld"], check=True)
+    script = Path(__file__).resolve().parents[2] / "deploy" / "slurm" / "test-cluster.sh"
+    restarted = False
+
+    def restart() -> None:
+        nonlocal restarted
+        if not restarted:
+            subprocess.run(["bash", str(script), "restart-controller"], check=True, timeout=60)
+            restarted = True
+    yield restart
+    restart()
+
+
+async def test_a_passing_refusal_is_retried_with_backoff_and_the_job_runs_once(client, controller_down):
+    nc, events = client
+    job = await submit(nc, spec(["true"]))
+
+    def refused() -> bool:
+        return any(e["type"].endswith(".requeued") and e["data"].get("refusal") == "transient"
+                   for e in events.by_job[job])
+    await events.wait_for(refused, 60, "sbatch to fail while the controller is away")
+    assert "Unable to contact slurm controller" in data(events, job, "requeued")["reason"]
+    # while it waits, the job shows the site's own words
+    record = await record_when(nc, job, "queued")
+    assert record["state"] == "queued", record
+    assert any("hpc-slurm: site refused: sbatch: " in r and "Unable to contact slurm controller" in r
+               for r in record["reasons"]), record["reasons"]
+
+    controller_down()
+    await events.wait_for(lambda: "succeeded" in events.kinds(job), 120, "the job to run once the controller is back")
+    assert events.kinds(job).count("started") == 1 and events.kinds(job).count("succeeded") == 1
+    out = subprocess.run(["scontrol", "-o", "show", "job"], capture_output=True, text=True, check=True).stdout
+    assert sum(f"JobName=continuum-{job} " in line for line in out.splitlines()) == 1
+
+
+async def test_an_agent_waits_quietly_for_a_controller_naming_the_command_that_failed(controller_down):
+    site = Catalog.load(CATALOG / "slurm_sites.yaml", CATALOG / "slurm_tenants.yaml").site("hpc-slurm")
+    backend = SlurmBackend(site, reports=None)
+    with capture_logs() as logs:
+        assert await backend._poll_once() is False
+    (said,) = [e for e in logs if e["event"].startswith("slurm.")]
+    assert said["event"] == "slurm.waiting_for_controller" and said["log_level"] == "info"
+    assert said["error"].startswith("scontrol -o show job exited 1: ")
+    assert "Unable to contact slurm controller" in said["error"]
+
+    controller_down()
+    with capture_logs() as logs:
+        assert await backend._poll_once() is True  # and from now on, a failure is a warning
+    assert not [e for e in logs if e["event"].startswith("slurm.") and e["log_level"] != "info"]

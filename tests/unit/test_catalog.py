@@ -113,3 +113,20 @@ def test_invalid_yaml_is_a_catalog_error(tmp_path):
     path = tmp_path / "sites.yaml"
     path.write_text("sites: [unclosed\n")
     assert load_error(sites_file=path).startswith(f"{path}: not valid YAML")
+
+
+def test_slurm_options_give_a_sites_defaults_limits_and_names(tmp_path):
+    slurm = {"partition": "gpu_p5", "account": "abc@h100", "qos": "qos_gpu_h100-t3", "mem_per_gpu_gb": 40,
+             "cpus_per_gpu": 24, "gres_type_map": {"H100": ""}, "max_mem_per_node_gb": 512, "max_nodes": 16}
+    catalog = Catalog.load(sites_file(tmp_path, GOOD_SITE | {"backend": "slurm", "slurm": slurm}))
+    options = catalog.sites["site-a"].slurm
+    assert (options.qos, options.gres_type("H100"), options.max_nodes) == ("qos_gpu_h100-t3", "", 16)
+
+
+def test_slurm_options_must_fit_the_site(tmp_path):
+    path = sites_file(tmp_path, GOOD_SITE | {"slurm": {"partition": "gpu"}})
+    assert "slurm options on a site whose backend is simulated" in load_error(sites_file=path)
+    path = sites_file(tmp_path, GOOD_SITE | {"backend": "slurm", "slurm": {"gres_type_map": {"A100": "a100"}}})
+    assert "slurm.gres_type_map names GPU types the site does not offer: ['A100']" in load_error(sites_file=path)
+    path = sites_file(tmp_path, GOOD_SITE | {"backend": "slurm", "slurm": {"mem_per_gpu_gb": 0}})
+    assert load_error(sites_file=path).startswith(f"{path}: entry 1 (site-a): slurm.mem_per_gpu_gb: ")

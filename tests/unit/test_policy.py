@@ -9,15 +9,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.routing.policy import (
+    AVOID_S,
+    MAX_ATTEMPTS,
+    MAX_TRANSIENT_REFUSALS,
     NO_GPU,
+    TRANSIENT_BACKOFF_S,
     Holding,
     SiteView,
     TenantBudget,
+    departures,
     permanent_reasons,
     place,
 )
-from shared.contracts.catalog import Catalog, SiteEntry, TenantEntry
-from shared.contracts.jobs import JobSpec, Resources
+from shared.contracts.catalog import Catalog, SiteEntry, SlurmOptions, TenantEntry
+from shared.contracts.jobs import HistoryEntry, JobSpec, JobState, Resources
 
 
 def site(id: str, kind: str = "private_cloud", country: str = "FR", jurisdiction: str = "EU",
@@ -423,10 +428,77 @@ def test_a_spent_allocation_stops_public_placement():
     assert candidate(decision, "public").reasons == ["allocation spent: 3.0 h left, the job may use 4.0 h"]
 
 
-def test_a_site_that_refused_the_job_is_avoided():
-    decision = place(job(), tenant(), [view(site("a")), view(site("b"))], avoid={"a"})
+def test_a_site_that_refused_the_job_is_avoided_with_its_words():
+    decision = place(job(), tenant(), [view(site("a")), view(site("b"))], avoid={"a": "site refused: busy"})
     assert decision.site == "b"
-    assert candidate(decision, "a").reasons == ["refused or lost this job recently"]
+    assert candidate(decision, "a").reasons == ["site refused: busy"]
+
+
+def test_a_site_that_refused_the_job_for_good_is_ineligible_and_alone_makes_it_impossible():
+    refused = {"a": "sbatch: Memory specification can not be satisfied"}
+    decision = place(job(), tenant(), [view(site("a")), view(site("b"))], refused=refused)
+    assert decision.site == "b" and not decision.impossible
+    assert candidate(decision, "a").reasons == ["refused this job: sbatch: Memory specification can not be satisfied"]
+    alone = place(job(), tenant(), [view(site("a"))], refused=refused)
+    assert alone.site is None and alone.impossible
+
+
+# --- what a job's requeues say -------------------------------------------------------------------------------
+
+T0 = datetime(2026, 12, 1, 12, tzinfo=UTC)
+
+
+def requeued(site_id: str, at_s: float, reason: str, refusal: str | None = None, n: int = 0) -> HistoryEntry:
+    return HistoryEntry(state=JobState.requeued, time=T0 + timedelta(seconds=at_s), event_id=f"e{site_id}{n}{at_s}",
+                        site=site_id, reason=reason, **({"refusal": refusal} if refusal else {}))
+
+
+def test_a_lost_job_avoids_its_site_for_a_while_then_goes_back():
+    history = [requeued("a", 0, "site a went down before the job started there")]
+    assert departures(history, T0 + timedelta(seconds=10)).avoid == {
+        "a": f"site a went down before the job started there (tried again in {AVOID_S - 10:.0f} s)"}
+    assert departures(history, T0 + timedelta(seconds=AVOID_S + 1)).avoid == {}
+
+
+def test_passing_refusals_back_off_doubling_and_give_up_after_their_bound():
+    history = [requeued("a", 0, "site refused: sbatch: Socket timed out", "transient", 0)]
+    assert "a" in departures(history, T0 + timedelta(seconds=TRANSIENT_BACKOFF_S - 1)).avoid
+    assert departures(history, T0 + timedelta(seconds=TRANSIENT_BACKOFF_S + 0.1)).avoid == {}
+    history.append(requeued("a", 10, "site refused: sbatch: Socket timed out", "transient", 1))
+    assert "a" in departures(history, T0 + timedelta(seconds=10 + 2 * TRANSIENT_BACKOFF_S - 1)).avoid
+    assert departures(history, T0 + timedelta(seconds=10 + 2 * TRANSIENT_BACKOFF_S + 0.1)).give_up is None
+    many = [requeued("a", i, "site refused: sbatch: busy", "transient", i) for i in range(MAX_TRANSIENT_REFUSALS)]
+    assert departures(many, T0).give_up.startswith(f"refused {MAX_TRANSIENT_REFUSALS} times by sites that were busy")
+    # passing refusals do not use up the placements a job gets when sites lose it
+    assert departures(many[:-1], T0).give_up is None
+
+
+def test_a_refusal_for_good_is_kept_and_the_attempts_are_bounded():
+    history = [requeued("a", 0, "site refused: sbatch: Invalid account", "permanent")]
+    left = departures(history, T0 + timedelta(days=1))
+    assert left.refused == {"a": "site refused: sbatch: Invalid account"} and left.avoid == {}
+    lost = [requeued(s, i, f"site {s} went down", n=i) for i, s in enumerate("abcd"[:MAX_ATTEMPTS])]
+    assert departures(lost, T0).give_up == f"placed {MAX_ATTEMPTS} times, refused or lost every time; last: site d went down"
+    assert departures(lost[:-1], T0).give_up is None
+
+
+# --- a Slurm site's known limits -----------------------------------------------------------------------------
+
+def test_a_job_beyond_a_slurm_sites_known_limits_is_ineligible_there_before_any_dispatch():
+    limits = SlurmOptions(max_mem_per_node_gb=8, max_cpus_per_node=32, max_nodes=2, max_walltime_s=72_000)
+    slurm = site("jz", backend="slurm", slurm=limits)
+    big = JobSpec(tenant="acme", command=["run"], walltime_s=100_000,
+                  resources=Resources(gpus=1, memory_gb=64, cpus=40, nodes=4))
+    assert permanent_reasons(big, tenant(), slurm) == [
+        "asks 64 GB of memory a node, the site's nodes have at most 8 GB",
+        "asks 40 CPUs a task, the site's nodes have at most 32",
+        "asks 4 nodes, the site allows at most 2 a job",
+        "asks a walltime of 100000 s, the site allows at most 72000 s"]
+    # what a job leaves unset is the site's to decide: never a reason
+    assert permanent_reasons(job(), tenant(), slurm) == []
+    decision = place(big.model_copy(update={"overflow": "forbidden"}), tenant(allocation=1e6),
+                     [view(slurm.model_copy(update={"kind": "public_hpc"}))])
+    assert decision.impossible
 
 
 @st.composite

@@ -8,9 +8,12 @@ from datetime import UTC, datetime
 import pytest
 
 from services.agent.backends.slurm import (
+    CommandError,
+    is_transient,
     outcome_of,
     parse_gres,
     parse_jobs,
+    refusal_words,
     sbatch_args,
 )
 from shared.contracts.catalog import SiteEntry, SlurmOptions
@@ -38,6 +41,7 @@ def order(**resources) -> Dispatch:
 
 def test_sbatch_options_from_the_jobspec():
     args = sbatch_args(order(), SITE, "/tmp/out")
+    assert not any(a.startswith("--qos") for a in args)
     assert {"--parsable", "--job-name=continuum-j1", "--time=61", "--nodes=2", "--cpus-per-task=8",
             "--mem=65536M", "--output=/tmp/out", "--gres=gpu:h100:4", "--partition=gpu_p", "--account=abc@h100",
             "--no-requeue", "--export=ALL,CONTINUUM_JOB_ID=j1"} <= set(args)
@@ -47,6 +51,68 @@ def test_sbatch_options_from_the_jobspec():
 
 def test_a_job_without_gpus_asks_no_gres():
     assert not any(a.startswith("--gres") for a in sbatch_args(order(gpus=0), SITE, "/tmp/out"))
+
+
+def asked(spec: dict, site: SiteEntry = SITE) -> set[str]:
+    """The resource options sbatch gets for a job of one node asking 2 H100 and `spec`."""
+    dispatch = Dispatch(job_id="j1", tenant="lab", site="jz", gpu_type="H100", attempt=0,
+                        spec=JobSpec(tenant="lab", command=["true"], resources={"gpus": 2, "gpu_type": "H100", **spec}))
+    return {a.split("=")[0] for a in sbatch_args(dispatch, site, "/tmp/out")} & {
+        "--nodes", "--cpus-per-task", "--cpus-per-gpu", "--mem", "--mem-per-gpu"}
+
+
+def test_what_a_job_does_not_ask_for_is_not_sent_so_the_sites_defaults_apply():
+    assert asked({}) == set()  # not even one node: Slurm's default
+    assert asked({"memory_gb": 4}) == {"--mem"}
+    assert asked({"cpus": 4, "nodes": 2}) == {"--cpus-per-task", "--nodes"}
+
+
+def test_a_sites_catalog_defaults_fill_in_only_what_the_job_leaves_unset():
+    jz = SITE.model_copy(update={"slurm": SlurmOptions(partition="gpu_p", mem_per_gpu_gb=40, cpus_per_gpu=10)})
+    assert asked({}, jz) == {"--mem-per-gpu", "--cpus-per-gpu"}
+    assert asked({"memory_gb": 16, "cpus": 2}, jz) == {"--mem", "--cpus-per-task"}
+    dispatch = Dispatch(job_id="j1", tenant="lab", site="jz", gpu_type="H100", attempt=0,
+                        spec=JobSpec(tenant="lab", command=["true"], resources={"gpus": 2, "gpu_type": "H100"}))
+    assert {"--mem-per-gpu=40960M", "--cpus-per-gpu=10"} <= set(sbatch_args(dispatch, jz, "/tmp/out"))
+
+
+def test_gres_types_and_qos_follow_the_sites_slurm_names():
+    named = SITE.model_copy(update={"slurm": SlurmOptions(qos="qos_gpu-t3", gres_type_map={"H100": "h100_80g"})})
+    assert {"--qos=qos_gpu-t3", "--gres=gpu:h100_80g:4"} <= set(sbatch_args(order(), named, "/tmp/out"))
+    untyped = SITE.model_copy(update={"slurm": SlurmOptions(gres_type_map={"H100": ""})})
+    assert "--gres=gpu:4" in sbatch_args(order(), untyped, "/tmp/out")
+
+
+@pytest.mark.parametrize(("said", "transient"), [
+    # as Slurm 22.05's sbatch said them on this machine
+    ("sbatch: error: Memory specification can not be satisfied\n"
+     "sbatch: error: Batch job submission failed: Requested node configuration is not available", False),
+    ("sbatch: error: invalid partition specified: nope\n"
+     "sbatch: error: Batch job submission failed: Invalid partition name specified", False),
+    ("sbatch: error: Batch job submission failed: Invalid account or account/partition combination specified", False),
+    ("sbatch: error: Batch job submission failed: Unable to contact slurm controller (connect failure)", True),
+    ("sbatch: error: Batch job submission failed: Socket timed out on send/recv operation", True),
+    ("sbatch: error: Slurm temporarily unable to accept job, sleeping and retrying", True),
+])
+def test_a_refusal_is_permanent_unless_slurm_says_it_may_pass(said, transient):
+    words = refusal_words(said)
+    assert words.startswith("sbatch: ") and "error:" not in words
+    assert is_transient(words) is transient
+
+
+def test_sbatch_words_read_as_one_line():
+    assert refusal_words("sbatch: error: Memory specification can not be satisfied\n"
+                         "sbatch: error: Batch job submission failed: Requested node configuration is not available"
+                         ) == ("sbatch: Memory specification can not be satisfied; Batch job submission failed: "
+                               "Requested node configuration is not available")
+    assert refusal_words("") == "sbatch: refused the job without a word"
+
+
+def test_a_failed_command_says_which_with_its_exit_code_even_when_it_said_nothing():
+    assert str(CommandError(["sinfo", "-N", "-h"], 1, "", "")) == "sinfo -N -h exited 1: no output"
+    assert str(CommandError(("scontrol", "-o", "show", "job"), 1, "",
+                            "slurm_load_jobs error: Unable to contact slurm controller (connect failure)\n")) == (
+        "scontrol -o show job exited 1: slurm_load_jobs error: Unable to contact slurm controller (connect failure)")
 
 
 def test_scontrol_lines_are_read():

@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 import structlog
 
 from services.agent.backends.base import Outcome, Reports
-from shared.contracts.catalog import SiteEntry
+from shared.contracts.catalog import SiteEntry, SlurmOptions
 from shared.contracts.events import utcnow
 from shared.contracts.jobs import Dispatch
 from shared.contracts.sites import GpuCount, SiteJob
@@ -37,6 +37,8 @@ from shared.contracts.sites import GpuCount, SiteJob
 log = structlog.get_logger()
 
 POLL_S = 0.5
+# how long an agent that starts waits for Slurm's controller to answer before it reports anything
+START_WAIT_S = 30.0
 # a job Slurm accepted but no poll has shown for this long is lost
 VANISHED_AFTER_S = 60.0
 NAME_PREFIX = "continuum-"
@@ -47,7 +49,42 @@ ENDED = FAILED | REQUEUED | {"COMPLETED", "CANCELLED"}
 
 
 class SubmitError(Exception):
-    """sbatch refused the job: the site cannot run it as asked."""
+    """sbatch refused the job, in its own words. `permanent` when asking again cannot help (the job asks for
+    what the site does not have, or names an account, partition or QOS it does not know); otherwise the
+    controller was busy or out of reach, and a later try may go through."""
+
+    def __init__(self, words: str, permanent: bool) -> None:
+        super().__init__(words)
+        self.permanent = permanent
+
+
+class CommandError(RuntimeError):
+    """A Slurm command failed: which one, its exit code and what it said (Slurm's errors go to either
+    stream, and a controller that is starting may say nothing at all)."""
+
+    def __init__(self, command: list[str] | tuple[str, ...], code: int, out: str, err: str) -> None:
+        said = (err.strip() or out.strip() or "no output")[:500]
+        super().__init__(f"{shlex.join(command)} exited {code}: {said}")
+        self.code = code
+
+
+# sbatch's answers that a later try may change: the controller busy, starting, or out of reach
+# (Slurm's ESLURM_* and errno texts). Every other refusal is about the job itself, and permanent.
+TRANSIENT_REFUSALS = ("temporarily unavailable", "temporarily unable", "try again", "timed out", "time out",
+                      "unable to contact slurm controller", "connection refused", "connect failure", "busy",
+                      "in standby mode", "transient", "communication")
+
+
+def is_transient(words: str) -> bool:
+    words = words.lower()
+    return any(t in words for t in TRANSIENT_REFUSALS)
+
+
+def refusal_words(said: str) -> str:
+    """sbatch's error lines as one: `sbatch: <first>; <second>` (without its repeated `sbatch: error:`)."""
+    lines = [line.strip().removeprefix("sbatch:").strip().removeprefix("error:").strip()
+             for line in said.splitlines() if line.strip()]
+    return ("sbatch: " + "; ".join(lines or ["refused the job without a word"]))[:500]
 
 
 @dataclass
@@ -81,20 +118,30 @@ class SlurmJob:
 
 
 def sbatch_args(order: Dispatch, site: SiteEntry, output: str) -> list[str]:
-    """JobSpec to sbatch options."""
+    """JobSpec to sbatch options. Only what the job asked for goes to Slurm: a resource it leaves unset gets
+    the site's default from the catalog, if it gives one, or else Slurm's own (DefMemPerGPU and the like)."""
     spec, r = order.spec, order.spec.resources
+    options = site.slurm or SlurmOptions()
     args = ["--parsable", f"--job-name={NAME_PREFIX}{order.job_id}", f"--time={max(1, -(-spec.walltime_s // 60))}",
-            f"--nodes={r.nodes}", f"--cpus-per-task={r.cpus}", f"--mem={max(1, int(r.memory_gb * 1024))}M",
             f"--output={output}", "--comment=" + base64.b64encode(order.model_dump_json().encode()).decode(),
             f"--export=ALL,CONTINUUM_JOB_ID={order.job_id}",
             "--no-requeue"]  # a job Slurm lets go is requeued by routing, which may place it elsewhere
+    if r.nodes > 1:
+        args.append(f"--nodes={r.nodes}")
     if r.gpus:
-        args.append(f"--gres=gpu:{order.gpu_type.lower()}:{r.gpus}")
-    options = site.slurm
-    if options and options.partition:
-        args.append(f"--partition={options.partition}")
-    if options and options.account:
-        args.append(f"--account={options.account}")
+        gres = options.gres_type(order.gpu_type)
+        args.append(f"--gres=gpu:{gres}:{r.gpus}" if gres else f"--gres=gpu:{r.gpus}")
+    if r.cpus is not None:
+        args.append(f"--cpus-per-task={r.cpus}")
+    elif options.cpus_per_gpu and r.gpus:
+        args.append(f"--cpus-per-gpu={options.cpus_per_gpu}")
+    if r.memory_gb is not None:
+        args.append(f"--mem={max(1, int(r.memory_gb * 1024))}M")
+    elif options.mem_per_gpu_gb and r.gpus:
+        args.append(f"--mem-per-gpu={max(1, int(options.mem_per_gpu_gb * 1024))}M")
+    for name in ("partition", "account", "qos"):
+        if value := getattr(options, name):
+            args.append(f"--{name}={value}")
     return args
 
 
@@ -157,7 +204,8 @@ def _fields(line: str) -> dict[str, str]:
 
 
 def _gres(text: str) -> dict[str, int]:
-    """`gres:gpu:h100:3`, `gpu:h100:8`, `gpu:h100:6(IDX:0-5)`, several comma-separated: GPUs by type."""
+    """`gres:gpu:h100:3`, `gpu:h100:8`, `gpu:h100:6(IDX:0-5)`, several comma-separated: GPUs by type ("" for
+    untyped `gpu:8`)."""
     out: dict[str, int] = {}
     for item in text.split(","):
         parts = item.split("(")[0].split(":")
@@ -165,8 +213,8 @@ def _gres(text: str) -> dict[str, int]:
             parts = parts[1:]
         if len(parts) >= 3 and parts[0] == "gpu" and parts[2].isdigit():
             out[parts[1].lower()] = out.get(parts[1].lower(), 0) + int(parts[2])
-        elif len(parts) == 2 and parts[0] == "gpu" and parts[1].isdigit():
-            out["gpu"] = out.get("gpu", 0) + int(parts[1])
+        elif len(parts) == 2 and parts[0] == "gpu" and parts[1].isdigit():  # untyped GRES
+            out[""] = out.get("", 0) + int(parts[1])
     return out
 
 
@@ -221,7 +269,11 @@ class SlurmBackend:
         self.waited_total = 0
         self.output_dir = "/tmp"
         self._poller: asyncio.Task | None = None
-        self._types = {t.lower(): t for t in site.gpus}
+        self._answered = False  # Slurm has answered a poll since this agent started
+        # each catalog GPU type by the GRES type Slurm counts it as (lower case, as parsed), and back
+        options = site.slurm or SlurmOptions()
+        self._gres = {t: options.gres_type(t).lower() for t in site.gpus}
+        self._types = {g: t for t, g in self._gres.items()}
 
     # the surface the agent uses
     @property
@@ -248,7 +300,8 @@ class SlurmBackend:
         script = "#!/bin/sh\nexec " + shlex.join(order.spec.command) + "\n"
         code, out, err = await _run("sbatch", *sbatch_args(order, self.site, output), stdin=script)
         if code != 0:
-            raise SubmitError(f"sbatch: {(err or out).strip()[:500]}")
+            words = refusal_words(err or out)
+            raise SubmitError(words, permanent=not is_transient(words))
         slurm_id = out.strip().split(";")[0]
         self.tracked[order.job_id] = Tracked(order, slurm_id, utcnow())
         log.info("slurm.submitted", job_id=order.job_id, slurm_id=slurm_id, site=self.site.id)
@@ -267,9 +320,10 @@ class SlurmBackend:
     def capacity(self) -> dict[str, GpuCount]:
         counts = {}
         for t, n in self.site.gpus.items():
-            total = self.view.total.get(t.lower(), n) if self.view.total else n
-            free = max(0, total - self.view.used.get(t.lower(), 0))
-            wanted = sum(j.gpus.get(t.lower(), 0) * j.nodes for j in self._partition_jobs() if j.state == "PENDING")
+            gres = self._gres[t]
+            total = self.view.total.get(gres, n) if self.view.total else n
+            free = max(0, total - self.view.used.get(gres, 0))
+            wanted = sum(j.gpus.get(gres, 0) * j.nodes for j in self._partition_jobs() if j.state == "PENDING")
             counts[t] = GpuCount(total=total, free=free, reserved=wanted)
         return counts
 
@@ -306,40 +360,63 @@ class SlurmBackend:
                                                context=contextvars.Context())
 
     async def start(self) -> None:
-        """Take back the jobs a previous agent submitted, then follow Slurm."""
-        await self.poll()
+        """Follow Slurm, and take back the jobs a previous agent submitted. A controller that is still
+        starting is waited for quietly, a while, before the agent reports anything."""
+        deadline = asyncio.get_running_loop().time() + START_WAIT_S
+        while not self._answered and asyncio.get_running_loop().time() < deadline:
+            await self._poll_once()
+            if not self._answered:
+                await asyncio.sleep(self.poll_s)
+        self._ensure_polling()
+
+    def _take_back(self) -> None:
         for job in self.view.jobs.values():
             order = job.order
             if order and order.site == self.site.id and order.job_id not in self.tracked and job.state not in ENDED:
                 self.tracked[order.job_id] = Tracked(order, job.slurm_id, job.start or utcnow(),
                                                      started_at=job.start if job.state in RUNNING else None)
                 log.info("slurm.reattached", job_id=order.job_id, slurm_id=job.slurm_id, state=job.state)
-        self._ensure_polling()
 
     async def _follow(self) -> None:
         while True:
-            try:
-                await self.poll()
-                await self.report()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("slurm.poll_failed", site=self.site.id)
+            if await self._poll_once():
+                try:
+                    await self.report()
+                except Exception:
+                    log.exception("slurm.report_failed", site=self.site.id)
             await asyncio.sleep(self.poll_s)
+
+    async def _poll_once(self) -> bool:
+        """One poll; False if Slurm did not answer (said quietly until it first has: its controller starts)."""
+        try:
+            await self.poll()
+        except CommandError as e:
+            if self._answered:
+                log.warning("slurm.poll_failed", site=self.site.id, error=str(e))
+            else:
+                log.info("slurm.waiting_for_controller", site=self.site.id, error=str(e))
+            return False
+        except Exception:  # a command missing, output we cannot read: loud, and tried again
+            log.exception("slurm.poll_failed", site=self.site.id)
+            return False
+        if not self._answered:
+            self._answered = True
+            self._take_back()
+        return True
 
     async def poll(self) -> None:
         """Two commands for everything: every job Slurm knows, and every node's GPUs."""
         taken_at = utcnow()
-        code, out, err = await _run("scontrol", "-o", "show", "job")
+        command = ("scontrol", "-o", "show", "job")
+        code, out, err = await _run(*command)
         if code != 0 and "No jobs in the system" not in out + err:
-            raise RuntimeError(f"scontrol: {err.strip()}")
+            raise CommandError(command, code, out, err)
         jobs = parse_jobs(out)
-        args = ["sinfo", "-N", "-h", "-O", "NodeList:|,Gres:|,GresUsed:|,StateLong"]
-        if self.partition:
-            args += ["-p", self.partition]
-        code, out, err = await _run(*args)
+        command = ("sinfo", "-N", "-h", "-O", "NodeList:|,Gres:|,GresUsed:|,StateLong",
+                   *(("-p", self.partition) if self.partition else ()))
+        code, out, err = await _run(*command)
         if code != 0:
-            raise RuntimeError(f"sinfo: {err.strip()}")
+            raise CommandError(command, code, out, err)
         total, used = parse_gres(out)
         self.view = SlurmView(jobs, total, used, taken_at)
 
