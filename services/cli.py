@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import logging
+import re
 import signal
 import sys
 import time
@@ -14,14 +16,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
-import nats
 import orjson
 import typer
 import yaml
 from rich.console import Console
 from rich.table import Table
 
-from shared.bus import request_json
+from shared.bus import connect, request_json
 from shared.contracts.catalog import Catalog, CatalogError
 from shared.contracts.subjects import Subjects
 from shared.settings import Settings, SettingsError, load_settings
@@ -30,6 +31,27 @@ app = typer.Typer(help="Continuum: one broker for Europe's public supercomputers
                   no_args_is_help=True, add_completion=False)
 console = Console()
 err = Console(stderr=True)
+auth_app = typer.Typer(help="Principals and credentials: who may do what on the bus.", no_args_is_help=True)
+app.add_typer(auth_app, name="auth")
+
+# who the commands act as (global options, given before or after the command): see `main`
+_who: dict[str, Any] = {}
+
+
+@app.callback()
+def _principal(
+        creds: Annotated[Path | None, typer.Option("--creds", help="act with these credentials (a principal's .nk "
+                                                                  "or .creds file; or CONTINUUM_NATS_CREDS)")] = None,
+        ca: Annotated[Path | None, typer.Option("--ca", help="the CA of the server's TLS certificate (or "
+                                                            "CONTINUUM_NATS_CA)")] = None,
+        as_tenant: Annotated[str | None, typer.Option("--as", help="act as this tenant, with the credentials "
+                                                                   "`continuum up` keeps (default: the operator)")]
+        = None) -> None:
+    _who.update(creds=creds, ca=ca, tenant=as_tenant)
+
+
+GLOBAL_OPTIONS = ("--creds", "--ca", "--as")
+
 
 SitesOpt = Annotated[Path | None, typer.Option("--sites", help="sites catalog (YAML); default: the demo's")]
 TenantsOpt = Annotated[Path | None, typer.Option("--tenants", help="tenants catalog (YAML); default: the demo's")]
@@ -67,16 +89,31 @@ def _check_catalog(settings: Settings) -> Catalog:
     return catalog
 
 
+def _client() -> Settings:
+    """How to reach the running system, and as whom: `--creds`, else `--as TENANT` or the operator from the
+    credentials `continuum up` keeps (none on an open server)."""
+    from services.auth import tenant_principal
+    from services.runtime import reach_running
+
+    settings = _settings(nats_creds=_who.get("creds"), nats_ca=_who.get("ca"))
+    tenant = _who.get("tenant")
+    try:
+        return reach_running(settings, tenant_principal(tenant) if tenant else None)
+    except RuntimeError as e:
+        raise _fail(str(e)) from None
+
+
+async def _connect(settings: Settings, **options: Any):
+    try:
+        return await connect(settings, connect_timeout=3, **options)
+    except Exception as e:
+        raise _fail(f"cannot reach the system at {settings.nats_url}: {e}") from None
+
+
 async def _request(subject_of, body: Any, timeout: float = 5.0) -> dict:
     """One request to the running system, found from CONTINUUM_NATS_URL or the state file."""
-    from services.runtime import running_nats_url
-
-    settings = _settings()
-    try:
-        url = running_nats_url(settings)
-        nc = await nats.connect(url, connect_timeout=3, max_reconnect_attempts=1)
-    except Exception as e:
-        raise _fail(f"cannot reach the system: {e}") from None
+    settings = _client()
+    nc = await _connect(settings, max_reconnect_attempts=1)
     try:
         return await request_json(nc, subject_of(Subjects(settings.prefix)), body, timeout)
     except RuntimeError as e:
@@ -104,7 +141,11 @@ def _table(title: str, columns: tuple[str, ...]) -> Table:
 def up(sites: SitesOpt = None, tenants: TenantsOpt = None,
        remote_site: Annotated[list[str] | None, typer.Option(
            "--remote-site", help="a site whose agent runs elsewhere (`continuum service agent --site SITE` on the "
-                                 "site itself); repeat for several")] = None) -> None:
+                                 "site itself); repeat for several")] = None,
+       auth: Annotated[Path | None, typer.Option(
+           "--auth", help="the folder `continuum auth init` wrote, for an external server run with its nats.conf "
+                          "(CONTINUUM_NATS_URL=tls://...); without CONTINUUM_NATS_URL, DATA_DIR/auth is made and "
+                          "used")] = None) -> None:
     """Run every service and a site agent for each catalog site, until Ctrl-C."""
     from services.runtime import System
 
@@ -113,8 +154,10 @@ def up(sites: SitesOpt = None, tenants: TenantsOpt = None,
     unknown = sorted(set(remote_site or []) - set(catalog.sites))
     if unknown:
         raise _fail(f"--remote-site {', '.join(unknown)}: not in the catalog; known: {', '.join(catalog.sites)}", 2)
+    if auth and not (auth / "nats.conf").is_file():
+        raise _fail(f"--auth {auth}: no nats.conf there; write it with `continuum auth init --out {auth}`", 2)
     local = [s for s in catalog.sites if s not in (remote_site or [])] if remote_site else None
-    system = System(settings, agent_sites=local)
+    system = System(settings, agent_sites=local, auth=auth)
     stop = False
 
     def on_signal(*_: object) -> None:
@@ -124,9 +167,12 @@ def up(sites: SitesOpt = None, tenants: TenantsOpt = None,
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        url = system.start()
+        url = system.start(catalog)
         console.print(f"[bold green]continuum is up[/] on {url}: {len(catalog.sites)} sites, "
                       f"{len(catalog.tenants)} tenants; logs in {system.log_dir}. Ctrl-C stops it.")
+        if system.auth:
+            console.print(f"TLS and a principal for every tenant, site and the operator ({system.auth}); commands "
+                          "act as the operator, `--as TENANT` as a tenant.")
         while not stop:
             system.supervisor.check()
             time.sleep(0.2)
@@ -140,16 +186,23 @@ def service(name: Annotated[str, typer.Argument(help="intake | capacity | routin
             site: Annotated[list[str] | None, typer.Option("--site", help="agent only: the sites to serve")] = None,
             ) -> None:
     """Run one service in this process (it finds NATS from CONTINUUM_NATS_URL or the state file)."""
-    from services.runtime import SERVICES, run_service, running_nats_url
+    from services.runtime import SERVICES, reach_running, run_service
 
     if name not in SERVICES:
         raise _fail(f"no service {name!r}; one of {', '.join(SERVICES)}", 2)
-    settings = _settings()
+    from services.auth import SERVICES_PRINCIPAL, site_principal
+
+    settings = _settings(nats_creds=_who.get("creds"), nats_ca=_who.get("ca"))
     _check_catalog(settings)
+    # beside a running `up` that keeps credentials, and none given: the services' own, or its site's for an agent
+    principal = None if settings.nats_creds else site_principal(site[0]) if name == "agent" and site \
+        else SERVICES_PRINCIPAL
     try:
-        settings = settings.model_copy(update={"nats_url": running_nats_url(settings)})
+        settings = reach_running(settings, principal)
     except RuntimeError as e:
         raise _fail(str(e), 2) from None
+    if (settings.principal or "").startswith("site-") and site != [settings.principal.removeprefix("site-")]:
+        raise _fail(f"{settings.principal}'s credentials serve one site: --site {settings.principal[5:]}", 2)
     run_service(name, settings, site or None)
 
 
@@ -304,22 +357,17 @@ def watch(tenant: Annotated[str | None, typer.Option(help="only this tenant's jo
                                                                     "unsaturated)")] = False,
           ) -> None:
     """A live stream of events (jobs, sites, billing), until Ctrl-C."""
-    from services.runtime import running_nats_url
-
-    settings = _settings()
+    settings = _client()
     subjects = Subjects(settings.prefix)
     if sites_only:
         topics = [subjects.site_event()]
     elif tenant:
-        topics = [subjects.job_event(tenant, ">").rsplit(".", 1)[0], subjects.billing_event(tenant, "*")]
+        topics = list(subjects.tenant_events(tenant))
     else:
         topics = [subjects.events_all]
 
     async def stream() -> None:
-        try:
-            nc = await nats.connect(running_nats_url(settings), connect_timeout=3)
-        except Exception as e:
-            raise _fail(f"cannot reach the system: {e}") from None
+        nc = await _connect(settings)
         queue: asyncio.Queue = asyncio.Queue()
         for topic in topics:
             await nc.subscribe(topic, cb=queue.put)
@@ -388,8 +436,46 @@ def demo(jobs: Annotated[int, typer.Option(help="how many jobs in the batch")] =
     raise typer.Exit(run_demo(settings, console, jobs=jobs, keep=keep))
 
 
+@auth_app.command("init")
+def auth_init(sites: SitesOpt = None, tenants: TenantsOpt = None,
+              out: Annotated[Path, typer.Option("--out", help="the folder to write (or bring up to date)")] = Path(
+                  "auth"),
+              host: Annotated[list[str] | None, typer.Option("--host", help="a name or address clients reach the "
+                                                                             "server by, beside localhost and "
+                                                                             "127.0.0.1; repeat for several")]
+              = None,
+              sync_interval: Annotated[str, typer.Option(
+                  "--sync-interval", help="how often JetStream writes to disk: `always` (before each "
+                                          "acknowledgement) or a duration such as 1s (docs/security.md)")]
+              = "always") -> None:
+    """Write a nats-server configuration with a NATS account per tenant, a principal per site and for the operator
+    and the services, TLS, credentials and HTTP tokens; again, after a catalog change (credentials are kept)."""
+    from services.auth import init
+
+    settings = _settings(sites_file=sites, tenants_file=tenants)
+    catalog = _check_catalog(settings)
+    if sync_interval != "always" and not re.fullmatch(r"\d+(ms|s|m|h)", sync_interval):
+        raise _fail(f"--sync-interval {sync_interval!r}: `always` or a duration such as 500ms, 1s, 2m", 2)
+    changes = init(out, catalog, host or [], prefix=settings.prefix, sync_interval=sync_interval)
+    for what, names in (("added", changes.added), ("kept", changes.kept), ("removed", changes.removed)):
+        if names:
+            console.print(f"{what}: {', '.join(names)}")
+    console.print(f"server certificate {changes.certificate}; configuration in {out / 'nats.conf'} (run as "
+                  f"`nats-server -c {out / 'nats.conf'} -p PORT -sd STORE`; a running one takes a change on "
+                  "`nats-server --signal reload`, or SIGHUP)")
+
+
 def main() -> None:
-    app()
+    # asyncio says this of every TLS connection nats-py closes; it is noise to a user
+    logging.getLogger("asyncio").setLevel(logging.ERROR)
+    # the global options work after the command too (`continuum submit job.yaml --as lab`)
+    args, hoisted = sys.argv[1:], []
+    for option in GLOBAL_OPTIONS:
+        while option in args[:-1]:
+            at = args.index(option)
+            hoisted += args[at:at + 2]
+            del args[at:at + 2]
+    app(hoisted + args)
 
 
 if __name__ == "__main__":

@@ -15,14 +15,14 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import nats
 import orjson
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from services.runtime import System
-from shared.bus import request_json
+from services.runtime import System, reach_running
+from shared.bus import connect, request_json
+from shared.contracts.catalog import Catalog
 from shared.contracts.jobs import TERMINAL_STATES
 from shared.contracts.subjects import Subjects
 from shared.settings import Settings
@@ -72,17 +72,19 @@ def run_demo(settings: Settings, console: Console, *, jobs: int = 36, keep: bool
     system = System(settings)
     try:
         with console.status("starting nats-server and the services..."):
-            url = system.start()
+            url = system.start(Catalog.load(settings.sites_file, settings.tenants_file))
         console.print(f"[green]system up[/] on {url} (data and logs in {data_dir})")
-        return asyncio.run(_drive(url, Subjects(settings.prefix), console, demo_batch(jobs), system, keep))
+        # as the operator: the demo submits for three tenants and watches every event
+        return asyncio.run(_drive(reach_running(settings), Subjects(settings.prefix), console, demo_batch(jobs),
+                                  system, keep))
     finally:
         with console.status("stopping..."):
             system.stop()
 
 
-async def _drive(url: str, subjects: Subjects, console: Console, batch: list[dict], system: System,
+async def _drive(client: Settings, subjects: Subjects, console: Console, batch: list[dict], system: System,
                  keep: bool) -> int:
-    nc = await nats.connect(url)
+    nc = await connect(client)
     try:
         with console.status("waiting for every site to report..."):
             await _until_sites_up(nc, subjects, system)
@@ -153,7 +155,8 @@ async def _drive(url: str, subjects: Subjects, console: Console, batch: list[dic
                           f"`CONTINUUM_DATA_DIR={system.settings.data_dir} continuum trace {traced[0]}` draws one "
                           "as a waterfall; the README's operator section shows them in Jaeger.")
         if keep:
-            console.print(f"[bold]the system stays up[/] on {url}: export CONTINUUM_NATS_URL={url}; Ctrl-C stops it")
+            console.print(f"[bold]the system stays up[/] on {client.nats_url}: `CONTINUUM_DATA_DIR="
+                          f"{system.settings.data_dir} continuum ...` talks to it; Ctrl-C stops it")
             while True:
                 system.supervisor.check()
                 await asyncio.sleep(0.5)

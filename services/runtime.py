@@ -19,6 +19,9 @@ from pathlib import Path
 import structlog
 import uvloop
 
+from services.auth import OPERATOR_PRINCIPAL, SERVICES_PRINCIPAL, credentials, site_principal
+from services.auth import init as auth_init
+from shared.contracts.catalog import Catalog
 from shared.logging import configure_logging
 from shared.settings import Settings
 from shared.telemetry import setup_telemetry
@@ -86,22 +89,25 @@ def wait_for_port(port: int, timeout: float, process: subprocess.Popen | None = 
 
 @dataclass
 class EmbeddedNats:
-    """A nats-server with JetStream, its store on disk, on a free port (4222 may be another's)."""
+    """A nats-server with JetStream, its store on disk, on a free port (4222 may be another's); with `config`
+    (what `continuum auth init` writes), its accounts, permissions and TLS."""
 
     store: Path
     port: int = 0
     process: subprocess.Popen | None = None
+    config: Path | None = None
 
     @property
     def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
+        return f"{'tls' if self.config else 'nats'}://127.0.0.1:{self.port}"
 
     def start(self) -> EmbeddedNats:
         self.store.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port()
+        options = ["-c", str(self.config)] if self.config else ["-js"]
         with open(self.store / "nats-server.log", "ab") as log_file:  # the server keeps its own copy
             self.process = subprocess.Popen(
-                [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.store)],
+                [nats_server_binary(), *options, "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(self.store)],
                 stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file)
         try:
             wait_for_port(self.port, 15.0, self.process)
@@ -109,6 +115,11 @@ class EmbeddedNats:
             self.stop()
             raise
         return self
+
+    def reload(self) -> None:
+        """Read the configuration again (a catalog changed): nats-server does it without a restart."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGHUP)
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
@@ -134,12 +145,19 @@ class Supervisor:
     log_dir: Path | None = None
     # the sites whose agents run here (None: all); the others run theirs elsewhere
     agent_sites: list[str] | None = None
+    # with credentials (`continuum auth init`'s folder), each site's agent runs as its own process and principal
+    auth: Path | None = None
 
     def _spawn(self, name: str) -> subprocess.Popen:
-        command = [sys.executable, "-m", "services.cli", "service", name]
-        if name == "agent" and self.agent_sites is not None:
-            command += [arg for site in self.agent_sites for arg in ("--site", site)]
+        service, _, site = name.partition(":")
+        command = [sys.executable, "-m", "services.cli", "service", service]
         env = dict(self.env, CONTINUUM_METRICS_PORT=str(self.metrics_ports.setdefault(name, free_port())))
+        if site:
+            command += ["--site", site]
+        elif service == "agent" and self.agent_sites is not None:
+            command += [arg for each in self.agent_sites for arg in ("--site", each)]
+        if self.auth:
+            env["CONTINUUM_NATS_CREDS"] = str(credentials(self.auth, site_principal(site) if site else SERVICES_PRINCIPAL))
         if not self.log_dir:
             return subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL)
@@ -150,6 +168,18 @@ class Supervisor:
     def start(self) -> None:
         for name in self.services:
             self.processes[name] = self._spawn(name)
+        self.write_state()
+
+    def add(self, name: str) -> None:
+        if name not in self.processes:
+            self.processes[name] = self._spawn(name)
+            self.write_state()
+
+    def remove(self, name: str) -> None:
+        process = self.processes.pop(name, None)
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            process.wait(15)
         self.write_state()
 
     def check(self) -> None:
@@ -165,6 +195,7 @@ class Supervisor:
 
     def write_state(self) -> None:
         state = {"nats_url": self.env["CONTINUUM_NATS_URL"], "pid": os.getpid(), "prefix": self.settings.prefix,
+                 "auth": str(self.auth.resolve()) if self.auth else None,
                  "services": {n: p.pid for n, p in self.processes.items()},
                  "metrics": {n: f"http://127.0.0.1:{port}/metrics" for n, port in self.metrics_ports.items()}}
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -190,37 +221,69 @@ def running_nats_url(settings: Settings) -> str:
     """Where the running system is: CONTINUUM_NATS_URL, else the state file `continuum up` wrote."""
     if settings.nats_url:
         return settings.nats_url
+    return _running(settings)["nats_url"]
+
+
+def _running(settings: Settings) -> dict:
     try:
-        return json.loads(settings.state_file.read_text())["nats_url"]
+        return json.loads(settings.state_file.read_text())
     except (OSError, ValueError, KeyError):
         raise RuntimeError(f"no running system found (no {settings.state_file}): start one with `continuum up`, "
                            "or set CONTINUUM_NATS_URL") from None
 
 
+def reach_running(settings: Settings, principal: str | None = None) -> Settings:
+    """The settings to reach the running system as `principal`, with the credentials `up` keeps (without one:
+    CONTINUUM_NATS_CREDS's, or else the operator's); on an open server, none."""
+    url = running_nats_url(settings)
+    auth = None if settings.nats_url else _running(settings).get("auth")
+    update: dict = {"nats_url": url}
+    if auth and (principal or not settings.nats_creds):
+        update["nats_creds"] = credentials(Path(auth), principal or OPERATOR_PRINCIPAL)
+        if not update["nats_creds"].is_file():
+            raise RuntimeError(f"no credentials for {principal} in {auth}")
+    if auth and not settings.nats_ca:
+        update["nats_ca"] = Path(auth) / "tls" / "ca.pem"
+    return settings.model_copy(update=update)
+
+
 class System:
-    """`continuum up` as an object: the embedded server (if any) and the supervised services."""
+    """`continuum up` as an object: the embedded server (if any) and the supervised services. Its own server runs
+    with the credentials of DATA_DIR/auth (made once by `auth init`, kept up to date with the catalog); an
+    external one with those of `auth` if given, and none if not (an open server, as in v1)."""
 
     def __init__(self, settings: Settings, log_dir: Path | None = None, agent_sites: list[str] | None = None,
-                 ) -> None:
+                 auth: Path | None = None) -> None:
         self.settings = settings
         self.agent_sites = agent_sites
         self.nats: EmbeddedNats | None = None
         self.log_dir = log_dir or settings.data_dir / "logs"
         self.supervisor: Supervisor | None = None
+        self.auth = auth if auth or settings.nats_url else settings.data_dir / "auth"
 
-    def start(self) -> str:
+    def start(self, catalog: Catalog) -> str:
+        if self.auth and not self.settings.nats_url:
+            auth_init(self.auth, catalog, prefix=self.settings.prefix)
         url = self.settings.nats_url
         if not url:
-            self.nats = EmbeddedNats(self.settings.data_dir / "nats").start()
+            self.nats = EmbeddedNats(self.settings.data_dir / "nats", config=self.auth / "nats.conf").start()
             url = self.nats.url
         env = dict(os.environ, CONTINUUM_NATS_URL=url, CONTINUUM_DATA_DIR=str(self.settings.data_dir.resolve()),
                    CONTINUUM_PREFIX=self.settings.prefix, CONTINUUM_LOG_FORMAT="json")
+        if self.auth:
+            env["CONTINUUM_NATS_CA"] = str((self.auth / "tls" / "ca.pem").resolve())
         for var, value in (("CONTINUUM_SITES_FILE", self.settings.sites_file),
                            ("CONTINUUM_TENANTS_FILE", self.settings.tenants_file)):
             if value:
                 env[var] = str(Path(value).resolve())
-        services = SERVICES if self.agent_sites != [] else tuple(s for s in SERVICES if s != "agent")
-        self.supervisor = Supervisor(self.settings, env, services, log_dir=self.log_dir, agent_sites=self.agent_sites)
+        services: tuple[str, ...] = tuple(s for s in SERVICES if s != "agent")
+        if self.auth:  # a principal each: an agent a site
+            services += tuple(f"agent:{site}" for site in (self.agent_sites if self.agent_sites is not None
+                                                           else catalog.sites))
+        elif self.agent_sites != []:
+            services += ("agent",)
+        self.supervisor = Supervisor(self.settings, env, services, log_dir=self.log_dir, agent_sites=self.agent_sites,
+                                     auth=self.auth.resolve() if self.auth else None)
         self.supervisor.start()
         return url
 

@@ -7,9 +7,12 @@ No broker exists at import time: a service's `create_app(settings)` calls `creat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
+import ssl
 import typing
+import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from contextvars import ContextVar
@@ -21,10 +24,11 @@ import structlog
 from faststream import FastStream
 from faststream.exceptions import NackMessage
 from faststream.nats import JStream, NatsBroker, PullSub
+from faststream.security import BaseSecurity
 from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
-from nats.js.api import KeyValueConfig, StorageType
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, KeyValueConfig, StorageType
 from nats.js.errors import (
     APIError,
     BadRequestError,
@@ -38,7 +42,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from shared.contracts.events import CloudEvent
 from shared.contracts.streams import Topology, consumer_config
-from shared.contracts.subjects import Subjects
+from shared.contracts.subjects import Subjects, inbox_prefix
 from shared.settings import Settings
 from shared.telemetry import TRACEPARENT, current_traceparent, dead_lettered
 
@@ -50,6 +54,11 @@ def dumps(value: Any) -> bytes:
     if hasattr(value, "model_dump_json"):
         return value.model_dump_json().encode()
     return orjson.dumps(value)
+
+
+class Unacceptable(Exception):
+    """A message that must never be acted on (a site's report on a job it was not given, say): a consumer's
+    handler raises it and the message goes to the dead-letter stream at once, with this reason."""
 
 
 @dataclass
@@ -71,6 +80,12 @@ class Bus:
     @property
     def js(self):
         return self.broker.config.connection_state.stream
+
+    @property
+    def declares(self) -> bool:
+        """Whether this process makes streams, buckets and consumers: a site's agent may only use those the
+        services made for it."""
+        return not (self.settings.principal or "").startswith("site-")
 
     async def ensure_topology(self) -> None:
         """Create or update every stream and bucket; each service does it at start, so any may start first."""
@@ -129,31 +144,48 @@ class Bus:
     async def start_handling(self) -> None:
         """Subscribe every consumer and responder."""
         for consumer in self._consumers:
-            await self._declare(consumer)
-            consumer.subscription = await self.js.pull_subscribe(
-                consumer.subject, durable=consumer.durable, stream=consumer.stream, config=consumer.config)
+            if self.declares:
+                await self.declare(consumer.stream, consumer.durable, consumer.subject, consumer.config)
+            else:
+                await self._wait_for(consumer)
+            consumer.subscription = await self.js.pull_subscribe_bind(durable=consumer.durable,
+                                                                      stream=consumer.stream)
             consumer.task = asyncio.create_task(self._pull(consumer), name=f"pull-{consumer.durable}")
         nc = self.broker.config.connection_state.connection
         for responder in self._responders:
-            responder.subscription = await nc.subscribe(responder.subject, queue=self.service,
-                                                        cb=functools.partial(self._take_request, responder))
+            for subject in responder.subjects:
+                responder.subscriptions.append(await nc.subscribe(
+                    subject, queue=self.service, cb=functools.partial(self._take_request, responder)))
 
-    async def _declare(self, consumer: _Consumer) -> None:
+    async def _wait_for(self, consumer: _Consumer) -> None:
+        """A consumer the services declare (a site's orders): wait until they have."""
+        waited = 0
+        while True:
+            try:
+                await self.js.consumer_info(consumer.stream, consumer.durable)
+                return
+            except NotFoundError:
+                if waited == 0:
+                    log.info("consumer.waiting", consumer=consumer.durable, reason="declared by the services")
+                waited += 1
+                await asyncio.sleep(min(2.0, 0.1 * waited))
+
+    async def declare(self, stream: str, durable: str, subject: str, config: ConsumerConfig) -> None:
         """Create the durable, or bring one that exists to this code's config (its filter changed, say): binding
         alone would keep what an older version made. A change the server refuses leaves the durable as it is."""
-        config = dataclasses.replace(consumer.config, name=consumer.durable, durable_name=consumer.durable,
-                                     filter_subject=None if consumer.config.filter_subjects else consumer.subject)
+        config = dataclasses.replace(config, name=durable, durable_name=durable,
+                                     filter_subject=None if config.filter_subjects else subject)
         try:
-            await self.js.add_consumer(consumer.stream, config=config)
+            await self.js.add_consumer(stream, config=config)
         except APIError as e:
-            log.warning("consumer.kept", consumer=consumer.durable, reason=str(e))
+            log.warning("consumer.kept", consumer=durable, reason=str(e))
 
     async def stop_handling(self, grace_s: float = 10.0) -> None:
         """Stop taking messages and requests; those in hand are finished first (for at most `grace_s`)."""
         for responder in self._responders:
-            if responder.subscription:
-                await responder.subscription.unsubscribe()
-                responder.subscription = None
+            for subscription in responder.subscriptions:
+                await subscription.unsubscribe()
+            responder.subscriptions.clear()
         tasks = [c.task for c in self._consumers if c.task]
         for task in tasks:  # out of its fetch: it then waits for the messages it has
             task.cancel()
@@ -212,6 +244,8 @@ class Bus:
             await (consumer.handler(body) if consumer.body else consumer.handler())
         except NackMessage as nack:  # the handler asks for it again later
             await msg.nak(delay=nack.extra_options.get("delay"))
+        except Unacceptable as refusal:
+            await self.dead_letter(msg, str(refusal))
         except asyncio.CancelledError:
             raise  # the service stops: unacknowledged, the message comes again
         except Exception as exc:
@@ -232,6 +266,11 @@ class Bus:
             log.warning("message.retry", subject=msg.subject, tries=tries, delay_s=delay, reason=reason)
             await msg.nak(delay=delay)
             return
+        await self.dead_letter(msg, reason)
+
+    async def dead_letter(self, msg: Msg, reason: str) -> None:
+        """Into the dead-letter stream with the reason, out of its own."""
+        tries = msg.metadata.num_delivered
         headers = dict(msg.headers or {})
         headers.pop("Nats-Msg-Id", None)
         headers.update({"Continuum-Reason": reason[:2000], "Continuum-Subject": msg.subject,
@@ -250,18 +289,27 @@ class Bus:
         """The trace context the message being handled carries."""
         return (self.message().headers or {}).get(TRACEPARENT)
 
-    def responder(self, subject: str, title: str, concurrency: int = 64):
+    def responder(self, subject: str, title: str, concurrency: int = 64, tenants: bool = False):
         """A request/reply handler: it takes no parameter (the request is `message()`) and returns the reply, a
         dict. Replicas share requests in the service's queue group; each serves up to `concurrency` at once (one
-        at a time, a submission's two round trips would queue every other). Served by the bus, as consumers
-        are; FastStream's subscriber documents it."""
+        at a time, a submission's two round trips would queue every other). With `tenants`, it also serves
+        `<subject>.<tenant>`, where a tenant's requests come (`tenant()` says whose). Served by the bus, as
+        consumers are; FastStream's subscriber documents it."""
         def register(handler: Callable[[], Awaitable[dict]]):
+            subjects = [subject, f"{subject}.*"] if tenants else [subject]
             if self.documenting:
-                self.broker.subscriber(subject, queue=self.service, title=title)(handler)
+                for each in subjects:
+                    self.broker.subscriber(each, queue=self.service, title=title)(handler)
             else:
-                self._responders.append(_Responder(subject, handler, asyncio.Semaphore(concurrency)))
+                self._responders.append(_Responder(subject, subjects, handler, asyncio.Semaphore(concurrency)))
             return handler
         return register
+
+    def tenant(self) -> str | None:
+        """The tenant the request being handled came from, as the NATS server vouches for it (its account put
+        its name in the subject: docs/security.md); None for the plain subject (the operator, a service, or
+        anyone on an open server, where the body's tenant is all there is)."""
+        return _requester.get()
 
     async def _take_request(self, responder: _Responder, msg: Msg) -> None:
         # nats-py waits for this before it hands over the next request: it only starts the work
@@ -272,6 +320,7 @@ class Bus:
 
     async def _answer(self, responder: _Responder, msg: Msg) -> None:
         handling = _handling.set(msg)
+        requester = _requester.set(Subjects.on_behalf_of(msg.subject, responder.subject))
         try:
             reply = await responder.handler()
         except Exception as e:  # a request is answered, whatever happens
@@ -279,6 +328,7 @@ class Bus:
             reply = {"error": f"internal error: {e}"}
         finally:
             _handling.reset(handling)
+            _requester.reset(requester)
         if msg.reply:
             await msg.respond(dumps(reply))
 
@@ -291,6 +341,19 @@ class Bus:
         ack returned says `duplicate`)."""
         return await self.js.publish(subject, event.model_dump_json().encode(), stream=self.topology.events_stream,
                                      headers=_headers(event.id, traceparent))
+
+    async def publish_report(self, subject: str, event: CloudEvent, attempt: int, after: str | None) -> None:
+        """A site's report on a job it was dispatched, at the dispatch's attempt, and the kind of its report
+        before this one on that attempt: routing makes it the event, after that one. A report has no
+        Nats-Msg-Id: the stream of reports is shared by sites, and a site that named its report with another
+        site's id would have that one dropped. A report sent twice is one event all the same (the event's id)."""
+        headers = {ATTEMPT_HEADER: str(attempt)}
+        if context := current_traceparent():
+            headers[TRACEPARENT] = context
+        if after:
+            headers[AFTER_HEADER] = after
+        await self.js.publish(subject, event.model_dump_json().encode(), stream=self.topology.reports_stream,
+                              headers=headers)
 
     async def publish_command(self, subject: str, body: Any, msg_id: str) -> None:
         """An order to a site, in the trace of the span in progress."""
@@ -305,6 +368,34 @@ class Bus:
         except NotFoundError:
             return None
         return orjson.loads(msg.data)["data"]
+
+    async def read_events(self, filters: list[str], after_seq: int, limit: int) -> tuple[list[dict], int]:
+        """Up to `limit` stored events on `filters` after a stream sequence, in order, as {"seq", "subject",
+        "event"}; and the stream's last sequence. Read by a consumer of its own, gone after the read."""
+        last = (await self.js.stream_info(self.topology.events_stream)).state.last_seq
+        if after_seq >= last:
+            return [], last
+        name = f"history-{uuid.uuid4().hex}"
+        await self.js.add_consumer(self.topology.events_stream, ConsumerConfig(
+            name=name, filter_subjects=filters, deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=after_seq + 1, ack_policy=AckPolicy.NONE, mem_storage=True, inactive_threshold=30.0))
+        sub = await self.js.pull_subscribe_bind(stream=self.topology.events_stream, name=name)
+        found: list[dict] = []
+        try:
+            while len(found) < limit:
+                try:
+                    msgs = await sub.fetch(limit - len(found), timeout=0.5)
+                except NatsTimeout:
+                    break  # nothing more on these subjects
+                found += [{"seq": m.metadata.sequence.stream, "subject": m.subject, "event": orjson.loads(m.data)}
+                          for m in msgs]
+                if found[-1]["seq"] >= last:
+                    break
+        finally:
+            await sub.unsubscribe()
+            with contextlib.suppress(Exception):  # its inactivity threshold removes it anyway
+                await self.js.delete_consumer(self.topology.events_stream, name)
+        return found, last
 
     async def get_json(self, bucket: str, key: str) -> tuple[dict | None, int | None]:
         kv = await self.kv(bucket)
@@ -419,14 +510,19 @@ class _Consumer:
 @dataclass
 class _Responder:
     subject: str
+    subjects: list[str]  # the subject, and `<subject>.*` for one that serves tenants
     handler: Callable[[], Awaitable[dict]]
     slots: asyncio.Semaphore  # requests served at once
-    subscription: Any = None
+    subscriptions: list[Any] = field(default_factory=list)
     in_flight: set[asyncio.Task] = field(default_factory=set)
 
 
-# the message the handler running in this task is handling
+# the message the handler running in this task is handling, and the tenant whose account sent the request
 _handling: ContextVar[Msg] = ContextVar("handling")
+_requester: ContextVar[str | None] = ContextVar("requester", default=None)
+# the dispatch attempt a site's report is about (routing checks that the job was dispatched there at it)
+ATTEMPT_HEADER = "Continuum-Attempt"
+AFTER_HEADER = "Continuum-After"
 
 
 def _headers(msg_id: str, traceparent: str | None) -> dict[str, str]:
@@ -497,14 +593,40 @@ class KvMirror:
             self._task.cancel()
 
 
-def create_bus(settings: Settings, service: str) -> Bus:
-    """The broker factory: a NATS broker, and the names this deployment uses."""
+def connect_options(settings: Settings) -> dict[str, Any]:
+    """How this process reaches NATS, as nats-py's `connect` takes it: the servers (a comma-separated list is a
+    cluster), its principal's credentials, the CA that signed the server's certificate, and its own inbox."""
     if not settings.nats_url:
         raise ValueError("CONTINUUM_NATS_URL is not set and no running system was found (start one: continuum up)")
+    servers = [url.strip() for url in settings.nats_url.split(",") if url.strip()]
+    options: dict[str, Any] = {"servers": servers}
+    if settings.nats_creds:
+        if not settings.nats_creds.is_file():
+            raise ValueError(f"CONTINUUM_NATS_CREDS: no file {settings.nats_creds}")
+        key = "nkeys_seed" if settings.nats_creds.suffix == ".nk" else "user_credentials"
+        options[key] = str(settings.nats_creds)
+        options["inbox_prefix"] = inbox_prefix(settings.principal)
+    if settings.nats_ca or any(url.startswith("tls://") for url in servers):
+        options["tls"] = ssl.create_default_context(cafile=str(settings.nats_ca) if settings.nats_ca else None)
+    return options
+
+
+async def connect(settings: Settings, **options: Any):
+    """A plain nats-py client (the command line, tests) as this process's principal."""
+    import nats
+
+    return await nats.connect(**connect_options(settings), **options)
+
+
+def create_bus(settings: Settings, service: str) -> Bus:
+    """The broker factory: a NATS broker, and the names this deployment uses."""
     subjects = Subjects(settings.prefix)
     topology = Topology(subjects)
+    options = connect_options(settings)
+    if "tls" in options:  # FastStream takes the TLS context as its security
+        options["security"] = BaseSecurity(ssl_context=options.pop("tls"))
     broker = NatsBroker(
-        settings.nats_url,
+        **options,
         name=f"continuum-{service}",  # how nats-server's monitoring (/connz) names the connection
         logger=None,
         graceful_timeout=10.0,
@@ -526,7 +648,8 @@ def create_app(bus: Bus, *, on_startup: tuple[Hook, ...] = (), after_startup: tu
     async def _topology() -> None:
         # streams must exist before the subscribers bind to them at broker start
         await bus.broker.connect()
-        await bus.ensure_topology()
+        if bus.declares:
+            await bus.ensure_topology()
 
     for hook in on_startup:  # after the topology: a hook may read a bucket
         app.on_startup(hook)
@@ -548,7 +671,8 @@ async def request_json(bus_or_nc: Any, subject: str, body: Any, timeout: float =
     try:
         reply = await bus_or_nc.request(subject, dumps(body), timeout=timeout)
     except NoRespondersError as e:
-        raise RuntimeError(f"nothing serves {subject}: is the system up?") from e
+        raise RuntimeError(f"nothing serves {subject}: is the system up, and may these credentials send it? (a "
+                           "tenant's reach only what a tenant may ask)") from e
     except NatsTimeout as e:
         raise RuntimeError(f"no reply on {subject} within {timeout} s") from e
     return orjson.loads(reply.data)

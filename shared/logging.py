@@ -12,6 +12,7 @@ from shared.telemetry import add_trace_ids
 
 
 def configure_logging(level: str = "info", fmt: str = "auto", service: str | None = None) -> None:
+    logging.getLogger("asyncio").setLevel(logging.ERROR)  # it warns of every TLS connection closed: noise
     json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     renderer = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
     processors: list = [

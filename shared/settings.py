@@ -12,7 +12,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CONTINUUM_", extra="forbid")
 
-    nats_url: str | None = Field(None, description="CONTINUUM_NATS_URL: the NATS server; unset, `up` starts one")
+    nats_url: str | None = Field(None, description="CONTINUUM_NATS_URL: the NATS server (a comma-separated list for "
+                                 "a cluster); unset, `up` starts one")
+    nats_creds: Path | None = Field(None, description="CONTINUUM_NATS_CREDS: this process's credentials, an nkey seed "
+                                    "(`<principal>.nk`) or a NATS .creds file, named after its principal; unset, "
+                                    "none (an open server)")
+    nats_ca: Path | None = Field(None, description="CONTINUUM_NATS_CA: the CA that signed the server's TLS "
+                                 "certificate; unset, the system's (for a tls:// url)")
     prefix: str = Field("continuum", pattern=r"^[a-z][a-z0-9-]*$", description="CONTINUUM_PREFIX: subject prefix")
     data_dir: Path = Field(Path(".continuum"), description="CONTINUUM_DATA_DIR: NATS store, ledger, state file")
     sites_file: Path | None = Field(None, description="CONTINUUM_SITES_FILE: sites catalog; unset, the demo's")
@@ -34,6 +40,12 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="CONTINUUM_LOG_LEVEL")
     event_loop: Literal["uvloop", "asyncio"] = Field("uvloop", description="CONTINUUM_EVENT_LOOP: uvloop (libuv: "
                                                       "less CPU for each message) or Python's own asyncio loop")
+
+    @property
+    def principal(self) -> str | None:
+        """Who this process is on the bus (`services`, `operator`, `site-<id>`, `tenant-<id>`), from its
+        credentials file's name; None without credentials."""
+        return self.nats_creds.stem if self.nats_creds else None
 
     @property
     def state_file(self) -> Path:

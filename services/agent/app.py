@@ -14,7 +14,7 @@ from services.agent.backends.slurm import SlurmBackend, SubmitError
 from shared import telemetry
 from shared.bus import Bus, create_app, create_bus, dumps
 from shared.contracts.catalog import Catalog, SiteEntry
-from shared.contracts.events import make_event, utcnow
+from shared.contracts.events import CloudEvent, make_event, utcnow
 from shared.contracts.jobs import Dispatch, JobState, StopJob, job_event_data
 from shared.contracts.sites import Heartbeat
 from shared.settings import Settings
@@ -35,6 +35,7 @@ class SiteAgent:
         self.traces: dict[str, str | None] = {}
         self.runs: dict[str, telemetry.Span] = {}
         self.since = utcnow()  # this agent's start: capacity and routing tell a restart by it
+        self.reported: dict[tuple[str, int], str] = {}  # each job attempt's last report, while it runs here
 
     async def take(self, order: Dispatch, traceparent: str | None) -> None:
         if order.job_id in self.backend.known:
@@ -106,11 +107,13 @@ class SiteAgent:
         # not here (never arrived, or already over): record the cancellation so a late dispatch is skipped
         record, _ = await self.bus.get_json(self.bus.topology.jobs_bucket, command.job_id)
         if record and not JobState(record["state"]).terminal:
+            # the id intake's own cancellation has: one event, whichever comes first
+            attempt = record.get("attempt", 0)
             event = make_event(f"agent/{self.site.id}", "job", "cancelled", command.job_id, job_event_data(
                 command.job_id, record["tenant"], JobState.cancelled, self.site.id, reason=command.reason,
-                attempt=record.get("attempt", 0)), command.job_id)
-            await self.bus.publish_event(self.bus.subjects.job_event(record["tenant"], command.job_id, "cancelled"),
-                                         event, traceparent)
+                attempt=attempt), command.job_id)
+            with telemetry.in_trace(traceparent, command.job_id, record["tenant"]):
+                await self.report(record["tenant"], command.job_id, event, attempt)
 
     # Reports, called by the backend. The run is a span from the job's start to its end at the site: the
     # parent of the events it reports, and so of billing's rating.
@@ -171,10 +174,22 @@ class SiteAgent:
                            order.attempt)
         # the child of the job's dispatch here, or of its run once it started
         with telemetry.in_trace(self.traces.get(order.job_id), order.job_id, order.tenant):
-            await self.bus.publish_event(self.bus.subjects.job_event(order.tenant, order.job_id, state.value), event)
+            await self.report(order.tenant, order.job_id, event, order.attempt)
             if state != JobState.dispatched:
                 log.info(f"job.{state.value}", site=self.site.id,
                          **{k: data[k] for k in ("attempt", "exit_code", "reason") if data.get(k) is not None})
+
+    async def report(self, tenant: str, job_id: str, event: CloudEvent, attempt: int) -> None:
+        """To routing, which makes it the job's event if the job was dispatched here at `attempt` (a site reports
+        only on its own jobs: services/routing/reports.py), and after this attempt's report before it: the
+        event stream has a job's steps in the order they happened, whichever routing replica vouches for each."""
+        key = (job_id, attempt)
+        await self.bus.publish_report(self.bus.subjects.job_report(self.site.id, tenant, job_id, event.kind), event,
+                                      attempt, self.reported.get(key))
+        if JobState(event.kind) in (JobState.dispatched, JobState.started):
+            self.reported[key] = event.kind
+        else:  # the attempt is over here
+            self.reported.pop(key, None)
 
     def heartbeat(self) -> Heartbeat:
         return Heartbeat(site_id=self.site.id, time=utcnow(), interval_s=self.bus.settings.heartbeat_interval_s,

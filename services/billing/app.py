@@ -165,12 +165,13 @@ def create_billing_app(settings: Settings):
     for kind in _FINAL:
         bus.consumer(subjects.job_event(kind=kind.value), topology.events_stream, kind.value, batch=128)(meter)
 
-    @bus.responder(subjects.billing_statement, "billing.statement")
+    @bus.responder(subjects.billing_statement, "billing.statement", tenants=True)
     async def get_statement() -> dict:
         request = parse_request(StatementRequest, bus.message().data)
         if isinstance(request, dict):
             return request
-        if request.tenant not in billing.catalog.tenants:
+        if request.tenant not in billing.catalog.tenants or bus.tenant() not in (None, request.tenant):
+            # another tenant's bill is as unknown to a tenant as a tenant that does not exist
             return {"error": f"unknown tenant {request.tenant!r}: not in the tenant catalog"}
         try:
             lines = billing.ledger.lines(request.tenant, request.since, request.until)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import structlog
+from faststream import Path
 
 from services.capacity.view import (
     MISSED_BEATS_DOWN,
@@ -134,8 +135,11 @@ def create_capacity_app(settings: Settings):
 
     # every replica sees every heartbeat (no queue group): each keeps a whole tracker of every site, and
     # their writes of the same status meet in the compare-and-set, which lets one through
-    @bus.broker.subscriber(subjects.heartbeat("*"), title="heartbeats")
-    async def heartbeat(beat: Heartbeat) -> None:
+    @bus.broker.subscriber(subjects.heartbeat("{site}"), title="heartbeats")
+    async def heartbeat(beat: Heartbeat, site: str = Path()) -> None:
+        if beat.site_id != site:  # a site's principal may only send on its own subject: the body must agree
+            log.warning("heartbeat.refused", site=site, claims=beat.site_id)
+            return
         await view.heartbeat(beat)
 
     @bus.responder(subjects.sites_list, "sites.list")

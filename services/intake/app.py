@@ -15,6 +15,8 @@ from shared.contracts.events import CloudEvent, make_event
 from shared.contracts.jobs import (
     CancelReply,
     CancelRequest,
+    HistoryReply,
+    HistoryRequest,
     JobRecord,
     JobRef,
     JobState,
@@ -116,12 +118,16 @@ class Intake:
         attempt = int(placed.get("attempt", 0))
         return (placed["site"], attempt) if placed and attempt >= record.attempt else (None, record.attempt)
 
-    async def get(self, job_id: str) -> JobRecord | None:
+    async def get(self, job_id: str, requester: str | None = None) -> JobRecord | None:
+        """The job's record; None if there is none, or it is another tenant's than the requester's (the same
+        answer, so that ids say nothing of other tenants)."""
         record, _ = await self.bus.get_json(self.jobs, job_id)
-        return JobRecord.model_validate(record) if record else None
+        if record is None or requester not in (None, record["tenant"]):
+            return None
+        return JobRecord.model_validate(record)
 
-    async def cancel(self, request: CancelRequest) -> CancelReply | dict:
-        record = await self.get(request.job_id)
+    async def cancel(self, request: CancelRequest, requester: str | None = None) -> CancelReply | dict:
+        record = await self.get(request.job_id, requester)
         if record is None:
             return {"error": f"no job {request.job_id!r}"}
         if record.state.terminal:
@@ -160,11 +166,12 @@ def create_intake_app(settings: Settings):
     bus.document_events(subjects.job_event(kind="rejected"), "A submission was refused; data.errors says why.")
     bus.document_events(subjects.job_event(kind="cancelled"), "A job not yet at a site was cancelled.")
 
-    @bus.responder(subjects.jobs_submit, "jobs.submit")
+    @bus.responder(subjects.jobs_submit, "jobs.submit", tenants=True)
     async def submit() -> dict:
         """Submit a JobSpec; the reply says accepted (with its job id) or rejected (with every problem)."""
         try:
-            reply = await intake.submit(bus.message().data, traceparent=bus.traceparent())
+            reply = await intake.submit(bus.message().data, subject_tenant=bus.tenant(),
+                                        traceparent=bus.traceparent())
         except Exception as e:  # a request is answered, whatever happens
             log.exception("submit.failed")
             reply = SubmitReply(job_id="", state="rejected", errors=[{"loc": [], "msg": f"internal error: {e}"}])
@@ -188,28 +195,40 @@ def create_intake_app(settings: Settings):
         if event.kind != JobState.accepted:
             await intake.apply(event, bus.message().metadata.sequence.stream)
 
-    @bus.responder(subjects.jobs_get, "jobs.get")
+    @bus.responder(subjects.jobs_get, "jobs.get", tenants=True)
     async def get() -> dict:
         ref = parse_request(JobRef, bus.message().data)
         if isinstance(ref, dict):
             return ref
         try:
-            record = await intake.get(ref.job_id)
+            record = await intake.get(ref.job_id, bus.tenant())
         except Exception as e:
             log.exception("get.failed", job_id=ref.job_id)
             return {"error": f"internal error: {e}"}
         return record.model_dump(mode="json") if record else {"error": f"no job {ref.job_id!r}"}
 
-    @bus.responder(subjects.jobs_cancel, "jobs.cancel")
+    @bus.responder(subjects.jobs_cancel, "jobs.cancel", tenants=True)
     async def cancel() -> dict:
         request = parse_request(CancelRequest, bus.message().data)
         if isinstance(request, dict):
             return request
         try:
-            reply = await intake.cancel(request)
+            reply = await intake.cancel(request, bus.tenant())
         except Exception as e:
             log.exception("cancel.failed", job_id=request.job_id)
             return {"error": f"internal error: {e}"}
         return reply if isinstance(reply, dict) else reply.model_dump(mode="json")
+
+    @bus.responder(subjects.jobs_history, "jobs.history", tenants=True)
+    async def history() -> dict:
+        """A page of job and billing events from the event stream, after a sequence: a tenant reads its own
+        history from the start (the operator, one tenant's or every event)."""
+        request = parse_request(HistoryRequest, bus.message().data)
+        if isinstance(request, dict):
+            return request
+        tenant = bus.tenant() or request.tenant
+        filters = list(subjects.tenant_events(tenant)) if tenant else [subjects.events_all]
+        events, last = await bus.read_events(filters, request.after_seq, request.limit)
+        return HistoryReply(events=events, last_seq=last).model_dump(mode="json")
 
     return create_app(bus)

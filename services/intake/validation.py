@@ -23,7 +23,8 @@ class Rejection(Exception):
 
 
 def check_submission(body: bytes, catalog: Catalog, *, max_bytes: int, subject_tenant: str | None = None) -> JobSpec:
-    """The accepted JobSpec, with the tenant's default residency filled in; or raise Rejection naming every problem."""
+    """The accepted JobSpec, with the tenant's default residency filled in; or raise Rejection naming every problem.
+    `subject_tenant`: the submitter, as the subject it came on says (the NATS server vouches for it)."""
     if len(body) > max_bytes:
         raise Rejection([FieldError(loc=[], msg=f"body too large: {len(body)} bytes, the limit is {max_bytes}")],
                         subject_tenant or UNKNOWN_TENANT)
@@ -34,9 +35,12 @@ def check_submission(body: bytes, catalog: Catalog, *, max_bytes: int, subject_t
     if not isinstance(raw, dict):
         raise Rejection([FieldError(loc=[], msg=f"a JobSpec is a JSON object, not {type(raw).__name__}")],
                         subject_tenant or UNKNOWN_TENANT)
+    if subject_tenant is not None:
+        raw.setdefault("tenant", subject_tenant)  # the submitter is known: a body may leave its tenant out
     claimed = raw.get("tenant")
     valid_claim = isinstance(claimed, str) and _TENANT.fullmatch(claimed) is not None
-    tenant = claimed if valid_claim else (subject_tenant or UNKNOWN_TENANT)
+    # a rejection is the submitter's event, never that of the tenant its body names
+    tenant = subject_tenant or (claimed if valid_claim else UNKNOWN_TENANT)
 
     errors: list[FieldError] = []
     spec: JobSpec | None = None
@@ -47,7 +51,8 @@ def check_submission(body: bytes, catalog: Catalog, *, max_bytes: int, subject_t
     if valid_claim and claimed not in catalog.tenants:
         errors.append(FieldError(loc=["tenant"], msg=f"unknown tenant {claimed!r}: not in the tenant catalog"))
     if subject_tenant is not None and claimed != subject_tenant:
-        errors.append(FieldError(loc=["tenant"], msg=f"tenant {claimed!r} does not match the subject's {subject_tenant!r}"))
+        errors.append(FieldError(loc=["tenant"], msg=f"tenant {claimed!r} is not the submitter, {subject_tenant!r}: "
+                                                   f"a tenant submits only its own jobs"))
     if errors or spec is None:
         raise Rejection(errors, tenant)
 

@@ -18,6 +18,7 @@ from faststream.exceptions import NackMessage
 from nats.js.api import DeliverPolicy
 
 from services.routing import reservations
+from services.routing.reports import ReportGate
 from services.routing.policy import (
     Holding,
     SiteView,
@@ -29,7 +30,7 @@ from services.routing.policy import (
 )
 from services.routing.reservations import Reservation
 from shared import telemetry
-from shared.bus import Bus, KvMirror, create_app, create_bus
+from shared.bus import AFTER_HEADER, ATTEMPT_HEADER, Bus, KvMirror, create_app, create_bus
 from shared.contracts.catalog import Catalog
 from shared.contracts.events import CloudEvent, make_event, utcnow
 from shared.contracts.jobs import (
@@ -51,8 +52,6 @@ _RELEASING = {JobState.succeeded, JobState.failed, JobState.cancelled, JobState.
 # a waiting job refreshes its entry on the waiting board this often; an entry not refreshed for three
 # times as long is ignored (its job is no longer being placed: dead-lettered, say)
 WAITING_REFRESH_S = 60.0
-
-
 class Router:
     def __init__(self, bus: Bus, catalog: Catalog) -> None:
         self.bus = bus
@@ -67,6 +66,11 @@ class Router:
         t = self.bus.topology
         for bucket in (t.sites_bucket, t.reservations_bucket, t.budgets_bucket, t.waiting_bucket):
             self.mirrors[bucket] = await KvMirror(await self.bus.kv(bucket)).start()
+        # the consumers of each site's orders: made here, where the orders come from, for a site's principal
+        # may only use them (docs/security.md)
+        for site in self.catalog.sites:
+            for durable, subject, config in t.site_orders(site):
+                await self.bus.declare(t.dispatch_stream, durable, subject, config)
 
     async def stop(self) -> None:
         for mirror in self.mirrors.values():
@@ -530,6 +534,7 @@ def _trace_decision(span, decision: Decision, outcome: JobState) -> None:
 def create_routing_app(settings: Settings):
     bus = create_bus(settings, SERVICE)
     router = Router(bus, Catalog.load(settings.sites_file, settings.tenants_file))
+    gate = ReportGate(bus)
     subjects, topology = bus.subjects, bus.topology
     bus.document_events(subjects.job_event(kind="placed"), "A job was placed; data.decision explains why there.")
     bus.document_events(subjects.job_event(kind="queued"), "A job waits; data.reasons and data.decision say why.")
@@ -551,6 +556,14 @@ def create_routing_app(settings: Settings):
             await router.release(event.data["job_id"], until_metered=bool(event.data.get("started_at")))
             await router.leave_line(event.data["job_id"])
         await router.wake()
+
+    @bus.consumer(subjects.report(), topology.reports_stream, "reports", batch=128)
+    async def vouch(event: CloudEvent) -> None:
+        """A site's report on a job: the job's event once routing has checked the job was dispatched there."""
+        msg = bus.message()
+        headers = msg.headers or {}
+        await gate.vouch(msg.subject, event, int(headers.get(ATTEMPT_HEADER, -1)), headers.get(AFTER_HEADER),
+                           msg.metadata.num_delivered)
 
     @bus.consumer(subjects.billing_event(kind="usage"), topology.events_stream, "metered", batch=128)
     async def metered(event: CloudEvent) -> None:

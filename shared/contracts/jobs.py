@@ -106,6 +106,24 @@ class JobRef(BaseModel):
     job_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
 
 
+class HistoryRequest(BaseModel):
+    """A page of job and billing events from the event stream, after a stream sequence (0: from the start). A
+    tenant's requests read its own only; the operator's, one tenant's or (without `tenant`) every event."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    after_seq: int = Field(0, ge=0)
+    limit: int = Field(500, ge=1, le=1000)
+    tenant: TenantId | None = None
+
+
+class HistoryReply(BaseModel):
+    # each {"seq": the event's stream sequence, "subject", "event": the CloudEvent}, in stream order
+    events: list[dict[str, Any]]
+    # the stream's last sequence when read: a reader is caught up once it has read up to it
+    last_seq: int
+
+
 class CancelRequest(JobRef):
     reason: str = Field("cancelled by the user", max_length=1024)
 

@@ -43,6 +43,11 @@ class Topology:
     def dead_letter_stream(self) -> str:
         return f"{self._p}_DLQ"
 
+    @property
+    def reports_stream(self) -> str:
+        """Sites' reports on their jobs, until routing has checked them and made them events."""
+        return f"{self._p}_REPORTS"
+
     # key-value buckets
     @property
     def jobs_bucket(self) -> str:
@@ -86,7 +91,19 @@ class Topology:
             StreamConfig(name=self.dispatch_stream, subjects=[f"{s.prefix}.dispatch.>"], storage=StorageType.FILE,
                          retention=RetentionPolicy.WORK_QUEUE, duplicate_window=dedupe),
             StreamConfig(name=self.dead_letter_stream, subjects=[s.dead_letter(">")], storage=StorageType.FILE),
+            # no message ids here (Bus.publish_report): no duplicate window either
+            StreamConfig(name=self.reports_stream, subjects=[s.report("*", ">")], storage=StorageType.FILE,
+                         retention=RetentionPolicy.WORK_QUEUE),
         ]
 
     def durable(self, service: str, role: str) -> str:
         return f"{self.subjects.prefix}-{service}-{role}"
+
+    def site_orders(self, site: str) -> list[tuple[str, str, ConsumerConfig]]:
+        """A site agent's consumers of the dispatch stream, as (durable, subject, config): its dispatch orders and
+        its stop orders. Declared by the services (a site's principal may use them, not make them)."""
+        return [(self.durable("agent", f"{site}-run"), self.subjects.dispatch(site), consumer_config()),
+                (self.durable("agent", f"{site}-cancel"), self.subjects.stop(site), consumer_config())]
+
+    def site_durables(self, site: str) -> list[str]:
+        return [durable for durable, _, _ in self.site_orders(site)]

@@ -5,6 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+def inbox_prefix(principal: str) -> str:
+    """Where replies to a principal's requests and its JetStream fetches come: each its own, so that a site's
+    permission to receive its replies is not one to read every reply in the services' account."""
+    return f"_INBOX_{principal}"
+
+
 @dataclass(frozen=True)
 class Subjects:
     prefix: str = "continuum"
@@ -38,6 +44,18 @@ class Subjects:
     def billing_topup(self) -> str:
         return f"{self.prefix}.billing.topup"
 
+    @property
+    def jobs_history(self) -> str:
+        """A page of job and billing events from the event stream (a tenant's own, for a tenant)."""
+        return f"{self.prefix}.jobs.history"
+
+    @staticmethod
+    def on_behalf_of(request_subject: str, served: str) -> str | None:
+        """The tenant a request came from, when it came on `<served>.<tenant>`: the subject a tenant's account
+        reaches the services by, with its name put there by the server (docs/security.md); None for the plain
+        subject (the operator, the services, an open server)."""
+        return request_subject[len(served) + 1:] if request_subject.startswith(served + ".") else None
+
     # fire-and-forget intake (JetStream)
     def intake(self, tenant: str = "*") -> str:
         return f"{self.prefix}.intake.{tenant}"
@@ -60,12 +78,27 @@ class Subjects:
     def billing_event(self, tenant: str = "*", kind: str = "*") -> str:
         return f"{self.prefix}.events.billing.{tenant}.{kind}"
 
+    def tenant_events(self, tenant: str = "*") -> tuple[str, str]:
+        """Every job and billing event of a tenant."""
+        return f"{self.prefix}.events.job.{tenant}.>", f"{self.prefix}.events.billing.{tenant}.>"
+
+    @property
+    def site_events_all(self) -> str:
+        return f"{self.prefix}.events.site.>"
+
     # routing -> agents (JetStream)
     def dispatch(self, site: str = "*") -> str:
         return f"{self.prefix}.dispatch.{site}.run"
 
     def stop(self, site: str = "*") -> str:
         return f"{self.prefix}.dispatch.{site}.cancel"
+
+    # agents -> routing, which makes the reports of jobs dispatched there contract events (JetStream)
+    def report(self, site: str = "*", rest: str = ">") -> str:
+        return f"{self.prefix}.reports.{site}.{rest}"
+
+    def job_report(self, site: str, tenant: str, job_id: str, kind: str) -> str:
+        return self.report(site, f"{tenant}.{job_id}.{kind}")
 
     # agents -> capacity (core NATS: a lost heartbeat is replaced by the next one)
     def heartbeat(self, site: str = "*") -> str:

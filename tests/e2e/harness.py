@@ -1,5 +1,6 @@
-"""Running the system as a user does, for end-to-end tests: `continuum up` as a subprocess on the test's own
-nats-server, and a plain nats-py client that waits for what the contract promises."""
+"""Running the system as a user does, for end-to-end tests: `continuum up` as a subprocess, on the test's own
+open nats-server (v1: no credentials) or on the one `up` starts itself by default (TLS, a principal for each
+party), and a plain nats-py client that waits for what the contract promises, as the operator."""
 
 from __future__ import annotations
 
@@ -13,9 +14,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import nats
-
-from shared.bus import request_json
+from shared.bus import connect, request_json
+from shared.settings import Settings
 from tests.conftest import SUBJECTS
 
 CATALOG = Path(__file__).parent / "catalog"
@@ -25,12 +25,34 @@ FAST = {"CONTINUUM_HEARTBEAT_INTERVAL_S": "0.5", "CONTINUUM_PLACEMENT_RETRY_S": 
 
 
 class RunningSystem:
-    def __init__(self, process: subprocess.Popen, data_dir: Path, url: str, env: dict) -> None:
-        self.process, self.data_dir, self.url, self.env = process, data_dir, url, env
+    def __init__(self, process: subprocess.Popen, data_dir: Path, env: dict, url: str | None) -> None:
+        self.process, self.data_dir, self.env, self._url = process, data_dir, env, url
         self.extra: list[subprocess.Popen] = []
+
+    @property
+    def url(self) -> str:
+        """The test's server, or the one `up` started (from its state file: once it has written it)."""
+        return self._url or json.loads((self.data_dir / "state.json").read_text())["nats_url"]
+
+    def client(self, **settings) -> Settings:
+        """How to reach the system as the operator: on the embedded default, with the credentials `up` keeps."""
+        if self._url:
+            return Settings(nats_url=self._url, **settings)
+        auth = self.data_dir / "auth"
+        return Settings(nats_url=self.url, nats_creds=auth / "creds" / "operator.nk", nats_ca=auth / "tls" / "ca.pem",
+                        **settings)
+
+    def started(self, timeout: float = 60.0) -> None:
+        """Until `up` has its server (the state file says where): what a process started beside it needs."""
+        deadline = time.monotonic() + timeout
+        while not (self._url or (self.data_dir / "state.json").exists()):
+            assert self.process.poll() is None, "continuum up exited"
+            assert time.monotonic() < deadline, "continuum up wrote no state file"
+            time.sleep(0.05)  # another process's file: nothing to wait on but a new look
 
     def add_replica(self, service: str) -> None:
         """One more process of a service, beside the one `up` runs."""
+        self.started()
         (self.data_dir / "logs").mkdir(parents=True, exist_ok=True)
         log = open(self.data_dir / "logs" / f"{service}-{len(self.extra) + 2}.log", "ab")  # noqa: SIM115
         self.extra.append(subprocess.Popen([sys.executable, "-m", "services.cli", "service", service], env=self.env,
@@ -38,6 +60,7 @@ class RunningSystem:
 
     def start_agent(self, site: str) -> subprocess.Popen:
         """The agent of one site, as its own process (for a site `up` was told runs its agent elsewhere)."""
+        self.started()
         (self.data_dir / "logs").mkdir(parents=True, exist_ok=True)
         log = open(self.data_dir / "logs" / f"agent-{site}-{len(self.extra)}.log", "ab")  # noqa: SIM115
         process = subprocess.Popen([sys.executable, "-m", "services.cli", "service", "agent", "--site", site],
@@ -57,16 +80,20 @@ class RunningSystem:
 
 def start_system(nats_server, tmp_path, sites: str = "sites.yaml", tenants: str = "tenants.yaml",
                  args: tuple[str, ...] = (), **settings: str):
-    """`continuum up` with a test catalog (and more `up` arguments, CONTINUUM_* settings); yields the running
-    system and stops it."""
+    """`continuum up` with a test catalog (and more `up` arguments, CONTINUUM_* settings), on `nats_server` (None:
+    the server `up` starts itself, secure by default); yields the running system and stops it."""
     data_dir = tmp_path / "data"
-    env = dict(os.environ, CONTINUUM_NATS_URL=nats_server.url, CONTINUUM_DATA_DIR=str(data_dir), **FAST,
-               CONTINUUM_SITES_FILE=str(CATALOG / sites), CONTINUUM_TENANTS_FILE=str(CATALOG / tenants), **settings)
+    env = {k: v for k, v in os.environ.items() if k not in ("CONTINUUM_NATS_URL", "CONTINUUM_NATS_CREDS",
+                                                              "CONTINUUM_NATS_CA")}
+    env.update(CONTINUUM_DATA_DIR=str(data_dir), **FAST, CONTINUUM_SITES_FILE=str(CATALOG / sites),
+               CONTINUUM_TENANTS_FILE=str(CATALOG / tenants), **settings)
+    if nats_server is not None:
+        env["CONTINUUM_NATS_URL"] = nats_server.url
     process = subprocess.Popen(
         [sys.executable, "-m", "services.cli", "up", "--sites", str(CATALOG / sites),
          "--tenants", str(CATALOG / tenants), *args],
         env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    system = RunningSystem(process, data_dir, nats_server.url, env)
+    system = RunningSystem(process, data_dir, env, nats_server.url if nats_server is not None else None)
     yield system
     system.stop_extra()
     process.send_signal(signal.SIGINT)
@@ -77,10 +104,12 @@ def start_system(nats_server, tmp_path, sites: str = "sites.yaml", tenants: str 
         raise
 
 
-async def connect_when_up(system: RunningSystem, timeout: float = 60.0):
-    """A client, once every site of the catalog is up and every service answers its requests."""
-    nc = await nats.connect(system.url)
+async def connect_when_up(system: RunningSystem, timeout: float = 60.0, client: Settings | None = None):
+    """A client (as the operator, unless `client` says otherwise), once every site of the catalog is up and every
+    service answers its requests."""
     deadline = time.monotonic() + timeout
+    await asyncio.to_thread(system.started, timeout)
+    nc = await connect(client or system.client())
     answering = set()
     # a request each service answers (an error reply is an answer): intake, routing and billing may start
     # after the agents and capacity have

@@ -1,6 +1,5 @@
-"""docker-compose.yml and the NATS config agree with the code."""
+"""docker-compose.yml and the NATS configuration `continuum auth init` writes agree with the code."""
 
-import re
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -40,11 +39,10 @@ def _published(service: dict) -> dict[int, int]:
     return published
 
 
-def _nats_conf(key: str) -> int:
-    config = (ROOT / "deploy/nats/nats.conf").read_text()
-    found = re.search(rf"^{key}:\s*(\d+)\s*$", config, re.MULTILINE)
-    assert found, f"no `{key}:` in deploy/nats/nats.conf"
-    return int(found.group(1))
+def _nats_option(flag: str) -> str:
+    """A command-line option of the nats container (the rest of its configuration is what `auth` writes)."""
+    command = _compose()["services"]["nats"]["command"]
+    return command[command.index(flag) + 1]
 
 
 def test_compose_runs_every_service_from_the_image_against_the_nats_it_starts():
@@ -64,37 +62,81 @@ def test_compose_runs_every_service_from_the_image_against_the_nats_it_starts():
 
     cli_commands = {c.name or c.callback.__name__ for c in app.registered_commands}
     assert "service" in cli_commands
-    run = []
-    for name, service in ours.items():
+    run, agents = [], {}
+    for name, service in _running(ours).items():
         command = service["command"]
         assert command[0] == "service", f"{name}: runs {command}"
         assert command[1] in SERVICES, f"{name}: no service {command[1]!r}"
         assert all(arg.startswith("--") for arg in command[2::2]), f"{name}: {command[2:]} are not `--option value`"
         run.append(command[1])
-    assert sorted(run) == sorted(SERVICES), "each service runs in exactly one compose service"
+        if command[1] == "agent":
+            agents[command[command.index("--site") + 1]] = _env(service)["CONTINUUM_NATS_CREDS"]
+    assert sorted(set(run)) == sorted(SERVICES), "every service runs"
+    others = [s for s in run if s != "agent"]
+    assert len(others) == len(set(others)), "one container a service, but for the agents"
+    # an agent a site of the built-in catalog, each as that site's principal
+    from shared.contracts.catalog import Catalog
 
-    nats_port = _nats_conf("port")
+    assert agents == {site: f"/auth/creds/site-{site}.nk" for site in Catalog.load().sites}
+
+    nats_port = int(_nats_option("-p"))
     nats = services["nats"]
     assert _published(nats).get(nats_port), f"nats does not publish its client port {nats_port}"
-    for name, service in ours.items():
+    for name, service in _running(ours).items():
         url = urlsplit(_env(service)["CONTINUUM_NATS_URL"])
-        assert (url.scheme, url.hostname, url.port) == ("nats", "nats", nats_port), f"{name}: {url.geturl()}"
+        assert (url.scheme, url.hostname, url.port) == ("tls", "nats", nats_port), f"{name}: {url.geturl()}"
     assert nats["healthcheck"]["test"]
-    assert f":{_nats_conf('http_port')}/" in " ".join(nats["healthcheck"]["test"]), "nats health on its http_port"
-    config_mount = next(v for v in nats["volumes"] if v.endswith(":/etc/nats/nats.conf:ro"))
-    assert (ROOT / config_mount.split(":")[0]).is_file()
-    assert "/etc/nats/nats.conf" in nats["command"]
+    assert f":{_nats_option('-m')}/" in " ".join(nats["healthcheck"]["test"]), "nats health on its monitoring port"
 
     # the usage comment at the top matches what is published
     text = (ROOT / "docker-compose.yml").read_text()
-    assert f"CONTINUUM_NATS_URL=nats://localhost:{_published(nats)[nats_port]} ./dev sites" in text
+    assert f"CONTINUUM_NATS_URL=tls://localhost:{_published(nats)[nats_port]} ./dev sites" in text
     assert f"http://localhost:{_published(services['jaeger'])[16686]}" in text
     assert "docker compose up --build" in text
 
 
+def _running(ours: dict) -> dict:
+    """Continuum's long-running containers: all but the one that writes the credentials."""
+    return {name: s for name, s in ours.items() if s["command"][0] != "auth"}
+
+
+def test_nats_runs_with_the_configuration_and_credentials_auth_init_writes():
+    services = _compose()["services"]
+    auth, nats = services["auth"], services["nats"]
+    out = auth["command"][auth["command"].index("--out") + 1]
+    assert auth["command"][:2] == ["auth", "init"] and auth["restart"] == "no"
+    # the server certificate names the host the services reach NATS by
+    assert auth["command"][auth["command"].index("--host") + 1] == "nats"
+    assert nats["depends_on"]["auth"]["condition"] == "service_completed_successfully"
+    assert _nats_option("-c") == f"{out}/nats.conf"
+    assert f"auth:{out}:ro" in nats["volumes"] and f"auth:{out}" in auth["volumes"]
+    for name, service in _running(_continuum(services)).items():
+        env = _env(service)
+        assert f"auth:{out}:ro" in service["volumes"], f"{name}: no credentials mounted"
+        assert env["CONTINUUM_NATS_CA"] == f"{out}/tls/ca.pem"
+        assert env["CONTINUUM_NATS_CREDS"].startswith(f"{out}/creds/")
+        assert env["CONTINUUM_NATS_CREDS"].endswith(("/services.nk", "/site-" + service["command"][-1] + ".nk"))
+
+
+def test_the_generated_configuration_is_one_nats_server_runs(tmp_path):
+    """What compose and `continuum up` run: the server accepts it and listens with TLS."""
+    from services.auth import init
+    from services.runtime import EmbeddedNats
+    from shared.contracts.catalog import Catalog
+
+    init(tmp_path / "auth", Catalog.load(), ["nats"])
+    config = (tmp_path / "auth" / "nats.conf").read_text()
+    assert '"sync_interval": "always"' in config and "max_payload: 2MB" in config
+    server = EmbeddedNats(tmp_path / "store", config=tmp_path / "auth" / "nats.conf").start()
+    try:
+        assert server.url.startswith("tls://")
+    finally:
+        server.stop()
+
+
 def test_every_service_waits_for_healthy_nats_and_jaeger_and_reports_its_health():
     services = _compose()["services"]
-    for name, service in _continuum(services).items():
+    for name, service in _running(_continuum(services)).items():
         for dependency in ("nats", "jaeger"):
             assert service["depends_on"][dependency]["condition"] == "service_healthy", f"{name} -> {dependency}"
         port = int(_env(service)["CONTINUUM_METRICS_PORT"])
@@ -114,10 +156,11 @@ def test_every_service_sends_its_traces_to_jaeger_under_its_own_name():
     services = _compose()["services"]
     jaeger = services["jaeger"]
     names = []
-    for name, service in _continuum(services).items():
+    for name, service in _running(_continuum(services)).items():
         env = _env(service)
         assert env["OTEL_SERVICE_NAME"] == f"continuum-{service['command'][1]}", name
-        names.append(env["OTEL_SERVICE_NAME"])
+        if service["command"][1] != "agent":  # every site's agent is `continuum-agent`, its site an attribute
+            names.append(env["OTEL_SERVICE_NAME"])
         protocol = env["OTEL_EXPORTER_OTLP_PROTOCOL"]
         assert protocol in OTLP_PORTS, f"{name}: OTLP protocol {protocol!r}"
         endpoint = urlsplit(env["OTEL_EXPORTER_OTLP_ENDPOINT"])
@@ -147,9 +190,3 @@ def test_named_volumes_are_declared():
             if not source.startswith((".", "/")):
                 assert source in declared, f"{name}: volume {source} is not declared"
     assert any(v.endswith(":/data") for v in compose["services"]["billing"]["volumes"]), "the ledger is kept"
-
-
-def test_nats_config_enables_jetstream_and_allows_large_bodies_to_be_refused():
-    config = (ROOT / "deploy/nats/nats.conf").read_text()
-    assert "jetstream {" in config and "port: 4222" in config
-    assert "max_payload: 2MB" in config

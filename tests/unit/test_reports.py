@@ -1,0 +1,46 @@
+"""services/routing/reports.py: what a site may say about a job, checked before it becomes an event."""
+
+from __future__ import annotations
+
+from services.routing.reports import unacceptable
+from shared.contracts.events import make_event
+from shared.contracts.jobs import JobState, job_event_data
+
+AT_NL = [("cloud-nl", 0)]
+
+
+def report(kind: str = "succeeded", site: str = "cloud-nl", tenant: str = "lab", job_id: str = "j1",
+           attempt: int = 0, **data):
+    return make_event(f"agent/{site}", "job", kind, job_id, job_event_data(
+        job_id, tenant, JobState(kind), site, attempt=attempt, **data), job_id, attempt)
+
+
+def test_a_report_on_a_job_dispatched_to_that_site_at_that_attempt_passes():
+    assert unacceptable("cloud-nl", "lab", "j1", "succeeded", 0, report(), AT_NL) is None
+    # an earlier placement's site may still say how its run ended (the registry ignores it: the job moved on)
+    assert unacceptable("cloud-nl", "lab", "j1", "failed", 0, report("failed"), [("cloud-se", 1), *AT_NL]) is None
+
+
+def test_a_report_on_another_sites_job_is_refused_naming_where_it_runs():
+    forged = report(site="cloud-se")
+    assert unacceptable("cloud-se", "lab", "j1", "succeeded", 0, forged, AT_NL) == (
+        "site cloud-se reported succeeded on job j1 at attempt 0, which was dispatched to cloud-nl (attempt 0)")
+    assert unacceptable("cloud-nl", "lab", "j1", "succeeded", 1, report(attempt=1), AT_NL).endswith(
+        "at attempt 1, which was dispatched to cloud-nl (attempt 0)")
+    assert unacceptable("cloud-nl", "lab", "j1", "started", 0, report("started"), []) == (
+        "job j1 of tenant lab was never dispatched")
+
+
+def test_a_site_reports_only_what_sites_report():
+    assert unacceptable("cloud-nl", "lab", "j1", "placed", 0, report("placed"), AT_NL) == "a site does not report 'placed'"
+    assert unacceptable("cloud-nl", "lab", "j1", "accepted", 0, report("accepted"), AT_NL).startswith("a site does not")
+
+
+def test_the_body_must_agree_with_the_subject_and_the_id_with_job_kind_and_attempt():
+    mismatch = "the report's body does not match its subject (job, tenant, kind and site)"
+    assert unacceptable("cloud-nl", "lab", "j1", "succeeded", 0, report(tenant="startup"), AT_NL) == mismatch
+    assert unacceptable("cloud-nl", "lab", "j1", "succeeded", 0, report(job_id="j2"), AT_NL) == mismatch
+    assert unacceptable("cloud-nl", "lab", "j1", "succeeded", 0, report("failed"), AT_NL) == mismatch
+    squatting = report().model_copy(update={"id": report("started").id})
+    assert unacceptable("cloud-nl", "lab", "j1", "succeeded", 0, squatting, AT_NL) == (
+        "the report's id is not that of this job, kind and attempt")
