@@ -14,7 +14,6 @@ from shared.bus import create_bus, request_json
 from shared.carbon import default_carbon
 from shared.contracts.catalog import Catalog
 from shared.contracts.events import CloudEvent
-from shared.settings import Settings
 from tests.conftest import SUBJECTS, listen, read_stream
 from tests.e2e.harness import CATALOG, connect_when_up, start_system
 
@@ -107,8 +106,7 @@ async def test_replaying_the_event_stream_twice_rebuilds_the_same_ledger(system,
     # a fresh billing service (its own ledger) fed every stored event, twice, as a redelivery storm would
     stored = [CloudEvent.model_validate(e) for s, e in await read_stream(nc) if s.rsplit(".", 1)[-1] in FINAL]
     assert len(stored) == len(jobs)
-    settings = Settings(nats_url=system.url, sites_file=CATALOG / "billing_sites.yaml",
-                        tenants_file=CATALOG / "billing_tenants.yaml")
+    settings = system.client(sites_file=CATALOG / "billing_sites.yaml", tenants_file=CATALOG / "billing_tenants.yaml")
     bus = create_bus(settings, "billing")
     await bus.broker.connect()
     billing = Billing(bus, Catalog.load(settings.sites_file, settings.tenants_file), default_carbon())
