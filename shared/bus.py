@@ -297,9 +297,9 @@ class Bus:
         consumers are; FastStream's subscriber documents it."""
         def register(handler: Callable[[], Awaitable[dict]]):
             subjects = [subject, f"{subject}.*"] if tenants else [subject]
-            if self.documenting:
-                for each in subjects:
-                    self.broker.subscriber(each, queue=self.service, title=title)(handler)
+            if self.documenting:  # the tenant's subject as a channel of its own
+                for each, name in zip(subjects, (title, f"{title}.tenant"), strict=False):
+                    self.broker.subscriber(each, queue=self.service, title=name)(handler)
             else:
                 self._responders.append(_Responder(subject, subjects, handler, asyncio.Semaphore(concurrency)))
             return handler
