@@ -24,6 +24,7 @@ import structlog
 from faststream import FastStream
 from faststream.exceptions import NackMessage
 from faststream.nats import JStream, NatsBroker, PullSub
+from faststream.nats.security import NatsCredentials, NatsNKey
 from faststream.security import BaseSecurity
 from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
@@ -623,8 +624,14 @@ def create_bus(settings: Settings, service: str) -> Bus:
     subjects = Subjects(settings.prefix)
     topology = Topology(subjects)
     options = connect_options(settings)
-    if "tls" in options:  # FastStream takes the TLS context as its security
-        options["security"] = BaseSecurity(ssl_context=options.pop("tls"))
+    # FastStream takes credentials and the TLS context as its security
+    tls = options.pop("tls", None)
+    if seed := options.pop("nkeys_seed", None):
+        options["security"] = NatsNKey(seed, ssl_context=tls)
+    elif creds := options.pop("user_credentials", None):
+        options["security"] = NatsCredentials.from_file(creds, ssl_context=tls)
+    elif tls:
+        options["security"] = BaseSecurity(ssl_context=tls)
     broker = NatsBroker(
         **options,
         name=f"continuum-{service}",  # how nats-server's monitoring (/connz) names the connection
