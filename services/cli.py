@@ -436,6 +436,70 @@ def demo(jobs: Annotated[int, typer.Option(help="how many jobs in the batch")] =
     raise typer.Exit(run_demo(settings, console, jobs=jobs, keep=keep))
 
 
+@app.command()
+def replay(trace: Annotated[Path, typer.Argument(help="a job trace: Philly CSV, Alibaba v2023 pod list, or SWF",
+                                                 exists=True, dir_okay=False)],
+           sites: SitesOpt = None, tenants: TenantsOpt = None,
+           out: Annotated[Path, typer.Option("--out", help="where the summary, CSVs, report and plots go")] = Path(
+               "replay"),
+           fmt: Annotated[str, typer.Option("--format", help="auto | philly | alibaba | swf")] = "auto",
+           policy: Annotated[list[str] | None, typer.Option("--policy", help="repeat for several; default: all")]
+           = None,
+           start: Annotated[datetime, typer.Option(help="the date the trace's time 0 falls on (carbon, months)",
+                                                  formats=["%Y-%m-%d"])] = datetime(2022, 3, 1),
+           jobs: Annotated[int | None, typer.Option(help="the first N jobs of the trace only")] = None,
+           seed: Annotated[int, typer.Option(help="deals trace users out to tenants (same seed, same deal)")] = 0,
+           users: Annotated[Path | None, typer.Option(help="YAML `users: {trace user: tenant}` overriding the "
+                                                           "deal")] = None) -> None:
+    """Replay a job trace through the production policy in virtual time, under each policy; write what it
+    found (summary.json, jobs-<policy>.csv, report.md with plots)."""
+    from datetime import UTC
+
+    from rich.progress import Progress
+
+    from services.replay import report
+    from services.replay.engine import POLICIES, replay as run
+    from services.replay.traces import FORMATS, TraceError, read, tenant_of
+    from shared.carbon import default_carbon
+
+    if fmt not in ("auto", *FORMATS):
+        raise _fail(f"--format {fmt!r}: one of auto, {', '.join(FORMATS)}", 2)
+    unknown = sorted(set(policy or []) - set(POLICIES))
+    if unknown:
+        raise _fail(f"--policy {', '.join(unknown)}: one of {', '.join(POLICIES)}", 2)
+    settings = _settings(sites_file=sites, tenants_file=tenants)
+    catalog = _check_catalog(settings)
+    overrides = (yaml.safe_load(users.read_text()) or {}).get("users", {}) if users else {}
+    wrong = sorted({t for t in overrides.values() if t not in catalog.tenants})
+    if wrong:
+        raise _fail(f"{users}: no tenant {', '.join(wrong)} in the catalog", 2)
+    try:
+        trace_jobs = read(trace, fmt)
+    except TraceError as e:
+        raise _fail(str(e), 2) from None
+    trace_jobs = trace_jobs[:jobs] if jobs else trace_jobs
+    deal = {u: tenant_of(u, list(catalog.tenants), overrides, seed) for u in sorted({j.user for j in trace_jobs})}
+    when = start.replace(tzinfo=UTC)
+    results = {}
+    with Progress(console=err, transient=True) as bar:
+        for name in policy or POLICIES:
+            task = bar.add_task(name, total=len(trace_jobs))
+            results[name] = run(trace_jobs, catalog, default_carbon(), name, when, deal,
+                                progress=lambda done, task=task: bar.update(task, completed=done))
+            bar.update(task, completed=len(trace_jobs))
+    notes = {"trace": str(trace), "seed": str(seed), "users": f"{len(deal)} trace users dealt to "
+             + ", ".join(f"{t} ({sum(1 for v in deal.values() if v == t)})" for t in sorted(catalog.tenants))}
+    summary = report.write(out, trace.name, len(trace_jobs), results, when, notes)
+    table = _table(f"replay of {trace.name}: {len(trace_jobs)} jobs from {when:%Y-%m-%d}",
+                   ("policy", "run", "mean wait", "p95 wait", "cost EUR", "CO2e kg", "overflow", "residency"))
+    for name, p in summary["policies"].items():
+        table.add_row(name, str(p["jobs"]), _duration(p["mean_wait_s"]), _duration(p["p95_wait_s"]),
+                      f"{p['cost_eur']:,.2f}", f"{p['co2e_kg']:,.1f}", str(p["overflow_jobs"]),
+                      str(p["residency_violations"]))
+    console.print(table)
+    console.print(f"written to {out}: summary.json, jobs-<policy>.csv, report.md and its plots")
+
+
 @auth_app.command("init")
 def auth_init(sites: SitesOpt = None, tenants: TenantsOpt = None,
               out: Annotated[Path, typer.Option("--out", help="the folder to write (or bring up to date)")] = Path(

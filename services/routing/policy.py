@@ -15,20 +15,23 @@ a Decision out, with every site's reasons, score and score parts.
 3. Score among the sites that can take the job now, by its objective: expected completion (wait + run),
    worst-case cost and carbon (GPU watts x GPUs x hours x PUE x the zone's intensity now), each normalised
    by the largest among them and weighted; the highest score wins, ties to the alphabetically first site.
+4. Greener hours: a job whose objective is carbon and whose deadline leaves slack waits for the coming hour
+   (within the slack, a day at most) when its chosen site's grid is greener then by 10 % or more.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from shared.contracts.catalog import SiteEntry, TenantEntry
 from shared.contracts.jobs import Candidate, Decision, HistoryEntry, JobSpec, JobState
 
 NO_GPU = "none"
 INF = math.inf
+Intensity = Callable[[SiteEntry, datetime], float]  # a site's grid intensity (gCO2eq/kWh) at an hour
 
 # objective -> weights of (time, cost, carbon)
 WEIGHTS = {
@@ -148,14 +151,21 @@ class TenantBudget:
     budget_left_eur: float = INF
 
 
+def residency_reason(spec: JobSpec, tenant: TenantEntry, site: SiteEntry) -> str | None:
+    """Why the job's data may not go to the site, if it may not."""
+    residency = spec.residency or tenant.residency
+    if residency == "EU" and site.jurisdiction != "EU":
+        return f"residency EU: site's jurisdiction is {site.jurisdiction}"
+    if residency not in ("EU", "any") and site.country != residency:
+        return f"residency {residency}: site is in {site.country}"
+    return None
+
+
 def permanent_reasons(spec: JobSpec, tenant: TenantEntry, site: SiteEntry) -> list[str]:
     """Why the site could never run the job, whatever its load and whatever the month."""
     reasons = []
-    residency = spec.residency or tenant.residency
-    if residency == "EU" and site.jurisdiction != "EU":
-        reasons.append(f"residency EU: site's jurisdiction is {site.jurisdiction}")
-    elif residency not in ("EU", "any") and site.country != residency:
-        reasons.append(f"residency {residency}: site is in {site.country}")
+    if residency := residency_reason(spec, tenant, site):
+        reasons.append(residency)
     missing = sorted(set(spec.certifications) - set(site.certifications))
     if missing:
         reasons.append(f"lacks certification {', '.join(missing)}")
@@ -217,9 +227,12 @@ def worst_case_allocation_h(spec: JobSpec, site: SiteEntry, gpu_type: str) -> fl
 
 def place(spec: JobSpec, tenant: TenantEntry, sites: Iterable[SiteView], budget: TenantBudget | None = None,
           now: datetime | None = None, avoid: Mapping[str, str] | None = None,
-          refused: Mapping[str, str] | None = None) -> Decision:
+          refused: Mapping[str, str] | None = None, forecast: Intensity | None = None,
+          weights: tuple[float, float, float] | None = None) -> Decision:
     """`avoid`: sites passed over for now, with why; `refused`: sites that refused this job for good, with
-    their words (`departures` reads both from the job's history)."""
+    their words (`departures` reads both from the job's history). `forecast`: a site's grid intensity at an
+    hour to come, for a job that may wait for a greener one (`greener_hour`). `weights`: (time, cost, carbon)
+    instead of the objective's (a replay's carbon-blind `cheapest`, say)."""
     budget = budget or TenantBudget()
     avoid, refused = avoid or {}, refused or {}
     views = sorted(sites, key=lambda s: s.id)
@@ -255,14 +268,60 @@ def place(spec: JobSpec, tenant: TenantEntry, sites: Iterable[SiteView], budget:
                 reasons[site.id].append(gate)
 
     eligible = [s for s in views if not reasons[s.id]]
-    scores = _scores(spec, eligible, parts)
-    candidates = [Candidate(site=s.id, eligible=not reasons[s.id], reasons=reasons[s.id], score=scores.get(s.id),
-                            parts=parts[s.id]) for s in views]
+    scores = _scores(spec, eligible, parts, weights)
     if not eligible:
-        return Decision(site=None, candidates=candidates, impossible=not possible and bool(views))
+        return Decision(site=None, candidates=_candidates(views, reasons, scores, parts),
+                        impossible=not possible and bool(views))
     best = min(eligible, key=lambda s: (-scores[s.id], s.id))
+    if forecast is not None and now is not None and (shift := _greener(spec, best.entry, now, forecast)):
+        when, then_g, now_g = shift
+        reasons[best.id].append(f"waiting for {when:%H:%M} UTC on {when:%Y-%m-%d}, {then_g:.0f} g/kWh vs "
+                                f"{now_g:.0f} now")
+        return Decision(site=None, candidates=_candidates(views, reasons, scores, parts), wait_until=when)
     return Decision(site=best.id, gpu_type=chosen_type[best.id], overflow=overflow and not best.entry.public,
-                    candidates=candidates)
+                    candidates=_candidates(views, reasons, scores, parts))
+
+
+def _candidates(views: list[SiteView], reasons: dict[str, list[str]], scores: dict[str, float],
+                parts: dict[str, dict[str, float]]) -> list[Candidate]:
+    return [Candidate(site=s.id, eligible=not reasons[s.id], reasons=reasons[s.id], score=scores.get(s.id),
+                      parts=parts[s.id]) for s in views]
+
+
+# Greener hours: a job whose objective is carbon and that has slack (a deadline later than its earliest
+# finish) may start later, at the hour of the coming ones whose intensity at its site is lowest, if that is at
+# least this much below now's. The hourly data stands for a day-ahead forecast.
+SHIFT_MIN_SAVING = 0.10
+SHIFT_HORIZON_H = 24
+
+
+def greener_hour(now: datetime, slack_s: float, intensity: Callable[[datetime], float],
+                 min_saving: float = SHIFT_MIN_SAVING) -> tuple[datetime, float, float] | None:
+    """(the hour to start at, its intensity, now's) if a coming hour within the slack is greener enough."""
+    current = intensity(now)
+    best_at, best_g = now, current
+    top = now.replace(minute=0, second=0, microsecond=0)
+    for h in range(1, min(SHIFT_HORIZON_H, int(slack_s // 3600)) + 1):
+        at = top + timedelta(hours=h)
+        if (at - now).total_seconds() > slack_s:
+            break
+        g = intensity(at)
+        if g < best_g:
+            best_at, best_g = at, g
+    return (best_at, best_g, current) if best_g <= current * (1 - min_saving) else None
+
+
+def slack_s(spec: JobSpec, now: datetime) -> float:
+    """How much later than now the job may start and still meet its deadline (0 without one)."""
+    if spec.deadline is None:
+        return 0.0
+    return max(0.0, (spec.deadline - now).total_seconds() - spec.walltime_s)
+
+
+def _greener(spec: JobSpec, site: SiteEntry, now: datetime, forecast: Intensity):
+    if spec.objective != "carbon" or spec.resources.total_gpus == 0:
+        return None
+    return greener_hour(now, slack_s(spec, now), lambda at: forecast(site, at))
 
 
 def _passing_reasons(spec: JobSpec, site: SiteView, gpu_type: str, budget: TenantBudget,
@@ -345,11 +404,12 @@ def _parts(spec: JobSpec, site: SiteView, gpu_type: str) -> dict[str, float]:
             "co2e_kg": round(energy_kwh * site.carbon_g_per_kwh / 1000, 4)}
 
 
-def _scores(spec: JobSpec, eligible: list[SiteView], parts: dict[str, dict[str, float]]) -> dict[str, float]:
+def _scores(spec: JobSpec, eligible: list[SiteView], parts: dict[str, dict[str, float]],
+            weights: tuple[float, float, float] | None = None) -> dict[str, float]:
     """1 is best on every part; each part is normalised by the largest among the eligible sites."""
     if not eligible:
         return {}
-    w_time, w_cost, w_carbon = WEIGHTS[spec.objective]
+    w_time, w_cost, w_carbon = weights or WEIGHTS[spec.objective]
     times = {s.id: parts[s.id]["wait_s"] + parts[s.id]["run_s"] for s in eligible}
     costs = {s.id: parts[s.id]["cost_eur"] for s in eligible}
     carbons = {s.id: parts[s.id]["co2e_kg"] for s in eligible}

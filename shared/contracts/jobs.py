@@ -152,6 +152,9 @@ class Decision(BaseModel):
     candidates: list[Candidate]
     # set when no site could ever run the job: it is rejected instead of waiting forever
     impossible: bool = False
+    # set when the job waits for a greener hour at its chosen site (its objective is carbon, its deadline leaves
+    # slack): it is placed again then
+    wait_until: datetime | None = None
 
     @property
     def reasons(self) -> list[str]:

@@ -1,0 +1,1 @@
+"""The research lab: replay a real job trace through the production policy, in virtual time."""

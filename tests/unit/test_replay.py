@@ -1,0 +1,129 @@
+"""services/replay: the trace readers on real rows of each format, and the engine on hand-made traces whose
+waits, costs and CO2e are worked out by hand below."""
+
+from __future__ import annotations
+
+import io
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from services.replay.engine import replay
+from services.replay.traces import TraceError, TraceJob, alibaba, detect, philly, swf, tenant_of
+from services.routing.policy import greener_hour
+from shared.contracts.catalog import Catalog, SiteEntry, TenantEntry
+
+# --- readers -------------------------------------------------------------------------------------------------
+
+PHILLY = """timestamp,duration,num_gpus,gpu_time,cluster
+2017-10-09 07:01:55,66.0,1,66.0,11cb48
+2017-10-09 06:13:03,2951.0,1,2951.0,6214e9
+2017-09-29 07:58:32,860662.0,8,6885296.0,6c71a0
+"""
+# the Alibaba v2023 pod list's columns; the last pod still runs when the trace ends, one never had a GPU
+ALIBABA = """name,cpu_milli,memory_mib,num_gpu,gpu_milli,gpu_spec,qos,pod_phase,creation_time,deletion_time,scheduled_time
+openb-pod-0017,88000,327680,8,1000,V100M32,LS,Succeeded,9437497,10769854,9437497
+openb-pod-0022,6000,12288,1,460,,BE,Failed,9437520,9446002,9437521
+openb-pod-0030,8000,30720,0,0,,BE,Succeeded,9437600,9437700,9437601
+openb-pod-0041,12000,16384,2,1000,G2,LS,Running,10000000,,10000100
+"""
+# the Standard Workload Format (a line of the PWA's SDSC-SP2 log, one that never ran, a comment)
+SWF = """; Version: 2.2
+    1          0  15077  14400    128   -1   -1    128  14400   -1  1  1  1  -1  1  -1  -1  -1
+    2        120     10     -1     16   -1   -1     16   3600   -1  5  2  1  -1  1  -1  -1  -1
+"""
+
+
+def test_philly_rows_read_with_times_from_the_traces_start():
+    jobs = philly(io.StringIO(PHILLY))
+    start = datetime(2017, 9, 29, 7, 58, 32)
+    assert jobs[2] == TraceJob("philly-4", "6c71a0", 0.0, 860662.0, 8)
+    assert jobs[0].submit_s == (datetime(2017, 10, 9, 7, 1, 55) - start).total_seconds()
+    assert (jobs[0].user, jobs[0].runtime_s, jobs[0].gpus) == ("11cb48", 66.0, 1)
+
+
+def test_alibaba_pods_with_gpus_only_and_a_running_one_cut_at_the_traces_end():
+    jobs = {j.job_id: j for j in alibaba(io.StringIO(ALIBABA))}
+    assert set(jobs) == {"openb-pod-0017", "openb-pod-0022", "openb-pod-0041"}
+    assert jobs["openb-pod-0017"] == TraceJob("openb-pod-0017", "LS", 9437497.0, 10769854.0 - 9437497.0, 8)
+    assert jobs["openb-pod-0022"].gpus == 1  # 460 milli-GPUs: a whole one
+    assert jobs["openb-pod-0041"].runtime_s == 10769854.0 - 10000100.0  # running: until the last timestamp
+
+
+def test_swf_jobs_that_ran_with_processors_as_gpus():
+    (job,) = swf(io.StringIO(SWF))
+    assert job == TraceJob("swf-1", "user-1", 0.0, 14400.0, 16)  # 128 processors, 8 a GPU
+
+
+def test_the_format_is_told_from_the_first_line_and_a_foreign_file_is_refused(tmp_path):
+    path = tmp_path / "trace.csv"
+    assert (detect(path, PHILLY), detect(path, ALIBABA), detect(path, SWF)) == ("philly", "alibaba", "swf")
+    with pytest.raises(TraceError, match="not a trace this reads"):
+        detect(path, "a,b,c\n1,2,3\n")
+
+
+def test_users_map_to_tenants_the_same_way_every_time_unless_overridden():
+    tenants = ["lab", "startup", "media"]
+    picks = [tenant_of(f"vc{i}", tenants) for i in range(30)]
+    assert picks == [tenant_of(f"vc{i}", list(reversed(tenants))) for i in range(30)]  # catalog order aside
+    assert set(picks) == set(tenants)
+    assert tenant_of("vc1", tenants, {"vc1": "media"}) == "media"
+
+
+# --- the engine ----------------------------------------------------------------------------------------------
+
+START = datetime(2022, 3, 1, tzinfo=UTC)
+HOUR = 3600.0
+
+
+def catalog(overflow_after_wait_s: float = 0.0) -> Catalog:
+    public = SiteEntry(id="hpc", kind="public_hpc", country="FR", jurisdiction="EU", carbon_g_per_kwh=100, pue=1.0,
+                       gpus={"H100": 2}, allocation_factor={"H100": 1.0})
+    cloud = SiteEntry(id="cloud", kind="private_cloud", country="SE", jurisdiction="EU", carbon_g_per_kwh=20, pue=1.0,
+                      gpus={"H100": 2}, price_eur_per_gpu_hour={"H100": 2.0})
+    lab = TenantEntry(id="lab", allocation_gpu_hours=1000, monthly_budget_eur=100,
+                      overflow_after_wait_s=overflow_after_wait_s)
+    return Catalog(sites={"hpc": public, "cloud": cloud}, tenants={"lab": lab})
+
+
+class FixedCarbon:
+    def intensity(self, zone: str, when: datetime) -> float:  # pragma: no cover: the sites give fixed values
+        raise AssertionError("sites with a fixed intensity ask no zone")
+
+
+def three_jobs() -> list[TraceJob]:
+    return [TraceJob(f"j{i}", "team", 0.0, HOUR, 2) for i in range(3)]
+
+
+def test_public_only_runs_the_jobs_one_after_another_on_public_capacity():
+    out = replay(three_jobs(), catalog(), FixedCarbon(), "public-only", START, {"team": "lab"})
+    assert [(o.site, o.wait_s) for o in out] == [("hpc", 0.0), ("hpc", HOUR), ("hpc", 2 * HOUR)]
+    # 2 GPUs x 700 W x 1 h = 1.4 kWh at 100 g: 0.14 kg; no euros, 2 allocation hours each
+    assert [(o.energy_kwh, o.co2e_kg, o.cost_eur, o.allocation_hours) for o in out] == [(1.4, 0.14, 0.0, 2.0)] * 3
+
+
+def test_overflow_takes_the_paid_site_while_public_capacity_is_busy():
+    out = replay(three_jobs(), catalog(), FixedCarbon(), "cheapest", START, {"team": "lab"})
+    first, second, third = out
+    assert (first.site, first.wait_s, first.overflow) == ("hpc", 0.0, False)
+    # public busy for an hour, more than the tenant's threshold (0 s): the paid site, 2 GPUs x 1 h x 2 EUR
+    assert (second.site, second.wait_s, second.overflow, second.cost_eur) == ("cloud", 0.0, True, 4.0)
+    assert second.co2e_kg == pytest.approx(1.4 * 20 / 1000)
+    # both full: the third waits for the first public GPUs back
+    assert (third.site, third.wait_s) == ("hpc", HOUR)
+
+
+def test_public_capacity_first_within_the_tenants_overflow_threshold():
+    out = replay(three_jobs(), catalog(overflow_after_wait_s=2 * HOUR), FixedCarbon(), "continuum", START,
+                 {"team": "lab"})
+    assert [(o.site, o.wait_s) for o in out] == [("hpc", 0.0), ("hpc", HOUR), ("hpc", 2 * HOUR)]
+
+
+def test_a_greener_hour_within_the_slack_is_waited_for_and_explained():
+    grid = {10: 120.0, 11: 110.0, 12: 45.0, 13: 60.0}  # g/kWh by hour of the day
+    now = datetime(2022, 3, 1, 10, 20, tzinfo=UTC)
+    def intensity(at: datetime) -> float:
+        return grid.get(at.hour, 200.0)
+    assert greener_hour(now, 3 * HOUR, intensity) == (now.replace(hour=12, minute=0), 45.0, 120.0)
+    assert greener_hour(now, HOUR, intensity) is None  # 11:00 saves less than 10 %
+    assert greener_hour(now + timedelta(hours=2), 5 * HOUR, intensity) is None  # now is the greenest
