@@ -176,6 +176,14 @@ async def test_a_site_takes_only_its_own_orders_and_reports_only_on_its_own_jobs
             durable_name="theft", filter_subject=SUBJECTS.dispatch("cloud-nl")), timeout=1.0)
     await se.subscribe("_INBOX.>")
     await refusals.wait_for('Permissions Violation for Subscription to "_INBOX.>"')
+    # a job's record by its id, as its agent reads it; never the list of them, by sequence
+    jobs = TOPOLOGY.jobs_bucket
+    by_id = f"$JS.API.DIRECT.GET.KV_{jobs}.$KV.{jobs}.{placed_at_nl}"
+    assert json.loads((await se.request(by_id, b"", timeout=2)).data)["job_id"] == placed_at_nl
+    listing = await se.request(f"$JS.API.DIRECT.GET.KV_{jobs}.$KV.{jobs}.x", b'{"seq": 1}', timeout=2)
+    assert listing.headers["Status"] == "408" and not listing.data
+    await se.publish(f"$JS.API.DIRECT.GET.KV_{jobs}", b'{"seq": 1}', reply="_INBOX_site-cloud-se.y")
+    await refusals.wait_for(f'Permissions Violation for Publish to "$JS.API.DIRECT.GET.KV_{jobs}"')
 
     # a forged end of the Dutch job: straight into the event stream, on the Dutch site's report subject, or as
     # its own report, which passes the server (its subject) but not routing's check
