@@ -71,11 +71,11 @@ def principals(catalog: Catalog) -> list[str]:
 
 def site_permissions(site_id: str, subjects: Subjects, topology: Topology) -> dict:
     """A site's agent: fetch and ack its own dispatch and stop orders (the consumers the services declare for
-    it), send its own heartbeats and reports, read a job's record by its id (a random 128-bit id it learns from
-    its own orders; the by-sequence form that would list every job is not allowed)."""
-    stream, jobs = topology.dispatch_stream, topology.jobs_bucket
-    publish = [subjects.heartbeat(site_id), subjects.report(site_id, ">"),
-               f"$JS.API.STREAM.INFO.KV_{jobs}", f"$JS.API.DIRECT.GET.KV_{jobs}.$KV.{jobs}.*"]
+    it), send its own heartbeats and reports, ask for the record of a job dispatched to it (intake answers only
+    for those), and receive on its own inbox. No JetStream API beyond its two consumers: a stream's info or a
+    key-value read would show it other tenants' jobs."""
+    stream = topology.dispatch_stream
+    publish = [subjects.heartbeat(site_id), subjects.report(site_id), subjects.site_job(site_id)]
     for durable in topology.site_durables(site_id):
         publish += [f"$JS.API.CONSUMER.INFO.{stream}.{durable}", f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}",
                     f"$JS.ACK.{stream}.{durable}.>"]

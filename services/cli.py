@@ -98,9 +98,13 @@ def _client() -> Settings:
     settings = _settings(nats_creds=_who.get("creds"), nats_ca=_who.get("ca"))
     tenant = _who.get("tenant")
     try:
-        return reach_running(settings, tenant_principal(tenant) if tenant else None)
+        client = reach_running(settings, tenant_principal(tenant) if tenant else None)
     except RuntimeError as e:
         raise _fail(str(e)) from None
+    if tenant and client.principal != tenant_principal(tenant):
+        raise _fail(f"--as {tenant}: the running system keeps no credentials for it (an open server, or "
+                    "CONTINUUM_NATS_URL set): give its own with --creds", 2)
+    return client
 
 
 async def _connect(settings: Settings, **options: Any):

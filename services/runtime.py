@@ -260,9 +260,10 @@ class System:
         self.log_dir = log_dir or settings.data_dir / "logs"
         self.supervisor: Supervisor | None = None
         self.auth = auth if auth or settings.nats_url else settings.data_dir / "auth"
+        self.own_auth = auth is None and not settings.nats_url  # made and kept up to date here
 
     def start(self, catalog: Catalog) -> str:
-        if self.auth and not self.settings.nats_url:
+        if self.own_auth:
             auth_init(self.auth, catalog, prefix=self.settings.prefix)
         url = self.settings.nats_url
         if not url:

@@ -12,7 +12,7 @@ from services.agent.backends import Backend, backend_for
 from services.agent.backends.base import Outcome
 from services.agent.backends.slurm import SlurmBackend, SubmitError
 from shared import telemetry
-from shared.bus import Bus, create_app, create_bus, dumps
+from shared.bus import Bus, create_app, create_bus, dumps, request_json
 from shared.contracts.catalog import Catalog, SiteEntry
 from shared.contracts.events import CloudEvent, make_event, utcnow
 from shared.contracts.jobs import Dispatch, JobState, StopJob, job_event_data
@@ -48,7 +48,7 @@ class SiteAgent:
 
     async def _take(self, order: Dispatch) -> str:
         """Run the order here, or say why not; the outcome names what happened."""
-        record, _ = await self.bus.get_json(self.bus.topology.jobs_bucket, order.job_id)
+        record = await self.record(order.job_id)
         stale = record and self.stale(order, record)
         if stale == LOST_IN_RESTART:
             # routing requeues it too when it sees this agent's new start (the same event: one id)
@@ -105,7 +105,7 @@ class SiteAgent:
         if command.superseded:
             return  # the job lives on elsewhere: nothing to stop or record here
         # not here (never arrived, or already over): record the cancellation so a late dispatch is skipped
-        record, _ = await self.bus.get_json(self.bus.topology.jobs_bucket, command.job_id)
+        record = await self.record(command.job_id)
         if record and not JobState(record["state"]).terminal:
             # the id intake's own cancellation has: one event, whichever comes first
             attempt = record.get("attempt", 0)
@@ -178,6 +178,13 @@ class SiteAgent:
             if state != JobState.dispatched:
                 log.info(f"job.{state.value}", site=self.site.id,
                          **{k: data[k] for k in ("attempt", "exit_code", "reason") if data.get(k) is not None})
+
+    async def record(self, job_id: str) -> dict | None:
+        """The job's record, if it was ever placed at this site (intake answers for no other: a site sees only
+        the jobs it is given)."""
+        reply = await request_json(self.bus.broker.config.connection_state.connection,
+                                   self.bus.subjects.site_job(self.site.id), {"job_id": job_id})
+        return None if "error" in reply else reply
 
     async def report(self, tenant: str, job_id: str, event: CloudEvent, attempt: int) -> None:
         """To routing, which makes it the job's event if the job was dispatched here at `attempt` (a site reports

@@ -219,6 +219,20 @@ def create_intake_app(settings: Settings):
             return {"error": f"internal error: {e}"}
         return reply if isinstance(reply, dict) else reply.model_dump(mode="json")
 
+    @bus.responder(subjects.site_job(), "agents.job")
+    async def site_job() -> dict:
+        """A site's agent asks for the record of a job: answered only if the job was placed at that site (the
+        NATS server lets a site ask only on its own subject)."""
+        ref = parse_request(JobRef, bus.message().data)
+        if isinstance(ref, dict):
+            return ref
+        site = bus.message().subject.split(".")[-2]
+        record, _ = await bus.get_json(topology.jobs_bucket, ref.job_id)
+        if record is None or not any(h["state"] == JobState.placed and h.get("site") == site
+                                     for h in record["history"]):
+            return {"error": f"no job {ref.job_id!r}"}
+        return record
+
     @bus.responder(subjects.jobs_history, "jobs.history", tenants=True)
     async def history() -> dict:
         """A page of job and billing events from the event stream, after a sequence: a tenant reads its own

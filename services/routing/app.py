@@ -557,7 +557,9 @@ def create_routing_app(settings: Settings):
             await router.leave_line(event.data["job_id"])
         await router.wake()
 
-    @bus.consumer(subjects.report(), topology.reports_stream, "reports", batch=128)
+    # a report waiting for the one before it counts its rounds as deliveries: never dead-lettered for that
+    # (one that fails the check is, at once: Unacceptable)
+    @bus.consumer(subjects.report(), topology.reports_stream, "reports", batch=128, dead_letter=False)
     async def vouch(event: CloudEvent) -> None:
         """A site's report on a job: the job's event once routing has checked the job was dispatched there."""
         msg = bus.message()

@@ -29,26 +29,35 @@ REPORT_WAIT_TRIES = 60
 # what a site reports: the run's steps and ends, and giving the job back
 SITE_KINDS = frozenset({JobState.dispatched, JobState.started, JobState.succeeded, JobState.failed,
                         JobState.cancelled, JobState.requeued})
+STEPS = frozenset({JobState.dispatched, JobState.started})
 
 
 def unacceptable(site: str, tenant: str, job_id: str, kind: str, attempt: int, event: CloudEvent,
                  placements: list[tuple[str, int]]) -> str | None:
-    """Why the site's report must not become an event; `placements` are the job's (site, attempt) as the
-    event stream and the registry know them."""
+    """Why the site's report must not become an event; `placements` are the job's (site, attempt), its latest
+    first (from the event stream), then its earlier ones (from the registry)."""
     if kind not in SITE_KINDS:
         return f"a site does not report {kind!r}"
     data = event.data
     if (event.subject, event.kind, data.get("job_id"), data.get("tenant"), data.get("site")) != \
             (job_id, kind, job_id, tenant, site):
         return "the report's body does not match its subject (job, tenant, kind and site)"
-    # the id a report of this job, kind and attempt has (a cancel the site records for a job it never had has the
-    # id intake's own would have, so that the two are one event)
-    if event.id not in (event_id("job", job_id, kind, job_id, attempt), event_id("job", job_id, kind, job_id)):
+    # the attempt the registry will read is the one reported on (a requeue names the next)
+    if data.get("attempt") != attempt + (1 if kind == JobState.requeued else 0):
+        return "the report's attempt is not the one it reports on"
+    # the id a report of this job, kind and attempt has; a cancel the site records for a job it never had has
+    # the id intake's own would have, so that the two are one event
+    ids = {event_id("job", job_id, kind, job_id, attempt)}
+    if kind == JobState.cancelled:
+        ids.add(event_id("job", job_id, kind, job_id))
+    if event.id not in ids:
         return "the report's id is not that of this job, kind and attempt"
-    if (site, attempt) in placements:
-        return None
     if not placements:
         return f"job {job_id} of tenant {tenant} was never dispatched"
+    latest = placements[0]
+    # a run's steps may come late from a site the job left (they change nothing), never its end or its return
+    if (site, attempt) == latest or ((site, attempt) in placements and kind in STEPS):
+        return None
     where = ", ".join(f"{s} (attempt {a})" for s, a in sorted(set(placements), key=lambda p: p[1]))
     return f"site {site} reported {kind} on job {job_id} at attempt {attempt}, which was dispatched to {where}"
 
@@ -66,7 +75,7 @@ class ReportGate:
         other is dead-lettered with the reason, and changes nothing. A report comes out after the one the site
         sent before it (a replica's reports of a job wait in line here; one whose predecessor another replica
         holds is handed back a moment)."""
-        site, tenant, job_id, kind = subject.split(".")[-4:]
+        site, tenant, job_id, kind = self.bus.subjects.report_of(subject)  # the stream takes no other shape
         async with self.lines.setdefault(job_id, _Line()) as line:
             try:
                 placements = await self.placements(tenant, job_id, site, attempt)

@@ -92,7 +92,7 @@ class Topology:
                          retention=RetentionPolicy.WORK_QUEUE, duplicate_window=dedupe),
             StreamConfig(name=self.dead_letter_stream, subjects=[s.dead_letter(">")], storage=StorageType.FILE),
             # no message ids here (Bus.publish_report): no duplicate window either
-            StreamConfig(name=self.reports_stream, subjects=[s.report("*", ">")], storage=StorageType.FILE,
+            StreamConfig(name=self.reports_stream, subjects=[s.report("*")], storage=StorageType.FILE,
                          retention=RetentionPolicy.WORK_QUEUE),
         ]
 

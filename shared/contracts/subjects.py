@@ -94,11 +94,25 @@ class Subjects:
         return f"{self.prefix}.dispatch.{site}.cancel"
 
     # agents -> routing, which makes the reports of jobs dispatched there contract events (JetStream)
-    def report(self, site: str = "*", rest: str = ">") -> str:
-        return f"{self.prefix}.reports.{site}.{rest}"
+    def report(self, site: str = "*") -> str:
+        """A site's reports: `<prefix>.reports.<site>.<tenant>.<job_id>.<kind>`, those tokens and no others."""
+        return f"{self.prefix}.reports.{site}.*.*.*"
 
     def job_report(self, site: str, tenant: str, job_id: str, kind: str) -> str:
-        return self.report(site, f"{tenant}.{job_id}.{kind}")
+        return f"{self.prefix}.reports.{site}.{tenant}.{job_id}.{kind}"
+
+    def report_of(self, subject: str) -> tuple[str, str, str, str] | None:
+        """(site, tenant, job_id, kind) of a report's subject; None for any other shape."""
+        tokens = subject.split(".")
+        head = self.prefix.split(".") + ["reports"]
+        if len(tokens) != len(head) + 4 or tokens[:len(head)] != head:
+            return None
+        site, tenant, job_id, kind = tokens[len(head):]
+        return site, tenant, job_id, kind
+
+    # agents -> intake: the record of a job dispatched to the site (core NATS request/reply)
+    def site_job(self, site: str = "*") -> str:
+        return f"{self.prefix}.agents.{site}.job"
 
     # agents -> capacity (core NATS: a lost heartbeat is replaced by the next one)
     def heartbeat(self, site: str = "*") -> str:

@@ -176,14 +176,18 @@ async def test_a_site_takes_only_its_own_orders_and_reports_only_on_its_own_jobs
             durable_name="theft", filter_subject=SUBJECTS.dispatch("cloud-nl")), timeout=1.0)
     await se.subscribe("_INBOX.>")
     await refusals.wait_for('Permissions Violation for Subscription to "_INBOX.>"')
-    # a job's record by its id, as its agent reads it; never the list of them, by sequence
+    # a job's record only for a job placed at the site, by asking intake; no JetStream read of the registry
+    assert await request_json(se, SUBJECTS.site_job("cloud-se"), {"job_id": placed_at_nl}) == {
+        "error": f"no job {placed_at_nl!r}"}
     jobs = TOPOLOGY.jobs_bucket
-    by_id = f"$JS.API.DIRECT.GET.KV_{jobs}.$KV.{jobs}.{placed_at_nl}"
-    assert json.loads((await se.request(by_id, b"", timeout=2)).data)["job_id"] == placed_at_nl
-    listing = await se.request(f"$JS.API.DIRECT.GET.KV_{jobs}.$KV.{jobs}.x", b'{"seq": 1}', timeout=2)
-    assert listing.headers["Status"] == "408" and not listing.data
-    await se.publish(f"$JS.API.DIRECT.GET.KV_{jobs}", b'{"seq": 1}', reply="_INBOX_site-cloud-se.y")
-    await refusals.wait_for(f'Permissions Violation for Publish to "$JS.API.DIRECT.GET.KV_{jobs}"')
+    for subject, body in ((f"$JS.API.DIRECT.GET.KV_{jobs}.$KV.{jobs}.*", b""),
+                          (f"$JS.API.STREAM.INFO.KV_{jobs}", b'{"subjects_filter": ">"}'),
+                          (SUBJECTS.site_job("cloud-nl"), json.dumps({"job_id": placed_at_nl}).encode())):
+        await se.publish(subject, body, reply="_INBOX_site-cloud-se.y")
+        await refusals.wait_for(f'Permissions Violation for Publish to "{subject}"')
+    nl = await connect(as_(secure_server, auth, site_principal("cloud-nl")))
+    assert (await request_json(nl, SUBJECTS.site_job("cloud-nl"), {"job_id": placed_at_nl}))["tenant"] == "startup"
+    await nl.close()
 
     # a forged end of the Dutch job: straight into the event stream, on the Dutch site's report subject, or as
     # its own report, which passes the server (its subject) but not routing's check
@@ -194,6 +198,10 @@ async def test_a_site_takes_only_its_own_orders_and_reports_only_on_its_own_jobs
     await refusals.wait_for("Permissions Violation for Publish to \"continuum.events.job.")
     await se.publish(SUBJECTS.job_report("cloud-nl", tenant, placed_at_nl, "succeeded"), b"{}")
     await refusals.wait_for("Permissions Violation for Publish to \"continuum.reports.cloud-nl.")
+    # its own site's token, then another site's report subject after it
+    await se.publish(f"continuum.reports.cloud-se.cloud-nl.{tenant}.{placed_at_nl}.succeeded",
+                     forged.model_dump_json().encode())
+    await refusals.wait_for("Permissions Violation for Publish to \"continuum.reports.cloud-se.cloud-nl.")
     await js.publish(SUBJECTS.job_report("cloud-se", tenant, placed_at_nl, "succeeded"), forged.model_dump_json().encode(),
                      # the event's id, as a message id: it must not keep the real report out
                      headers={"Nats-Msg-Id": forged.id, "Continuum-Attempt": "0"})

@@ -17,8 +17,28 @@ def report(kind: str = "succeeded", site: str = "cloud-nl", tenant: str = "lab",
 
 def test_a_report_on_a_job_dispatched_to_that_site_at_that_attempt_passes():
     assert unacceptable("cloud-nl", "lab", "j1", "succeeded", 0, report(), AT_NL) is None
-    # an earlier placement's site may still say how its run ended (the registry ignores it: the job moved on)
-    assert unacceptable("cloud-nl", "lab", "j1", "failed", 0, report("failed"), [("cloud-se", 1), *AT_NL]) is None
+    requeued = report("requeued").model_copy(update={"data": {**report("requeued").data, "attempt": 1}})
+    assert unacceptable("cloud-nl", "lab", "j1", "requeued", 0, requeued, AT_NL) is None
+
+
+def test_a_site_the_job_left_may_tell_its_runs_steps_late_but_not_end_or_return_it():
+    moved = [("cloud-se", 1), *AT_NL]  # the latest placement first
+    assert unacceptable("cloud-nl", "lab", "j1", "started", 0, report("started"), moved) is None
+    assert unacceptable("cloud-nl", "lab", "j1", "failed", 0, report("failed"), moved) == (
+        "site cloud-nl reported failed on job j1 at attempt 0, which was dispatched to cloud-nl (attempt 0), "
+        "cloud-se (attempt 1)")
+
+
+def test_the_attempt_the_registry_reads_must_be_the_one_reported_on():
+    lying = report().model_copy(update={"data": {**report().data, "attempt": 5}})
+    assert unacceptable("cloud-nl", "lab", "j1", "succeeded", 0, lying, AT_NL) == (
+        "the report's attempt is not the one it reports on")
+    # only a cancellation may take the id without an attempt (intake's own has it)
+    no_attempt = report().model_copy(update={"id": make_event("x", "job", "succeeded", "j1", {}, "j1").id})
+    assert unacceptable("cloud-nl", "lab", "j1", "succeeded", 0, no_attempt, AT_NL) == (
+        "the report's id is not that of this job, kind and attempt")
+    cancel = report("cancelled").model_copy(update={"id": make_event("x", "job", "cancelled", "j1", {}, "j1").id})
+    assert unacceptable("cloud-nl", "lab", "j1", "cancelled", 0, cancel, AT_NL) is None
 
 
 def test_a_report_on_another_sites_job_is_refused_naming_where_it_runs():
