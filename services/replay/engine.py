@@ -156,7 +156,7 @@ class Replay:
                 self._wake(now)
             elif kind == RETRY and job_id in self.waiting:
                 job, spec = self.waiting[job_id]
-                if self._try(job, spec, now, retry=True):
+                if self._try(job, spec, now):
                     del self.waiting[job_id]
         for job_id, (job, _) in self.waiting.items():  # the trace ended with these still waiting
             self.outcomes[job_id] = self._never(job, "still waiting when the replay ended")
@@ -214,7 +214,7 @@ class Replay:
         return [(site.id, [t for t in gpu_types(spec, site.gpus) if site.gpus[t] >= need])
                 for site in self.sites if not permanent_reasons(spec, tenant, site)]
 
-    def _try(self, job: TraceJob, spec: JobSpec, now: float, retry: bool = False) -> bool:
+    def _try(self, job: TraceJob, spec: JobSpec, now: float) -> bool:
         """Place the job now if the policy says where; True when it is settled (started, or never can)."""
         tenant = self.catalog.tenants[spec.tenant]
         at = self._at(now)
