@@ -83,6 +83,11 @@ class Bus:
         return self.broker.config.connection_state.stream
 
     @property
+    def nc(self):
+        """The plain NATS connection (core requests and subscriptions)."""
+        return self.broker.config.connection_state.connection
+
+    @property
     def declares(self) -> bool:
         """Whether this process makes streams, buckets and consumers: a site's agent may only use those the
         services made for it."""
@@ -152,10 +157,9 @@ class Bus:
             consumer.subscription = await self.js.pull_subscribe_bind(durable=consumer.durable,
                                                                       stream=consumer.stream)
             consumer.task = asyncio.create_task(self._pull(consumer), name=f"pull-{consumer.durable}")
-        nc = self.broker.config.connection_state.connection
         for responder in self._responders:
             for subject in responder.subjects:
-                responder.subscriptions.append(await nc.subscribe(
+                responder.subscriptions.append(await self.nc.subscribe(
                     subject, queue=self.service, cb=functools.partial(self._take_request, responder)))
 
     async def _wait_for(self, consumer: _Consumer) -> None:

@@ -182,8 +182,7 @@ class SiteAgent:
     async def record(self, job_id: str) -> dict | None:
         """The job's record, if it was ever placed at this site (intake answers for no other: a site sees only
         the jobs it is given)."""
-        reply = await request_json(self.bus.broker.config.connection_state.connection,
-                                   self.bus.subjects.site_job(self.site.id), {"job_id": job_id})
+        reply = await request_json(self.bus.nc, self.bus.subjects.site_job(self.site.id), {"job_id": job_id})
         return None if "error" in reply else reply
 
     async def report(self, tenant: str, job_id: str, event: CloudEvent, attempt: int) -> None:

@@ -211,7 +211,6 @@ class Router:
             span.set_attribute(telemetry.Attr.OUTCOME, JobState.failed.value)
             await self.publish(record, JobState.failed, attempt, reasons=record.reasons, reason=left.give_up)
             return
-        avoid, refused = left.avoid, left.refused
         need = spec.resources.total_gpus
 
         # Two tries may place the same attempt at once: a waiting job woken by a release and its own event, or
@@ -235,7 +234,7 @@ class Router:
             span.set_attribute(telemetry.Attr.OUTCOME, f"already {record.state.value}")
             if record.state not in (JobState.dispatched, JobState.started):
                 decision = place(spec, tenant, await self.views(held, need, give_back=holding),
-                                 await self.budget(tenant_id, held), utcnow(), avoid, refused)
+                                 await self.budget(tenant_id, held), utcnow(), left.avoid, left.refused)
                 decision = decision.model_copy(update={"site": site_id, "gpu_type": r.gpu_type, "overflow": r.overflow})
                 if not await self.dispatch(record, spec, decision, attempt, span, r.token):
                     await self.follow_winner(record, spec, attempt, span, site_id, r.token)
@@ -246,12 +245,12 @@ class Router:
         while True:
             views = await self.views(held, need)
             room = await self.budget(tenant_id, held)
-            decision = place(spec, tenant, views, room, utcnow(), avoid, refused)
-            if decision.impossible and refused:  # it was tried, and every site that could run it said no
+            decision = place(spec, tenant, views, room, utcnow(), left.avoid, left.refused)
+            if decision.impossible and left.refused:  # it was tried, and every site that could run it said no
                 _trace_decision(span, decision, JobState.failed)
                 await self.publish(record, JobState.failed, attempt, decision=decision, reasons=decision.reasons,
                                    reason="refused by every site that could run it: "
-                                          + "; ".join(f"{site}: {words}" for site, words in refused.items()))
+                                          + "; ".join(f"{site}: {words}" for site, words in left.refused.items()))
                 log.info("job.refused_everywhere", job_id=job_id, tenant=tenant_id)
                 return
             if decision.impossible:
