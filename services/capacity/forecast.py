@@ -9,13 +9,13 @@ every job that started, the raw forecast when it arrived against the wait it rea
 
 from __future__ import annotations
 
-import heapq
 import math
 import statistics
 from collections import deque
 from dataclasses import dataclass
 
 from shared.contracts.sites import Heartbeat, SiteJob, WaitModel
+from shared.queueing import run_out
 
 # how many observed waits the correction is learned from: the latest ones, so it follows the site's load
 WINDOW = 200
@@ -53,22 +53,7 @@ class Load:
 def raw_wait(load: Load, gpu_type: str, gpus: int) -> float:
     """Seconds until a job of `gpus` GPUs of the type, joining the queue now, starts (inf: never, the site
     has not that many)."""
-    free = dict(load.free)
-    ends = [(left, t, n) for t, n, left in load.running]
-    heapq.heapify(ends)
-    now = 0.0
-    for t, n, walltime in (*load.queue, (gpu_type, gpus, None)):
-        while free.get(t, 0) < n:
-            if not ends:
-                return math.inf
-            at, t_end, n_end = heapq.heappop(ends)
-            now = max(now, at)
-            free[t_end] = free.get(t_end, 0) + n_end
-        if walltime is None:
-            return now
-        free[t] -= n
-        heapq.heappush(ends, (now + walltime, t, n))
-    return now  # unreachable: the loop returns at the job itself
+    return run_out(load.free, load.running, load.queue, gpu_type, gpus)
 
 
 class WaitLearner:

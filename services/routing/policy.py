@@ -25,9 +25,11 @@ import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from enum import StrEnum
 
 from shared.contracts.catalog import SiteEntry, TenantEntry
 from shared.contracts.jobs import Candidate, Decision, HistoryEntry, JobSpec, JobState
+from shared.queueing import Queued, run_out
 
 NO_GPU = "none"
 INF = math.inf
@@ -40,6 +42,17 @@ WEIGHTS = {
     "cost": (0.1, 0.8, 0.1),
     "carbon": (0.1, 0.1, 0.8),
 }
+
+
+class Hold(StrEnum):
+    """What keeps a site that could run the job some day from taking it now: what to watch for a change."""
+
+    GPUS = "gpus"  # not enough of its GPUs free (or the site saturated with a queue of its own)
+    GATE = "gate"  # public capacity first: the public wait is within the tenant's threshold
+    BUDGET = "budget"  # the tenant's allocation or monthly budget is spent (net of what runs)
+    SHARE = "share"  # overflow jobs hold the private site's overflow share
+    DOWN = "down"  # the site is down or has not reported
+    AVOID = "avoid"  # the site gave this job back a moment ago
 
 
 @dataclass(frozen=True)
@@ -65,6 +78,10 @@ class SiteView:
     # Slurm say): it takes no new job now, and a job would wait there at least as long as capacity forecasts
     queued_at_site: int = 0
     reported_wait_s: dict[str, float] = field(default_factory=dict)
+    # the jobs ahead of this one in routing's own line that wait for this site's GPUs, in line order (their
+    # `line_entry`): they take GPUs that come back before this job does
+    queue: tuple[Queued, ...] = ()
+    _waits: dict[tuple[str, int], float] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def id(self) -> str:
@@ -75,17 +92,18 @@ class SiteView:
         return self.queued_at_site > 0
 
     def wait_s(self, gpu_type: str, need: int) -> float:
-        """When `need` GPUs of the type are expected free: now, or as held jobs reach their walltime; on a
-        saturated site, no sooner than capacity's forecast."""
-        floor = self.reported_wait_s.get(gpu_type, INF) if self.saturated else 0.0
-        free = self.free.get(gpu_type, 0)
-        if need <= free:
-            return floor
-        for h in sorted((h for h in self.holdings if h.gpu_type == gpu_type), key=lambda h: h.ends_in_s):
-            free += h.gpus
-            if free >= need:
-                return max(floor, h.ends_in_s)
-        return INF
+        """When `need` GPUs of the type are expected free for this job: now, or once the jobs ahead in line
+        have had theirs and held jobs reach their walltime (the capacity forecast's `run_out`); on a saturated
+        site, no sooner than capacity's forecast. Kept: the policy asks it of a view more than once."""
+        if (gpu_type, need) not in self._waits:
+            floor = self.reported_wait_s.get(gpu_type, INF) if self.saturated else 0.0
+            if need <= self.free.get(gpu_type, 0):
+                wait = floor
+            else:
+                running = ((h.gpu_type, h.gpus, h.ends_in_s) for h in self.holdings)
+                wait = max(floor, run_out(self.free, running, self.queue, gpu_type, need))
+            self._waits[(gpu_type, need)] = wait
+        return self._waits[(gpu_type, need)]
 
     def overflow_held(self, gpu_type: str) -> int:
         return sum(h.gpus for h in self.holdings if h.overflow and h.gpu_type == gpu_type)
@@ -99,6 +117,13 @@ MAX_TRANSIENT_REFUSALS = 8
 # that doubles with each such refusal, up to the same
 AVOID_S = 600.0
 TRANSIENT_BACKOFF_S = 5.0
+
+
+def retry_delay_s(base_s: float, priority: int, tries: int) -> float:
+    """How long a waiting job waits before it is tried again: higher priorities come back sooner, so they take
+    freed GPUs first; a job that has waited long comes back less often (up to six times the base, at the
+    20th try), so that a crowd of waiting jobs does not swamp the bus."""
+    return base_s * (1 + (9 - priority) / 9) * (1 + min(tries, 20) / 5)
 
 
 @dataclass(frozen=True)
@@ -237,6 +262,7 @@ def place(spec: JobSpec, tenant: TenantEntry, sites: Iterable[SiteView], budget:
     avoid, refused = avoid or {}, refused or {}
     views = sorted(sites, key=lambda s: s.id)
     reasons: dict[str, list[str]] = {}
+    holds: dict[str, list[tuple[Hold, str]]] = {}
     chosen_type: dict[str, str] = {}
     parts: dict[str, dict[str, float]] = {}
     possible = False
@@ -252,26 +278,31 @@ def place(spec: JobSpec, tenant: TenantEntry, sites: Iterable[SiteView], budget:
     overflow = any(s.entry.public and not reasons[s.id] for s in views)
     for site in views:
         if not reasons[site.id]:
-            reasons[site.id] = _passing_reasons(spec, site, chosen_type[site.id], budget, avoid, overflow)
+            holds[site.id] = _passing_reasons(spec, site, chosen_type[site.id], budget, avoid, overflow)
 
     if overflow:
         # public first: paid capacity only when the public wait is too long (or the deadline too near)
-        public_ok = [s for s in views if s.entry.public and not reasons[s.id]]
-        public_waits = [parts[s.id]["wait_s"] for s in views if s.entry.public and _only_waits(reasons[s.id])]
+        public_ok = [s for s in views if s.entry.public and s.id in holds and not holds[s.id]]
+        public_waits = [parts[s.id]["wait_s"] for s in views
+                        if s.entry.public and holds.get(s.id) and all(k == Hold.GPUS for k, _ in holds[s.id])]
         gate = None
         if public_ok:
             gate = f"public capacity first: {public_ok[0].id} can run it now"
         elif public_waits:
             gate = _overflow_gate(spec, tenant, min(w if w >= 0 else INF for w in public_waits), now)
         for site in views:
-            if not site.entry.public and not reasons[site.id] and gate:
-                reasons[site.id].append(gate)
+            if not site.entry.public and site.id in holds and not holds[site.id] and gate:
+                holds[site.id].append((Hold.GATE, gate))
+    for site_id, held in holds.items():
+        reasons[site_id] = [text for _, text in held]
 
     eligible = [s for s in views if not reasons[s.id]]
     scores = _scores(spec, eligible, parts, weights)
     if not eligible:
-        return Decision(site=None, candidates=_candidates(views, reasons, scores, parts),
-                        impossible=not possible and bool(views))
+        decision = Decision(site=None, candidates=_candidates(views, reasons, scores, parts),
+                            impossible=not possible and bool(views))
+        decision.holds = {site_id: frozenset(k for k, _ in held) for site_id, held in holds.items() if held}
+        return decision
     best = min(eligible, key=lambda s: (-scores[s.id], s.id))
     if forecast is not None and now is not None and (shift := _greener(spec, best.entry, now, forecast)):
         when, then_g, now_g = shift
@@ -325,42 +356,38 @@ def _greener(spec: JobSpec, site: SiteEntry, now: datetime, forecast: Intensity)
 
 
 def _passing_reasons(spec: JobSpec, site: SiteView, gpu_type: str, budget: TenantBudget,
-                     avoid: Mapping[str, str], overflow: bool) -> list[str]:
-    """Why the site cannot take the job now, though it could some day."""
+                     avoid: Mapping[str, str], overflow: bool) -> list[tuple[Hold, str]]:
+    """Why the site cannot take the job now, though it could some day, each with what it waits on."""
     need = spec.resources.total_gpus
-    why = []
+    why: list[tuple[Hold, str]] = []
     if site.id in avoid:
-        why.append(avoid[site.id])
+        why.append((Hold.AVOID, avoid[site.id]))
     if not site.up:
-        why.append("site is down or has not reported")
+        why.append((Hold.DOWN, "site is down or has not reported"))
     entry = site.entry
     if entry.public:
         hours = worst_case_allocation_h(spec, entry, gpu_type)
         if hours > budget.allocation_left_h:
-            why.append(f"allocation spent: {max(budget.allocation_left_h, 0):.1f} h left, the job may use {hours:.1f} h")
+            spent = f"allocation spent: {max(budget.allocation_left_h, 0):.1f} h left, the job may use {hours:.1f} h"
+            why.append((Hold.BUDGET, spent))
     else:
         cost = worst_case_cost(spec, entry, gpu_type)
         if cost > budget.budget_left_eur:
-            why.append(f"monthly budget spent: {max(budget.budget_left_eur, 0):.2f} EUR left, "
-                       f"the job may cost {cost:.2f} EUR")
+            spent = (f"monthly budget spent: {max(budget.budget_left_eur, 0):.2f} EUR left, "
+                     f"the job may cost {cost:.2f} EUR")
+            why.append((Hold.BUDGET, spent))
         if overflow and need:
             share = int(entry.overflow_share * entry.gpus.get(gpu_type, 0))
             held = site.overflow_held(gpu_type)
             if held + need > share:
-                why.append(f"overflow share full: overflow jobs hold {held} of {share} {gpu_type} GPUs allowed")
+                why.append((Hold.SHARE, f"overflow share full: overflow jobs hold {held} of {share} {gpu_type} GPUs allowed"))
     wait = site.wait_s(gpu_type, need)
     expected = f" (expected in {wait:.0f} s)" if wait < INF else ""
     if need and site.free.get(gpu_type, 0) < need:
-        why.append(f"needs {need} {gpu_type} GPUs now, {site.free.get(gpu_type, 0)} free{expected}")
+        why.append((Hold.GPUS, f"needs {need} {gpu_type} GPUs now, {site.free.get(gpu_type, 0)} free{expected}"))
     elif site.saturated:
-        why.append(f"saturated: {site.queued_at_site} jobs queue at the site{expected}")
+        why.append((Hold.GPUS, f"saturated: {site.queued_at_site} jobs queue at the site{expected}"))
     return why
-
-
-def _only_waits(reasons: list[str]) -> bool:
-    """The site passes every rule but free GPUs: the job could wait for it."""
-    return bool(reasons) and all((r.startswith("needs ") and " now, " in r) or r.startswith("saturated: ")
-                                 for r in reasons)
 
 
 def _overflow_gate(spec: JobSpec, tenant: TenantEntry, public_wait_s: float, now: datetime | None) -> str | None:
@@ -388,6 +415,16 @@ def _best_type(spec: JobSpec, site: SiteView) -> str:
 def gpu_types(spec: JobSpec, offered: dict[str, int]) -> list[str]:
     wanted = spec.resources.gpu_type
     return sorted(offered) if wanted == "any" else [wanted] if wanted in offered else []
+
+
+def line_entry(spec: JobSpec, site: SiteEntry) -> Queued | None:
+    """A waiting job as it stands in a site's line (SiteView.queue): the GPUs it will take there, of the type
+    the site has most of among those it may use (which it is likeliest to get), and its walltime."""
+    need = spec.resources.total_gpus
+    types = [t for t in gpu_types(spec, site.gpus) if site.gpus[t] >= need]
+    if not need or not types:
+        return None
+    return max(types, key=lambda t: (site.gpus[t], t)), need, float(spec.walltime_s)
 
 
 def _parts(spec: JobSpec, site: SiteView, gpu_type: str) -> dict[str, float]:

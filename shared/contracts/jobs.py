@@ -18,7 +18,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, PrivateAttr, StringConstraints
 
 TENANT_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 TenantId = Annotated[str, StringConstraints(pattern=TENANT_PATTERN)]
@@ -155,6 +155,17 @@ class Decision(BaseModel):
     # set when the job waits for a greener hour at its chosen site (its objective is carbon, its deadline leaves
     # slack): it is placed again then
     wait_until: datetime | None = None
+    # for a job that waits: each site that could run it some day, and what keeps it from taking the job now
+    # (the policy's `Hold` kinds: what to watch for a change). Not part of the published decision.
+    _holds: dict[str, frozenset[str]] = PrivateAttr(default_factory=dict)
+
+    @property
+    def holds(self) -> dict[str, frozenset[str]]:
+        return self._holds
+
+    @holds.setter
+    def holds(self, value: dict[str, frozenset[str]]) -> None:
+        self._holds = value
 
     @property
     def reasons(self) -> list[str]:
