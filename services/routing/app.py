@@ -20,18 +20,22 @@ from nats.js.api import DeliverPolicy
 from services.routing import reservations
 from services.routing.reports import ReportGate
 from services.routing.policy import (
+    Hold,
     Holding,
     SiteView,
     TenantBudget,
     departures,
+    line_entry,
     place,
+    retry_delay_s,
     worst_case_allocation_h,
     worst_case_cost,
 )
 from services.routing.reservations import Reservation
 from shared import telemetry
 from shared.bus import AFTER_HEADER, ATTEMPT_HEADER, Bus, KvMirror, create_app, create_bus
-from shared.contracts.catalog import Catalog
+from shared.carbon import CarbonProvider, default_carbon, site_intensity
+from shared.contracts.catalog import Catalog, SiteEntry
 from shared.contracts.events import CloudEvent, make_event, utcnow
 from shared.contracts.jobs import (
     Decision,
@@ -53,9 +57,10 @@ _RELEASING = {JobState.succeeded, JobState.failed, JobState.cancelled, JobState.
 # times as long is ignored (its job is no longer being placed: dead-lettered, say)
 WAITING_REFRESH_S = 60.0
 class Router:
-    def __init__(self, bus: Bus, catalog: Catalog) -> None:
+    def __init__(self, bus: Bus, catalog: Catalog, carbon: CarbonProvider) -> None:
         self.bus = bus
         self.catalog = catalog
+        self.carbon = carbon  # the hourly data stands for the day-ahead forecast greener hours are chosen by
         # sites, reservations and metered budgets, kept in memory by watches: a placement reads no bucket
         self.mirrors: dict[str, KvMirror] = {}
         # one wake at a time in this process; releases meanwhile ask for one more round after it
@@ -83,11 +88,13 @@ class Router:
     def held(self) -> dict[str, dict]:
         return self._mirrored(self.bus.topology.reservations_bucket)
 
-    async def views(self, held: dict[str, dict], need: int,
-                    give_back: tuple[str, Reservation] | None = None) -> list[SiteView]:
-        """Every site as the policy sees it, for a job that needs `need` GPUs. Each job's holding (when its GPUs
-        come back) is read only for the GPU types short of `need`, where the wait depends on it; elsewhere one
-        holding a type stands for the GPUs overflow jobs hold, which is all the policy asks there."""
+    async def views(self, held: dict[str, dict], need: int, give_back: tuple[str, Reservation] | None = None,
+                    ahead: dict[str, tuple] | None = None) -> list[SiteView]:
+        """Every site as the policy sees it, for a job that needs `need` GPUs, behind the jobs `ahead` of it in
+        line at each site. Each job's holding (when its GPUs come back) is read only for the GPU types short of
+        `need`, where the wait depends on it; elsewhere one holding a type stands for the GPUs overflow jobs
+        hold, which is all the policy asks there."""
+        ahead = ahead or {}
         statuses = self._mirrored(self.bus.topology.sites_bucket)
         now = time.time()
         views = []
@@ -105,8 +112,28 @@ class Router:
                                   carbon_g_per_kwh=status["carbon_g_per_kwh"] if status else 0.0,
                                   holdings=holdings,
                                   queued_at_site=status.get("queued", 0) if saturated else 0,
-                                  reported_wait_s=status.get("est_wait_s_by_type", {}) if saturated else {}))
+                                  reported_wait_s=status.get("est_wait_s_by_type", {}) if saturated else {},
+                                  queue=ahead.get(site.id, ())))
         return views
+
+    def line_ahead(self, job_id: str, priority: int) -> dict[str, tuple]:
+        """For each site, the waiting jobs ahead of this one that wait for its GPUs, as its line (higher
+        priorities first, then the longest waiting; the same order `_wake` tries them in)."""
+        now = time.time()
+        board = {k: e for k, (e, _) in self.mirrors[self.bus.topology.waiting_bucket].values.items()
+                 if now - e["refreshed_at"] <= 3 * WAITING_REFRESH_S}
+        mine = board.get(job_id)
+        place_in_line = (-priority, mine["since"] if mine else now)
+        lines: dict[str, list] = {}
+        for other, entry in sorted(board.items(), key=lambda e: (-e[1]["priority"], e[1].get("since", 0))):
+            if other == job_id or (-entry["priority"], entry.get("since", 0)) >= place_in_line:
+                continue
+            for site_id, queued in entry.get("line", {}).items():
+                lines.setdefault(site_id, []).append(tuple(queued))
+        return {site_id: tuple(queued) for site_id, queued in lines.items()}
+
+    def forecast(self, site: SiteEntry, at: datetime) -> float:
+        return site_intensity(site, at, self.carbon)
 
     async def budget(self, tenant_id: str, held: dict[str, dict]) -> TenantBudget:
         """The tenant's room: its allocation and monthly budget, less what billing metered and what its
@@ -242,10 +269,11 @@ class Router:
             return
 
         token = uuid.uuid4().hex
+        ahead = self.line_ahead(job_id, spec.priority)
         while True:
-            views = await self.views(held, need)
+            views = await self.views(held, need, ahead=ahead)
             room = await self.budget(tenant_id, held)
-            decision = place(spec, tenant, views, room, utcnow(), left.avoid, left.refused)
+            decision = place(spec, tenant, views, room, utcnow(), left.avoid, left.refused, forecast=self.forecast)
             if decision.impossible and left.refused:  # it was tried, and every site that could run it said no
                 _trace_decision(span, decision, JobState.failed)
                 await self.publish(record, JobState.failed, attempt, decision=decision, reasons=decision.reasons,
@@ -271,10 +299,10 @@ class Router:
                 if record.state != JobState.queued:
                     await self.publish(record, JobState.queued, attempt, decision=decision,
                                        reasons=decision.reasons)
-                await self.wait_in_line(job_id, spec)
-                # higher priorities come back sooner, so they take freed GPUs first; a job that has waited
-                # long comes back less often, so that a crowd of waiting jobs does not swamp the bus
-                delay = self.bus.settings.placement_retry_s * (1 + (9 - spec.priority) / 9) * (1 + min(tries, 20) / 5)
+                await self.wait_in_line(job_id, spec, decision)
+                delay = retry_delay_s(self.bus.settings.placement_retry_s, spec.priority, tries)
+                if decision.wait_until is not None:  # a greener hour: tried again then, not before
+                    delay = max(delay, (decision.wait_until - utcnow()).total_seconds())
                 raise NackMessage(delay=delay)
             site = self.catalog.site(decision.site)
             reservation = Reservation(
@@ -329,14 +357,17 @@ class Router:
         if int(winner.get("attempt", 0)) == attempt:
             await self.send_order(record, spec, winner["site"], winner["gpu_type"], attempt)
 
-    async def wait_in_line(self, job_id: str, spec: JobSpec) -> None:
-        """Put the job on the waiting board (or refresh it there), with what a lower priority must check."""
+    async def wait_in_line(self, job_id: str, spec: JobSpec, decision: Decision) -> None:
+        """Put the job on the waiting board (or refresh it there), with what a lower priority must check and
+        its place in the line of each site whose GPUs (and nothing else) it waits for."""
         entry = self.mirrors[self.bus.topology.waiting_bucket].get(job_id)[0]
         if entry is None or time.time() - entry["refreshed_at"] > WAITING_REFRESH_S:
+            line = {site_id: queued for site_id, holds in decision.holds.items()
+                    if holds == {Hold.GPUS} and (queued := line_entry(spec, self.catalog.site(site_id)))}
             kv = await self.bus.kv(self.bus.topology.waiting_bucket)
             await kv.put(job_id, orjson.dumps({"priority": spec.priority, "refreshed_at": time.time(),
                                                "since": entry["since"] if entry else time.time(),
-                                               "spec": spec.model_dump(mode="json")}))
+                                               "spec": spec.model_dump(mode="json"), "line": line}))
 
     async def leave_line(self, job_id: str) -> None:
         if self.mirrors[self.bus.topology.waiting_bucket].get(job_id)[0] is not None:
@@ -532,7 +563,7 @@ def _trace_decision(span, decision: Decision, outcome: JobState) -> None:
 
 def create_routing_app(settings: Settings):
     bus = create_bus(settings, SERVICE)
-    router = Router(bus, Catalog.load(settings.sites_file, settings.tenants_file))
+    router = Router(bus, Catalog.load(settings.sites_file, settings.tenants_file), default_carbon())
     gate = ReportGate(bus)
     subjects, topology = bus.subjects, bus.topology
     bus.document_events(subjects.job_event(kind="placed"), "A job was placed; data.decision explains why there.")
