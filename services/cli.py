@@ -454,7 +454,12 @@ def replay(trace: Annotated[Path, typer.Argument(help="a job trace: Philly CSV, 
            jobs: Annotated[int | None, typer.Option(help="the first N jobs of the trace only")] = None,
            seed: Annotated[int, typer.Option(help="deals trace users out to tenants (same seed, same deal)")] = 0,
            users: Annotated[Path | None, typer.Option(help="YAML `users: {trace user: tenant}` overriding the "
-                                                           "deal")] = None) -> None:
+                                                           "deal")] = None,
+           user: Annotated[list[str] | None, typer.Option("--user", help="replay only this trace user's jobs (a "
+                                                                        "Philly virtual cluster, say); repeat "
+                                                                        "for several")] = None,
+           gpu_type: Annotated[str, typer.Option("--gpu-type", help="the GPU type every trace job asks for: a "
+                                                                   "catalog type, or any")] = "any") -> None:
     """Replay a job trace through the production policy in virtual time, under each policy; write what it
     found (summary.json, jobs-<policy>.csv, report.md with plots)."""
     from datetime import UTC
@@ -481,6 +486,14 @@ def replay(trace: Annotated[Path, typer.Argument(help="a job trace: Philly CSV, 
         trace_jobs = read(trace, fmt)
     except TraceError as e:
         raise _fail(str(e), 2) from None
+    if user:
+        missing = sorted(set(user) - {j.user for j in trace_jobs})
+        if missing:
+            raise _fail(f"--user {', '.join(missing)}: no such user in {trace.name}", 2)
+        trace_jobs = [j for j in trace_jobs if j.user in user]
+    offered = sorted({t for site in catalog.sites.values() for t in site.gpus})
+    if gpu_type != "any" and gpu_type not in offered:
+        raise _fail(f"--gpu-type {gpu_type}: the catalog offers {', '.join(offered)} (or any)", 2)
     trace_jobs = trace_jobs[:jobs] if jobs else trace_jobs
     deal = {u: tenant_of(u, list(catalog.tenants), overrides, seed) for u in sorted({j.user for j in trace_jobs})}
     when = start.replace(tzinfo=UTC)
@@ -489,9 +502,10 @@ def replay(trace: Annotated[Path, typer.Argument(help="a job trace: Philly CSV, 
         for name in policy or POLICIES:
             task = bar.add_task(name, total=len(trace_jobs))
             results[name] = run(trace_jobs, catalog, default_carbon(), name, when, deal,
-                                progress=lambda done, task=task: bar.update(task, completed=done))
+                                progress=lambda done, task=task: bar.update(task, completed=done), gpu_type=gpu_type)
             bar.update(task, completed=len(trace_jobs))
-    notes = {"trace": str(trace), "seed": str(seed), "users": f"{len(deal)} trace users dealt to "
+    notes = {"trace": str(trace), "seed": str(seed), "GPU type asked": gpu_type,
+             "users": f"{len(deal)} trace users dealt to "
              + ", ".join(f"{t} ({sum(1 for v in deal.values() if v == t)})" for t in sorted(catalog.tenants))}
     summary = report.write(out, trace.name, len(trace_jobs), results, when, notes)
     table = _table(f"replay of {trace.name}: {len(trace_jobs)} jobs from {when:%Y-%m-%d}",

@@ -2,21 +2,24 @@
 randomness; the same inputs give the same outcomes.
 
 A discrete-event loop. Events are arrivals (a trace job is submitted), ends (a job's runtime is over), the
-first hour of each month (budgets start again) and retries (a job that waits for a greener hour). The state is
-what the live services keep: each site's GPUs and the jobs holding them (routing's reservations), each tenant's
-allocation and monthly budget net of what ran and of what runs (billing's ledger and routing's commitments),
-the line of jobs waiting for GPUs. A job is placed by `services/routing/policy.place`, exactly as routing
-places it, on `SiteView`s built from that state; a job that ended is rated by `services/billing/rating.rate`,
-as billing rates it, with the hour-by-hour carbon of its site's zone. Simulated sites start a job the moment
-it is placed, as the live simulated backend does.
+first hour of each month (budgets start again) and retries at an hour the policy named (a greener one, or
+when the public capacity a job waits for was forecast to start it). The state is what the live services
+keep: each site's GPUs and the jobs holding them (routing's reservations), each tenant's allocation and
+monthly budget net of what ran and of what runs (billing's ledger and routing's commitments), and routing's
+line of waiting jobs. A job is placed by `services/routing/policy.place`, exactly as routing places it, on
+`SiteView`s built from that state, each with the jobs ahead in its line (the wait forecast runs them out); a
+job that ended is rated by `services/billing/rating.rate`, as billing rates it, with the hour-by-hour carbon
+of its site's zone. Simulated sites start a job the moment it is placed, as the live simulated backend does.
 
-Waiting jobs are tried again, oldest first, when GPUs come back, when a month starts, and at the hour a job
-chose to wait for: not on a timer (live routing also retries on a timer, which finds nothing new: nothing
-changes between events).
+Live routing tries each waiting job again on a timer and when GPUs come back. Between events nothing
+changes, so the replay asks the policy about a waiting job only when something that holds it back may have
+changed: the decision says, site by site, what that is (`Decision.holds`), and the job watches exactly that
+(GPUs coming back at a site, its tenant's budget, a site's overflow share, the hour the forecast gave).
 """
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
 from collections.abc import Callable
@@ -26,11 +29,11 @@ from datetime import UTC, datetime, timedelta
 from services.billing.rating import rate
 from services.replay.traces import TraceJob
 from services.routing.policy import (
+    Hold,
     Holding,
     SiteView,
     TenantBudget,
-    gpu_types,
-    permanent_reasons,
+    line_entry,
     place,
     residency_reason,
     worst_case_allocation_h,
@@ -38,7 +41,8 @@ from services.routing.policy import (
 )
 from shared.carbon import CarbonProvider, site_intensity
 from shared.contracts.catalog import Catalog, SiteEntry
-from shared.contracts.jobs import JobSpec, Resources
+from shared.contracts.jobs import Decision, JobSpec, Resources
+from shared.queueing import Queued
 
 POLICIES = ("public-only", "cheapest", "continuum", "carbon", "carbon-shift")
 # carbon-shift's slack: a job may end as late as its runtime again after its earliest end, a day at most (the
@@ -96,30 +100,44 @@ class _Tenant:
     committed_h: float = 0.0
 
 
+@dataclass
+class _Waiting:
+    seq: int  # its place in line: arrival order
+    job: TraceJob
+    spec: JobSpec
+    ticket: int = 0  # which of its watches are current (older ones are left behind, and skipped when met)
+    lines: tuple[str, ...] = ()  # the sites whose line it stands in
+
+
 class Replay:
     def __init__(self, catalog: Catalog, carbon: CarbonProvider, policy: str, start: datetime,
-                 tenants: dict[str, str]) -> None:
+                 tenants: dict[str, str], gpu_type: str = "any") -> None:
         if policy not in POLICIES:
             raise ValueError(f"no policy {policy!r}; one of {', '.join(POLICIES)}")
         self.catalog, self.carbon, self.policy, self.start = catalog, carbon, policy, start.astimezone(UTC)
         self.tenants = tenants  # trace user -> catalog tenant
+        self.gpu_type = gpu_type  # what every trace job asks for: a catalog GPU type, or any
         self.sites = sorted(catalog.sites.values(), key=lambda s: s.id)
         self.free = {s.id: dict(s.gpus) for s in self.sites}
         self.running: dict[str, dict[str, _Run]] = {s.id: {} for s in self.sites}
         self.ledger = {t: _Tenant() for t in catalog.tenants}
-        self.waiting: dict[str, tuple[TraceJob, JobSpec]] = {}  # in arrival order
         self.outcomes: dict[str, Outcome] = {}
         self.events: list[tuple[float, int, int, str]] = []
         self.jobs: dict[str, TraceJob] = {}
         self.specs: dict[str, JobSpec] = {}
-        self.fits: dict[str, list[tuple[str, list[str]]]] = {}  # sites a job could ever run on, and their types
-        # what changed, and when: a waiting job is asked about again only when something it depends on changed
-        self.site_version = {s.id: 0 for s in self.sites}
-        self.tenant_version = {t: 0 for t in catalog.tenants}
-        self.tried: dict[str, tuple] = {}
-        self._view_cache: tuple[float, list[SiteView]] | None = None
+        self.where: dict[str, str] = {}  # running job -> its site
+        # routing's line: waiting jobs, and for each site the ones waiting for its GPUs, in line order
+        self.waiting: dict[str, _Waiting] = {}
+        self.line: dict[str, list[int]] = {s.id: [] for s in self.sites}
+        self.line_entries: dict[str, dict[int, Queued]] = {s.id: {} for s in self.sites}
+        # watches: (busy GPUs or a full overflow share, site, GPUs needed) -> heap of (seq, job, ticket);
+        # tenant -> {job: ticket} for a spent budget
+        self.watch: dict[tuple[Hold, str, int], list[tuple[int, str, int]]] = {}
+        self.budget_watch: dict[str, dict[str, int]] = {t: {} for t in catalog.tenants}
+        self.overflow_held = {s.id: dict.fromkeys(s.gpus, 0) for s in self.sites}
         self._seq = 0
         self._intensity: dict[tuple[str, int], float] = {}
+        self._holdings: dict[str, tuple[float, tuple[Holding, ...]]] = {}
 
     # --- the loop ---------------------------------------------------------------------------------------------
 
@@ -136,63 +154,77 @@ class Replay:
                 self._push((month - self.start).total_seconds(), MONTH, "")
         done = 0
         while self.events:
-            now, kind, _, job_id = heapq.heappop(self.events)
+            now, kind, ticket, job_id = heapq.heappop(self.events)
             if kind == ARRIVE:
                 job = self.jobs[job_id]
-                spec = self._spec(job, now)
-                self.specs[job_id] = spec
-                self.fits[job_id] = self._fits(spec)
-                if not self._try(job, spec, now):
-                    self.waiting[job_id] = (job, spec)
+                spec = self.specs[job_id] = self._spec(job, now)
+                self._seq += 1
+                self._try(_Waiting(self._seq, job, spec), now)
             elif kind == END:
-                self._end(job_id, now)
+                self._wake(now, self._end(job_id, now))
                 done += 1
                 if progress and done % 1000 == 0:
                     progress(done)
-                self._wake(now)
-            elif kind == MONTH:
-                for tenant in self.tenant_version:  # budgets start again
-                    self.tenant_version[tenant] += 1
-                self._wake(now)
-            elif kind == RETRY and job_id in self.waiting:
-                job, spec = self.waiting[job_id]
-                if self._try(job, spec, now):
-                    del self.waiting[job_id]
-        for job_id, (job, _) in self.waiting.items():  # the trace ended with these still waiting
-            self.outcomes[job_id] = self._never(job, "still waiting when the replay ended")
+            elif kind == MONTH:  # budgets start again
+                self._wake(now, [j for watch in self.budget_watch.values() for j in watch.items()])
+            elif kind == RETRY and (waiting := self.waiting.get(job_id)) and waiting.ticket == ticket:
+                self._try(waiting, now)
+        for waiting in self.waiting.values():  # the trace ended with these still waiting
+            self.outcomes[waiting.job.job_id] = self._never(waiting.job, "still waiting when the replay ended")
         if progress:
             progress(done)
         return [self.outcomes[j.job_id] for j in jobs]
 
-    def _push(self, at: float, kind: int, job_id: str) -> None:
+    def _push(self, at: float, kind: int, job_id: str, ticket: int = 0) -> None:
+        # ties: by kind (GPUs come back before waiting jobs are tried, newcomers last), then in the order pushed
         self._seq += 1
-        heapq.heappush(self.events, (at, kind, self._seq, job_id))
+        heapq.heappush(self.events, (at, kind, ticket if kind == RETRY else self._seq, job_id))
 
-    def _wake(self, now: float) -> None:
-        """Waiting jobs, oldest first, while there are GPUs to take (a job that cannot start does not hold up
-        those behind it, as live routing retries each waiting job on its own). The policy is asked only for a
-        job that some site it could ever run on has the GPUs free for: the others would wait all the same."""
-        for job_id in list(self.waiting):
-            if not any(n for free in self.free.values() for n in free.values()):
-                return
-            job, spec = self.waiting[job_id]
-            need = spec.resources.total_gpus
-            if not any(self.free[site][t] >= need for site, types in self.fits[job_id] for t in types):
-                continue
-            seen = self._seen(job_id, spec)
-            if self.tried.get(job_id) == seen:
-                continue  # nothing it depends on changed since the policy last said no
-            if self._try(job, spec, now):
-                del self.waiting[job_id]
-            else:
-                self.tried[job_id] = seen
+    def _wake(self, now: float, woken: list[tuple[str, int]]) -> None:
+        """Try again, oldest first, the waiting jobs that watch what just changed (`woken`: (job, ticket) from
+        the budget and share watches), and those that wait for GPUs which are now free at a site, while they
+        are. A job tried here and still waiting is not tried twice in one wake."""
+        heads: list[tuple[int, str, int, tuple]] = []  # (seq, job, ticket, the watch it came from)
+        for job_id, ticket in woken:
+            if (w := self.waiting.get(job_id)) and w.ticket == ticket:
+                heads.append((w.seq, job_id, ticket, ()))
+        tried: set[str] = set()
+        for key in self.watch:
+            self._next_head(key, heads, tried)
+        heapq.heapify(heads)
+        while heads:
+            _, job_id, ticket, key = heapq.heappop(heads)
+            waiting = self.waiting.get(job_id)
+            if waiting and waiting.ticket == ticket and job_id not in tried:
+                tried.add(job_id)
+                self._try(waiting, now)
+            if key:
+                self._next_head(key, heads, tried)
 
-    def _seen(self, job_id: str, spec: JobSpec) -> tuple:
-        """What a job's placement depends on, as versions: its sites', the public sites' (public first), its
-        tenant's room. The same versions, the same answer (the policy is a function of them)."""
-        return (tuple(self.site_version[site] for site, _ in self.fits[job_id]),
-                tuple(self.site_version[site.id] for site in self.sites if site.public),
-                self.tenant_version[spec.tenant])
+    def _next_head(self, key: tuple[Hold, str, int], heads: list, tried: set[str]) -> None:
+        """Move the oldest current watcher of a site's GPUs or overflow share onto `heads`, if there is room for
+        as many GPUs as it needs (one tried already in this wake, and waiting again, keeps its place)."""
+        hold, site, need = key
+        watch = self.watch[key]
+        if hold == Hold.GPUS:
+            room = max(self.free[site].values(), default=0)
+        else:
+            entry = self.catalog.sites[site]
+            room = max((int(entry.overflow_share * n) - self.overflow_held[site][t] for t, n in entry.gpus.items()),
+                       default=0)
+        if room < need:
+            return
+        again = []
+        while watch:
+            seq, job_id, ticket = heapq.heappop(watch)
+            if (w := self.waiting.get(job_id)) and w.ticket == ticket:
+                if job_id in tried:
+                    again.append((seq, job_id, ticket))
+                    continue
+                heapq.heappush(heads, (seq, job_id, ticket, key))
+                break
+        for entry in again:
+            heapq.heappush(watch, entry)
 
     # --- a placement --------------------------------------------------------------------------------------------
 
@@ -207,50 +239,97 @@ class Replay:
             slack = min(job.runtime_s, SHIFT_SLACK_CAP_S)
             extra["deadline"] = self._at(now + math.ceil(job.runtime_s) + slack)
         return JobSpec(tenant=tenant.id, name=job.job_id, command=["replay"], walltime_s=max(1, math.ceil(job.runtime_s)),
-                       resources=Resources(gpus=job.gpus, gpu_type="any"), residency=tenant.residency, **extra)
+                       resources=Resources(gpus=job.gpus, gpu_type=self.gpu_type), residency=tenant.residency, **extra)
 
-    def _fits(self, spec: JobSpec) -> list[tuple[str, list[str]]]:
-        tenant, need = self.catalog.tenants[spec.tenant], spec.resources.total_gpus
-        return [(site.id, [t for t in gpu_types(spec, site.gpus) if site.gpus[t] >= need])
-                for site in self.sites if not permanent_reasons(spec, tenant, site)]
-
-    def _try(self, job: TraceJob, spec: JobSpec, now: float) -> bool:
-        """Place the job now if the policy says where; True when it is settled (started, or never can)."""
+    def _try(self, waiting: _Waiting, now: float) -> None:
+        """Place the job now if the policy says where; else it waits, watching what holds it back."""
+        job, spec = waiting.job, waiting.spec
         tenant = self.catalog.tenants[spec.tenant]
         at = self._at(now)
-        decision = place(spec, tenant, self._views(now), self._budget(spec.tenant, at), at,
+        decision = place(spec, tenant, self._views(now, waiting.seq), self._budget(spec.tenant, at), at,
                          forecast=self._forecast if self.policy == "carbon-shift" else None,
                          weights=CHEAPEST if self.policy == "cheapest" else None)
         if decision.impossible:
+            self._leave_line(waiting)
             self.outcomes[job.job_id] = self._never(job, "; ".join(decision.reasons)[:500])
-            return True
-        if decision.wait_until is not None:  # a greener hour is coming: the job asks to be tried then
-            self.waiting.setdefault(job.job_id, (job, spec))
-            self._push((decision.wait_until - self.start).total_seconds(), RETRY, job.job_id)
-            return False
-        if decision.site is None:
-            return False
-        site = self.catalog.sites[decision.site]
-        gpus = spec.resources.total_gpus
-        self.free[site.id][decision.gpu_type] -= gpus
-        self._changed(site.id, spec.tenant)
-        run = _Run(job, spec, site.id, decision.gpu_type, now, decision.overflow,
-                   0.0 if site.public else worst_case_cost(spec, site, decision.gpu_type),
-                   worst_case_allocation_h(spec, site, decision.gpu_type) if site.public else 0.0)
-        self.running[site.id][job.job_id] = run
+        elif decision.site is not None:
+            self._leave_line(waiting)
+            self._start(job, spec, decision.site, decision.gpu_type, decision.overflow, now)
+        else:
+            self._wait(waiting, decision, now)
+
+    def _wait(self, waiting: _Waiting, decision: Decision, now: float) -> None:
+        """Stand in line at the sites whose GPUs it waits for, and watch what holds it back everywhere."""
+        job_id, spec = waiting.job.job_id, waiting.spec
+        self._leave_line(waiting)
+        waiting.ticket = self._seq = self._seq + 1
+        self.waiting[job_id] = waiting
+        need, ticket = spec.resources.total_gpus, waiting.ticket
+        lines = []
+        # a site takes the job once all that holds it back there has passed: the job watches one of those
+        # things, and when that one passes it is asked again (and watches what still holds, if anything). The
+        # one watched is the one least often changed: public capacity first (rechecked on the forecast's
+        # timer below), the tenant's budget, a full overflow share, busy GPUs.
+        for site_id, holds in decision.holds.items():
+            if holds == {Hold.GPUS} and (entry := line_entry(spec, self.catalog.sites[site_id])):
+                bisect.insort(self.line[site_id], waiting.seq)
+                self.line_entries[site_id][waiting.seq] = entry
+                lines.append(site_id)
+            if Hold.GATE in holds:
+                continue
+            if Hold.BUDGET in holds:
+                self.budget_watch[spec.tenant][job_id] = ticket
+            else:
+                key = (Hold.SHARE if Hold.SHARE in holds else Hold.GPUS, site_id, need)
+                heapq.heappush(self.watch.setdefault(key, []), (waiting.seq, job_id, ticket))
+        waiting.lines = tuple(lines)
+        if decision.wait_until is not None:  # a greener hour is coming: the job asked to be tried then
+            self._push((decision.wait_until - self.start).total_seconds(), RETRY, job_id, ticket)
+        elif any(Hold.GATE in holds for holds in decision.holds.values()):
+            # public capacity first, and the forecast says when it starts the job: if it has not by then (jobs
+            # behind it took the GPUs, fitting where it did not), the public wait is asked about again
+            public = [c.parts["wait_s"] for c in decision.candidates
+                      if self.catalog.sites[c.site].public and decision.holds.get(c.site) == {Hold.GPUS}]
+            if public and min(public) >= 0:
+                self._push(now + min(public) + 1, RETRY, job_id, ticket)
+
+    def _leave_line(self, waiting: _Waiting) -> None:
+        job_id = waiting.job.job_id
+        if self.waiting.pop(job_id, None) is None:
+            return
+        for site_id in waiting.lines:
+            line = self.line[site_id]
+            del line[bisect.bisect_left(line, waiting.seq)]
+            del self.line_entries[site_id][waiting.seq]
+        waiting.lines = ()
+        self.budget_watch[waiting.spec.tenant].pop(job_id, None)
+
+    def _start(self, job: TraceJob, spec: JobSpec, site_id: str, gpu_type: str, overflow: bool, now: float) -> None:
+        site = self.catalog.sites[site_id]
+        self.free[site_id][gpu_type] -= spec.resources.total_gpus
+        self._holdings.pop(site_id, None)
+        run = _Run(job, spec, site_id, gpu_type, now, overflow,
+                   0.0 if site.public else worst_case_cost(spec, site, gpu_type),
+                   worst_case_allocation_h(spec, site, gpu_type) if site.public else 0.0)
+        self.running[site_id][job.job_id] = run
+        self.where[job.job_id] = site_id
+        if overflow:
+            self.overflow_held[site_id][gpu_type] += spec.resources.total_gpus
         ledger = self.ledger[spec.tenant]
         ledger.committed_eur += run.cost_eur
         ledger.committed_h += run.allocation_h
         self._push(now + job.runtime_s, END, job.job_id)
-        return True
 
-    def _end(self, job_id: str, now: float) -> None:
+    def _end(self, job_id: str, now: float) -> list[tuple[str, int]]:
+        """The job's GPUs come back and it is rated; the waiting jobs its end may free, as (job, ticket)."""
         job, spec = self.jobs[job_id], self.specs[job_id]
-        site = next(s for s in self.sites if job_id in self.running[s.id])
+        site = self.catalog.sites[self.where.pop(job_id)]
         run = self.running[site.id].pop(job_id)
         gpus = spec.resources.total_gpus
         self.free[site.id][run.gpu_type] += gpus
-        self._changed(site.id, spec.tenant)
+        if run.overflow:
+            self.overflow_held[site.id][run.gpu_type] -= gpus
+        self._holdings.pop(site.id, None)
         line = rate(site, job_id=job_id, tenant=spec.tenant, gpu_type=run.gpu_type, gpus=gpus,
                     started_at=self._at(run.start_s), ended_at=self._at(now), state="succeeded",
                     intensity=lambda at: self._carbon(site, at))
@@ -266,11 +345,7 @@ class Replay:
             gpu_type=run.gpu_type, gpus=gpus, overflow=run.overflow, cost_eur=line.amount_eur,
             allocation_hours=line.allocation_hours, energy_kwh=line.energy_kwh, co2e_kg=line.co2e_kg,
             residency_ok=residency_reason(spec, tenant, site) is None)
-
-    def _changed(self, site: str, tenant: str) -> None:
-        self.site_version[site] += 1
-        self.tenant_version[tenant] += 1
-        self._view_cache = None
+        return list(self.budget_watch[spec.tenant].items())
 
     def _never(self, job: TraceJob, reason: str) -> Outcome:
         return Outcome(job_id=job.job_id, tenant=self.tenants[job.user], submit_s=job.submit_s, start_s=None,
@@ -278,18 +353,27 @@ class Replay:
 
     # --- what the policy sees -----------------------------------------------------------------------------------
 
-    def _views(self, now: float) -> list[SiteView]:
-        """Every site as the policy sees it now (the same until a job starts or ends)."""
-        if self._view_cache is not None and self._view_cache[0] == now:
-            return self._view_cache[1]
+    def _views(self, now: float, seq: int) -> list[SiteView]:
+        """Every site as the policy sees it now, for the job `seq` in line: with the jobs ahead of it there."""
         at = self._at(now)
-        views = [SiteView(entry=site, up=True, free=self.free[site.id], carbon_g_per_kwh=self._carbon(site, at),
-                         holdings=tuple(Holding(r.gpu_type, r.spec.resources.total_gpus,
-                                                max(0.0, r.start_s + r.spec.walltime_s - now), r.overflow)
-                                        for r in self.running[site.id].values()))
-                 for site in self.sites]
-        self._view_cache = (now, views)
+        views = []
+        for site in self.sites:
+            line = self.line[site.id]
+            ahead = bisect.bisect_left(line, seq)
+            entries = self.line_entries[site.id]
+            views.append(SiteView(entry=site, up=True, free=self.free[site.id], carbon_g_per_kwh=self._carbon(site, at),
+                                  holdings=self._held(site.id, now),
+                                  queue=tuple(entries[s] for s in line[:ahead])))
         return views
+
+    def _held(self, site_id: str, now: float) -> tuple[Holding, ...]:
+        """The site's running jobs as holdings (kept until a job starts or ends there, or time moves)."""
+        cached = self._holdings.get(site_id)
+        if cached is None or cached[0] != now:
+            cached = self._holdings[site_id] = (now, tuple(
+                Holding(r.gpu_type, r.spec.resources.total_gpus, max(0.0, r.start_s + r.spec.walltime_s - now),
+                        r.overflow) for r in self.running[site_id].values()))
+        return cached[1]
 
     def _budget(self, tenant_id: str, at: datetime) -> TenantBudget:
         tenant, ledger = self.catalog.tenants[tenant_id], self.ledger[tenant_id]
@@ -313,6 +397,7 @@ class Replay:
 
 
 def replay(jobs: list[TraceJob], catalog: Catalog, carbon: CarbonProvider, policy: str, start: datetime,
-           tenants: dict[str, str], progress: Callable[[int], None] | None = None) -> list[Outcome]:
+           tenants: dict[str, str], progress: Callable[[int], None] | None = None,
+           gpu_type: str = "any") -> list[Outcome]:
     """Every job's outcome under the policy, in the trace's order."""
-    return Replay(catalog, carbon, policy, start, tenants).run(jobs, progress)
+    return Replay(catalog, carbon, policy, start, tenants, gpu_type).run(jobs, progress)
