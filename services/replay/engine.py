@@ -134,6 +134,10 @@ class Replay:
         # tenant -> {job: ticket} for a spent budget
         self.watch: dict[tuple[Hold, str, int], list[tuple[int, str, int]]] = {}
         self.budget_watch: dict[str, dict[str, int]] = {t: {} for t in catalog.tenants}
+        # public site -> {job: ticket} held back by public capacity first, in that site's line; and the ones to
+        # ask again because a job started there (ahead of them, the forecast did not count it)
+        self.gate_watch: dict[str, dict[str, int]] = {s.id: {} for s in self.sites}
+        self.gates_moved: list[tuple[str, int]] = []
         self.overflow_held = {s.id: dict.fromkeys(s.gpus, 0) for s in self.sites}
         self._seq = 0
         self._intensity: dict[tuple[str, int], float] = {}
@@ -169,6 +173,9 @@ class Replay:
                 self._wake(now, [j for watch in self.budget_watch.values() for j in watch.items()])
             elif kind == RETRY and (waiting := self.waiting.get(job_id)) and waiting.ticket == ticket:
                 self._try(waiting, now)
+            while self.gates_moved:
+                moved, self.gates_moved = self.gates_moved, []
+                self._wake(now, moved)
         for waiting in self.waiting.values():  # the trace ended with these still waiting
             self.outcomes[waiting.job.job_id] = self._never(waiting.job, "still waiting when the replay ended")
         if progress:
@@ -286,12 +293,16 @@ class Replay:
         if decision.wait_until is not None:  # a greener hour is coming: the job asked to be tried then
             self._push((decision.wait_until - self.start).total_seconds(), RETRY, job_id, ticket)
         elif any(Hold.GATE in holds for holds in decision.holds.values()):
-            # public capacity first, and the forecast says when it starts the job: if it has not by then (jobs
-            # behind it took the GPUs, fitting where it did not), the public wait is asked about again
+            # public capacity first, and the forecast says when it starts the job. The forecast grows when a job
+            # starts at the public site without being counted in it (one behind, fitting where this one did not):
+            # the job is asked again then, and when its forecast start comes without it
             public = [c.parts["wait_s"] for c in decision.candidates
                       if self.catalog.sites[c.site].public and decision.holds.get(c.site) == {Hold.GPUS}]
             if public and min(public) >= 0:
                 self._push(now + min(public) + 1, RETRY, job_id, ticket)
+            for site_id in lines:
+                if self.catalog.sites[site_id].public:
+                    self.gate_watch[site_id][job_id] = ticket
 
     def _leave_line(self, waiting: _Waiting) -> None:
         job_id = waiting.job.job_id
@@ -301,6 +312,7 @@ class Replay:
             line = self.line[site_id]
             del line[bisect.bisect_left(line, waiting.seq)]
             del self.line_entries[site_id][waiting.seq]
+            self.gate_watch[site_id].pop(job_id, None)
         waiting.lines = ()
         self.budget_watch[waiting.spec.tenant].pop(job_id, None)
 
@@ -315,6 +327,7 @@ class Replay:
         self.where[job.job_id] = site_id
         if overflow:
             self.overflow_held[site_id][gpu_type] += spec.resources.total_gpus
+        self.gates_moved += self.gate_watch[site_id].items()
         ledger = self.ledger[spec.tenant]
         ledger.committed_eur += run.cost_eur
         ledger.committed_h += run.allocation_h

@@ -14,6 +14,7 @@ from services.routing.policy import (
     MAX_TRANSIENT_REFUSALS,
     NO_GPU,
     TRANSIENT_BACKOFF_S,
+    Hold,
     Holding,
     SiteView,
     TenantBudget,
@@ -564,3 +565,21 @@ def test_a_job_larger_than_the_tenants_whole_budget_or_grant_is_impossible():
     assert candidate(decision, "public").reasons == ["may use 16.0 allocation hours, the tenant's grant is 10.0"]
     unfunded = TenantEntry(id="acme", monthly_budget_eur=0)
     assert candidate(place(job(), unfunded, [view(paid)]), "paid").reasons == ["tenant has no budget for paid capacity"]
+
+
+# --- the line ahead, and what holds a waiting job back ---------------------------------------------------------
+
+def test_the_public_wait_runs_out_the_line_ahead_and_opens_overflow_past_the_threshold():
+    hpc = site("hpc", kind="public_hpc", gpus={"H100": 4})
+    cloud = site("cloud", gpus={"H100": 8})
+    lab = tenant(allocation=1000).model_copy(update={"overflow_after_wait_s": 5400})
+    busy = SiteView(entry=hpc, up=True, free={"H100": 0}, holdings=(Holding("H100", 4, 3600.0),))
+    # alone, the job would have the public GPUs in 1 h (within 1.5 h): public capacity first, it waits
+    alone = place(job(gpus=4, walltime_s=3600), lab, [busy, view(cloud)])
+    assert alone.site is None and alone.holds == {"hpc": {Hold.GPUS}, "cloud": {Hold.GATE}}
+    assert "expected public wait 3600 s" in candidate(alone, "cloud").reasons[0]
+    # behind a 4-GPU job of 1 h in line, it would have them in 2 h: it overflows now
+    queued = SiteView(entry=hpc, up=True, free={"H100": 0}, holdings=busy.holdings, queue=(("H100", 4, 3600.0),))
+    assert queued.wait_s("H100", 4) == 7200.0
+    behind = place(job(gpus=4, walltime_s=3600), lab, [queued, view(cloud)])
+    assert (behind.site, behind.overflow) == ("cloud", True)

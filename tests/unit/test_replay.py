@@ -127,3 +127,24 @@ def test_a_greener_hour_within_the_slack_is_waited_for_and_explained():
     assert greener_hour(now, 3 * HOUR, intensity) == (now.replace(hour=12, minute=0), 45.0, 120.0)
     assert greener_hour(now, HOUR, intensity) is None  # 11:00 saves less than 10 %
     assert greener_hour(now + timedelta(hours=2), 5 * HOUR, intensity) is None  # now is the greenest
+
+
+def test_the_public_wait_counts_the_jobs_ahead_in_line_so_a_job_behind_them_overflows():
+    # threshold 1.5 h: j1 waits for j0's GPUs (1 h); j2 would wait behind j1 too (2 h), so it overflows at once.
+    # Counting only the running job, j2's wait would look like 1 h and it would wait 2 h on public capacity
+    out = replay(three_jobs(), catalog(overflow_after_wait_s=1.5 * HOUR), FixedCarbon(), "continuum", START,
+                 {"team": "lab"})
+    assert [(o.site, o.wait_s, o.overflow) for o in out] == [("hpc", 0.0, False), ("hpc", HOUR, False),
+                                                             ("cloud", 0.0, True)]
+    assert out[2].cost_eur == 4.0  # 2 GPUs x 1 h x 2 EUR
+
+
+def test_a_job_held_for_public_capacity_is_asked_again_when_one_behind_it_starts_there_first():
+    # public 2 GPUs. j0 (1 GPU, 1 h) runs; j1 (2 GPUs) would start on public in 1 h, within the 1.5 h threshold,
+    # so it waits. j2 (1 GPU, 3 h) fits in the free GPU and starts: j1's public start moves to 3 h, beyond the
+    # threshold, and j1 overflows then, at once
+    jobs = [TraceJob("j0", "team", 0.0, HOUR, 1), TraceJob("j1", "team", 0.0, HOUR, 2),
+            TraceJob("j2", "team", 0.0, 3 * HOUR, 1)]
+    out = replay(jobs, catalog(overflow_after_wait_s=1.5 * HOUR), FixedCarbon(), "continuum", START, {"team": "lab"})
+    assert [(o.job_id, o.site, o.wait_s) for o in out] == [("j0", "hpc", 0.0), ("j1", "cloud", 0.0),
+                                                           ("j2", "hpc", 0.0)]
