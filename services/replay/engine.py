@@ -29,10 +29,12 @@ from datetime import UTC, datetime, timedelta
 from services.billing.rating import rate
 from services.replay.traces import TraceJob
 from services.routing.policy import (
+    LINE_EXACT,
     Hold,
     Holding,
     SiteView,
     TenantBudget,
+    gpu_types,
     line_entry,
     place,
     residency_reason,
@@ -128,12 +130,16 @@ class Replay:
         self.where: dict[str, str] = {}  # running job -> its site
         # routing's line: waiting jobs, and for each site the ones waiting for its GPUs, in line order
         self.waiting: dict[str, _Waiting] = {}
-        self.line: dict[str, list[int]] = {s.id: [] for s in self.sites}
-        self.line_entries: dict[str, dict[int, Queued]] = {s.id: {} for s in self.sites}
+        self.line: dict[str, list[int]] = {s.id: [] for s in self.sites}  # seqs, in order
+        self.line_entries: dict[str, list[Queued]] = {s.id: [] for s in self.sites}  # theirs, in the same order
+        self.line_gpu_s: dict[str, list[float]] = {s.id: [] for s in self.sites}  # their GPUs x walltimes, too
+        self.line_types: dict[str, dict[str, int]] = {s.id: dict.fromkeys(s.gpus, 0) for s in self.sites}
         # watches: (busy GPUs or a full overflow share, site, GPUs needed) -> heap of (seq, job, ticket);
-        # tenant -> {job: ticket} for a spent budget
+        # tenant -> (euros, allocation hours) -> heap of (what the job needs at the least, seq, job, ticket), for
+        # a spent budget
         self.watch: dict[tuple[Hold, str, int], list[tuple[int, str, int]]] = {}
-        self.budget_watch: dict[str, dict[str, int]] = {t: {} for t in catalog.tenants}
+        self.budget_watch: dict[str, dict[str, list[tuple[float, int, str, int]]]] = {
+            t: {"eur": [], "hours": []} for t in catalog.tenants}
         # public site -> {job: ticket} held back by public capacity first, in that site's line; and the ones to
         # ask again because a job started there (ahead of them, the forecast did not count it)
         self.gate_watch: dict[str, dict[str, int]] = {s.id: {} for s in self.sites}
@@ -170,7 +176,7 @@ class Replay:
                 if progress and done % 1000 == 0:
                     progress(done)
             elif kind == MONTH:  # budgets start again
-                self._wake(now, [j for watch in self.budget_watch.values() for j in watch.items()])
+                self._wake(now, [j for tenant in self.budget_watch for j in self._budget_woken(tenant, now)])
             elif kind == RETRY and (waiting := self.waiting.get(job_id)) and waiting.ticket == ticket:
                 self._try(waiting, now)
             while self.gates_moved:
@@ -279,13 +285,20 @@ class Replay:
         # timer below), the tenant's budget, a full overflow share, busy GPUs.
         for site_id, holds in decision.holds.items():
             if holds == {Hold.GPUS} and (entry := line_entry(spec, self.catalog.sites[site_id])):
-                bisect.insort(self.line[site_id], waiting.seq)
-                self.line_entries[site_id][waiting.seq] = entry
+                at = bisect.bisect_left(self.line[site_id], waiting.seq)
+                self.line[site_id].insert(at, waiting.seq)
+                self.line_entries[site_id].insert(at, entry)
+                self.line_gpu_s[site_id].insert(at, entry[1] * entry[2])
+                self.line_types[site_id][entry[0]] += 1
                 lines.append(site_id)
             if Hold.GATE in holds:
                 continue
             if Hold.BUDGET in holds:
-                self.budget_watch[spec.tenant][job_id] = ticket
+                # the least it could cost there (or use of the allocation), of the GPU types it may take
+                site = self.catalog.sites[site_id]
+                kind, need_of = ("hours", worst_case_allocation_h) if site.public else ("eur", worst_case_cost)
+                least = min(need_of(spec, site, t) for t in gpu_types(spec, site.gpus))
+                heapq.heappush(self.budget_watch[spec.tenant][kind], (least, waiting.seq, job_id, ticket))
             else:
                 key = (Hold.SHARE if Hold.SHARE in holds else Hold.GPUS, site_id, need)
                 heapq.heappush(self.watch.setdefault(key, []), (waiting.seq, job_id, ticket))
@@ -310,11 +323,12 @@ class Replay:
             return
         for site_id in waiting.lines:
             line = self.line[site_id]
-            del line[bisect.bisect_left(line, waiting.seq)]
-            del self.line_entries[site_id][waiting.seq]
+            at = bisect.bisect_left(line, waiting.seq)
+            del line[at]
+            self.line_types[site_id][self.line_entries[site_id].pop(at)[0]] -= 1
+            del self.line_gpu_s[site_id][at]
             self.gate_watch[site_id].pop(job_id, None)
         waiting.lines = ()
-        self.budget_watch[waiting.spec.tenant].pop(job_id, None)
 
     def _start(self, job: TraceJob, spec: JobSpec, site_id: str, gpu_type: str, overflow: bool, now: float) -> None:
         site = self.catalog.sites[site_id]
@@ -358,7 +372,18 @@ class Replay:
             gpu_type=run.gpu_type, gpus=gpus, overflow=run.overflow, cost_eur=line.amount_eur,
             allocation_hours=line.allocation_hours, energy_kwh=line.energy_kwh, co2e_kg=line.co2e_kg,
             residency_ok=residency_reason(spec, tenant, site) is None)
-        return list(self.budget_watch[spec.tenant].items())
+        return self._budget_woken(spec.tenant, now)
+
+    def _budget_woken(self, tenant: str, now: float) -> list[tuple[str, int]]:
+        """The jobs held by the tenant's spent budget that its room now covers at one site at least."""
+        room = self._budget(tenant, self._at(now))
+        woken = []
+        for kind, left in (("eur", room.budget_left_eur), ("hours", room.allocation_left_h)):
+            heap = self.budget_watch[tenant][kind]
+            while heap and heap[0][0] <= left:
+                _, _, job_id, ticket = heapq.heappop(heap)
+                woken.append((job_id, ticket))
+        return woken
 
     def _never(self, job: TraceJob, reason: str) -> Outcome:
         return Outcome(job_id=job.job_id, tenant=self.tenants[job.user], submit_s=job.submit_s, start_s=None,
@@ -371,12 +396,19 @@ class Replay:
         at = self._at(now)
         views = []
         for site in self.sites:
-            line = self.line[site.id]
-            ahead = bisect.bisect_left(line, seq)
+            ahead = bisect.bisect_left(self.line[site.id], seq)
             entries = self.line_entries[site.id]
+            backlog: dict[str, float] = {}
+            if ahead > LINE_EXACT:
+                types = [t for t, n in self.line_types[site.id].items() if n]
+                if len(types) == 1:  # the usual line: of one type (a trace's jobs all ask alike), summed in C
+                    backlog[types[0]] = sum(self.line_gpu_s[site.id][LINE_EXACT:ahead])
+                else:
+                    for gpu_type, gpus, walltime in entries[LINE_EXACT:ahead]:
+                        backlog[gpu_type] = backlog.get(gpu_type, 0.0) + gpus * walltime
             views.append(SiteView(entry=site, up=True, free=self.free[site.id], carbon_g_per_kwh=self._carbon(site, at),
-                                  holdings=self._held(site.id, now),
-                                  queue=tuple(entries[s] for s in line[:ahead])))
+                                  holdings=self._held(site.id, now), queue=tuple(entries[:min(ahead, LINE_EXACT)]),
+                                  backlog_gpu_s=backlog))
         return views
 
     def _held(self, site_id: str, now: float) -> tuple[Holding, ...]:

@@ -85,12 +85,19 @@ def _report(summary: dict, plots: list[str], notes: dict[str, str]) -> str:
                                                 for s in sites) + " |")
     if "public-only" in policies and "continuum" in policies and policies["public-only"]["mean_wait_s"]:
         base, cont = policies["public-only"], policies["continuum"]
+        cut = 1 - cont["mean_wait_s"] / base["mean_wait_s"]
         lines += ["", f"Overflow (`continuum` against `public-only`): mean wait "
-                      f"{_change(cont['mean_wait_s'], base['mean_wait_s'])}, at {cont['cost_eur']:,.2f} EUR."]
+                      f"{_change(cont['mean_wait_s'], base['mean_wait_s'])}, at {cont['cost_eur']:,.2f} EUR. "
+                      f"{_target('a cut of 50 % or more', cut >= 0.5, f'{(0.5 - cut) * 100:.0f} points short')}"]
     if "cheapest" in policies and "carbon" in policies and policies["cheapest"]["co2e_kg"]:
         cheap, green = policies["cheapest"], policies["carbon"]
+        saved = 1 - green["co2e_kg"] / cheap["co2e_kg"]
+        dearer = green["cost_eur"] / cheap["cost_eur"] - 1 if cheap["cost_eur"] else 0.0
+        short = [f"CO2e {(0.4 - saved) * 100:.0f} points short"] if saved < 0.4 else []
+        short += [f"cost {(dearer - 0.1) * 100:.0f} points over"] if dearer > 0.1 else []
         lines += ["", f"Carbon-aware placement (`carbon` against `cheapest`): CO2e "
-                      f"{_change(green['co2e_kg'], cheap['co2e_kg'])}, cost {_change(green['cost_eur'], cheap['cost_eur'])}."]
+                      f"{_change(green['co2e_kg'], cheap['co2e_kg'])}, cost {_change(green['cost_eur'], cheap['cost_eur'])}. "
+                      f"{_target('40 % less CO2e for at most 10 % more cost', not short, ', '.join(short))}"]
     lines += ["", *(f"![{plot}]({plot})" for plot in plots)]
     lines += ["", *(f"- {k}: {v}" for k, v in notes.items()), ""]
     return "\n".join(lines)
@@ -174,6 +181,11 @@ def _d(seconds: float) -> str:
     if seconds < 172800:
         return f"{seconds / 3600:.1f} h"
     return f"{seconds / 86400:.1f} d"
+
+
+def _target(aim: str, met: bool, miss: str) -> str:
+    """The research issue's aim, and whether this replay met it (docs/research.md says why, when not)."""
+    return f"Aim: {aim}: {'met' if met else 'not met, ' + miss}."
 
 
 def _change(new: float, old: float) -> str:

@@ -20,6 +20,7 @@ from nats.js.api import DeliverPolicy
 from services.routing import reservations
 from services.routing.reports import ReportGate
 from services.routing.policy import (
+    LINE_EXACT,
     Hold,
     Holding,
     SiteView,
@@ -89,12 +90,16 @@ class Router:
         return self._mirrored(self.bus.topology.reservations_bucket)
 
     async def views(self, held: dict[str, dict], need: int, give_back: tuple[str, Reservation] | None = None,
-                    ahead: dict[str, tuple] | None = None) -> list[SiteView]:
+                    ahead: dict[str, list] | None = None) -> list[SiteView]:
         """Every site as the policy sees it, for a job that needs `need` GPUs, behind the jobs `ahead` of it in
         line at each site. Each job's holding (when its GPUs come back) is read only for the GPU types short of
         `need`, where the wait depends on it; elsewhere one holding a type stands for the GPUs overflow jobs
         hold, which is all the policy asks there."""
         ahead = ahead or {}
+        backlog: dict[str, dict[str, float]] = {}
+        for site_id, queued in ahead.items():
+            for gpu_type, gpus, walltime in queued[LINE_EXACT:]:
+                backlog.setdefault(site_id, {})[gpu_type] = backlog.get(site_id, {}).get(gpu_type, 0.0) + gpus * walltime
         statuses = self._mirrored(self.bus.topology.sites_bucket)
         now = time.time()
         views = []
@@ -113,10 +118,11 @@ class Router:
                                   holdings=holdings,
                                   queued_at_site=status.get("queued", 0) if saturated else 0,
                                   reported_wait_s=status.get("est_wait_s_by_type", {}) if saturated else {},
-                                  queue=ahead.get(site.id, ())))
+                                  queue=tuple(ahead.get(site.id, ())[:LINE_EXACT]),
+                                  backlog_gpu_s=backlog.get(site.id, {})))
         return views
 
-    def line_ahead(self, job_id: str, priority: int) -> dict[str, tuple]:
+    def line_ahead(self, job_id: str, priority: int) -> dict[str, list]:
         """For each site, the waiting jobs ahead of this one that wait for its GPUs, as its line (higher
         priorities first, then the longest waiting; the same order `_wake` tries them in)."""
         now = time.time()
@@ -130,7 +136,7 @@ class Router:
                 continue
             for site_id, queued in entry.get("line", {}).items():
                 lines.setdefault(site_id, []).append(tuple(queued))
-        return {site_id: tuple(queued) for site_id, queued in lines.items()}
+        return lines
 
     def forecast(self, site: SiteEntry, at: datetime) -> float:
         return site_intensity(site, at, self.carbon)

@@ -65,6 +65,10 @@ class Holding:
     overflow: bool = False
 
 
+# how many jobs ahead in a site's line a wait runs out one by one (the rest count by their GPU-seconds)
+LINE_EXACT = 128
+
+
 @dataclass(frozen=True)
 class SiteView:
     """What routing knows of a site when it places a job."""
@@ -79,8 +83,10 @@ class SiteView:
     queued_at_site: int = 0
     reported_wait_s: dict[str, float] = field(default_factory=dict)
     # the jobs ahead of this one in routing's own line that wait for this site's GPUs, in line order (their
-    # `line_entry`): they take GPUs that come back before this job does
+    # `line_entry`): they take GPUs that come back before this job does. Only the first LINE_EXACT are run out
+    # one by one; the GPU-seconds of any beyond them, by type, are `backlog_gpu_s`
     queue: tuple[Queued, ...] = ()
+    backlog_gpu_s: dict[str, float] = field(default_factory=dict)
     _waits: dict[tuple[str, int], float] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -101,7 +107,10 @@ class SiteView:
                 wait = floor
             else:
                 running = ((h.gpu_type, h.gpus, h.ends_in_s) for h in self.holdings)
-                wait = max(floor, run_out(self.free, running, self.queue, gpu_type, need))
+                wait = run_out(self.free, running, self.queue, gpu_type, need)
+                # a line longer than that is days of work: spread over the site's GPUs of the type, it adds the
+                # same order of wait as running it out would, at a cost that does not grow with it
+                wait = max(floor, wait + self.backlog_gpu_s.get(gpu_type, 0.0) / max(1, self.entry.gpus.get(gpu_type, 0)))
             self._waits[(gpu_type, need)] = wait
         return self._waits[(gpu_type, need)]
 
