@@ -148,3 +148,37 @@ def test_a_job_held_for_public_capacity_is_asked_again_when_one_behind_it_starts
     out = replay(jobs, catalog(overflow_after_wait_s=1.5 * HOUR), FixedCarbon(), "continuum", START, {"team": "lab"})
     assert [(o.job_id, o.site, o.wait_s) for o in out] == [("j0", "hpc", 0.0), ("j1", "cloud", 0.0),
                                                            ("j2", "hpc", 0.0)]
+
+
+def test_carbon_overflows_to_the_greenest_paid_site_and_cheapest_to_the_cheapest():
+    base = catalog()
+    dirty = SiteEntry(id="dirty", kind="private_cloud", country="PL", jurisdiction="EU", carbon_g_per_kwh=800,
+                      pue=1.0, gpus={"H100": 2}, price_eur_per_gpu_hour={"H100": 1.0})
+    both = base.model_copy(update={"sites": {**base.sites, "dirty": dirty}})
+    cheap = replay(three_jobs()[:2], both, FixedCarbon(), "cheapest", START, {"team": "lab"})
+    green = replay(three_jobs()[:2], both, FixedCarbon(), "carbon", START, {"team": "lab"})
+    # the second job overflows: 2 GPUs x 700 W x 1 h = 1.4 kWh; 1 EUR and 800 g, or 2 EUR and 20 g a GPU-hour
+    assert (cheap[1].site, cheap[1].cost_eur, cheap[1].co2e_kg) == ("dirty", 2.0, pytest.approx(1.12))
+    assert (green[1].site, green[1].cost_eur, green[1].co2e_kg) == ("cloud", 4.0, pytest.approx(0.028))
+
+
+class HourlyCarbon:
+    """Zone Z's grid: 120 g/kWh from 10:00 UTC, 45 from 11:00, 200 otherwise."""
+
+    def intensity(self, zone: str, when: datetime) -> float:
+        assert zone == "Z"
+        return {10: 120.0, 11: 45.0}.get(when.hour, 200.0)
+
+
+def test_carbon_shift_waits_for_the_greener_hour_within_the_jobs_slack_and_carbon_does_not():
+    hpc = SiteEntry(id="hpc", kind="public_hpc", country="FR", jurisdiction="EU", carbon_zone="Z", pue=1.0,
+                    gpus={"H100": 1}, allocation_factor={"H100": 1.0})
+    one = Catalog(sites={"hpc": hpc}, tenants=catalog().tenants)
+    at = START.replace(hour=10, minute=20)
+    job = [TraceJob("j", "team", 0.0, HOUR, 1)]
+    (now,) = replay(job, one, HourlyCarbon(), "carbon", at, {"team": "lab"})
+    (later,) = replay(job, one, HourlyCarbon(), "carbon-shift", at, {"team": "lab"})
+    # now: 10:20 to 11:20, 0.7 kWh, two thirds of it at 120 g and a third at 45
+    assert (now.wait_s, now.co2e_kg) == (0.0, pytest.approx(0.7 * (2 / 3 * 120 + 1 / 3 * 45) / 1000))
+    # a slack of its runtime (1 h): 11:00 is 62 % greener, so it starts then, 40 min later, all at 45 g
+    assert (later.wait_s, later.co2e_kg) == (40 * 60.0, pytest.approx(0.7 * 45 / 1000))
