@@ -97,9 +97,10 @@ class Router:
         hold, which is all the policy asks there."""
         ahead = ahead or {}
         backlog: dict[str, dict[str, float]] = {}
-        for site_id, queued in ahead.items():
+        for site_id, queued in ahead.items():  # beyond the jobs run out one by one: their GPU-seconds
+            extra = backlog[site_id] = {}
             for gpu_type, gpus, walltime in queued[LINE_EXACT:]:
-                backlog.setdefault(site_id, {})[gpu_type] = backlog.get(site_id, {}).get(gpu_type, 0.0) + gpus * walltime
+                extra[gpu_type] = extra.get(gpu_type, 0.0) + gpus * walltime
         statuses = self._mirrored(self.bus.topology.sites_bucket)
         now = time.time()
         views = []
