@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from dataclasses import dataclass
 from collections.abc import Iterable, Mapping
 
 Running = tuple[str, int, float]  # GPU type, GPUs, seconds until its walltime is over
@@ -17,22 +18,58 @@ Queued = tuple[str, int, float]  # GPU type, GPUs, walltime in seconds
 
 
 def run_out(free: Mapping[str, int], running: Iterable[Running], queue: Iterable[Queued], gpu_type: str,
-            gpus: int) -> float:
+            gpus: int, elapsed_s: float = 0.0) -> float:
     """Seconds until a job of `gpus` GPUs of the type, joining the queue now, starts (inf: never, there are
-    not that many)."""
+    not that many). `elapsed_s`: how long ago the running jobs' seconds were counted (a caller that keeps
+    them while its clock moves, as the replay does, need not count them again)."""
+    return drain(free, running, queue, elapsed_s).start(gpu_type, gpus, elapsed_s) - elapsed_s
+
+
+@dataclass(frozen=True)
+class Drained:
+    """A queue once every job in it has started: the GPUs still free, the ends of the jobs holding the others
+    (a heap of (seconds, type, GPUs)) and when the last one started, all counted as the running jobs were.
+
+    A caller may keep it while its clock moves and nothing else changes, and ask it when more jobs behind the
+    queue start, if `timeless`: no job of the queue started at the clock it was drained at (each waited for
+    an end), so none of it depends on that clock."""
+
+    free: dict[str, int]
+    ends: list[tuple[float, str, int]]
+    now: float
+    timeless: bool
+
+    def start(self, gpu_type: str, gpus: int, clock_s: float) -> float:
+        """When a job of `gpus` GPUs of the type, joining behind the queue at `clock_s`, starts (inf: never)."""
+        have = self.free.get(gpu_type, 0)
+        now = max(self.now, clock_s)
+        if have >= gpus:
+            return now
+        for at, t, n in sorted(self.ends):  # a copy: the state is kept for the next job asked
+            if t == gpu_type:
+                have += n
+                if have >= gpus:
+                    return max(now, at)
+        return math.inf
+
+
+def drain(free: Mapping[str, int], running: Iterable[Running], queue: Iterable[Queued],
+          clock_s: float = 0.0) -> Drained:
+    """Start the queue's jobs in order, each as soon as enough GPUs of its type are free, from `clock_s` (in
+    the running jobs' count: one that should have ended already gives its GPUs back at once)."""
     free = dict(free)
     ends = [(left, t, n) for t, n, left in running]
     heapq.heapify(ends)
-    now = 0.0
-    for t, n, walltime in (*queue, (gpu_type, gpus, None)):
+    now, timeless = clock_s, True
+    for t, n, walltime in queue:
         while free.get(t, 0) < n:
-            if not ends:
-                return math.inf
+            if not ends:  # no site has that many: nothing behind it starts either
+                return Drained({}, [], math.inf, True)
             at, t_end, n_end = heapq.heappop(ends)
             now = max(now, at)
             free[t_end] = free.get(t_end, 0) + n_end
-        if walltime is None:
-            return now
+        if now == clock_s:
+            timeless = False
         free[t] -= n
         heapq.heappush(ends, (now + walltime, t, n))
-    return now  # unreachable: the loop returns at the job itself
+    return Drained(free, ends, now, timeless)

@@ -24,6 +24,7 @@ import heapq
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from datetime import UTC, datetime, timedelta
 
 from services.billing.rating import rate
@@ -44,7 +45,7 @@ from services.routing.policy import (
 from shared.carbon import CarbonProvider, site_intensity
 from shared.contracts.catalog import Catalog, SiteEntry
 from shared.contracts.jobs import Decision, JobSpec, Resources
-from shared.queueing import Queued
+from shared.queueing import Drained, Queued, drain
 
 POLICIES = ("public-only", "cheapest", "continuum", "carbon", "carbon-shift")
 # carbon-shift's slack: a job may end as late as its runtime again after its earliest end, a day at most (the
@@ -132,7 +133,9 @@ class Replay:
         self.waiting: dict[str, _Waiting] = {}
         self.line: dict[str, list[int]] = {s.id: [] for s in self.sites}  # seqs, in order
         self.line_entries: dict[str, list[Queued]] = {s.id: [] for s in self.sites}  # theirs, in the same order
-        self.line_gpu_s: dict[str, list[float]] = {s.id: [] for s in self.sites}  # their GPUs x walltimes, too
+        # their GPUs x walltimes, too (whole numbers: summed in any order, the same), and the sum of all
+        self.line_gpu_s: dict[str, list[int]] = {s.id: [] for s in self.sites}
+        self.line_gpu_s_all = dict.fromkeys(self.line, 0)
         self.line_types: dict[str, dict[str, int]] = {s.id: dict.fromkeys(s.gpus, 0) for s in self.sites}
         # watches: (busy GPUs or a full overflow share, site, GPUs needed) -> heap of (seq, job, ticket);
         # tenant -> (euros, allocation hours) -> heap of (what the job needs at the least, seq, job, ticket), for
@@ -147,7 +150,14 @@ class Replay:
         self.overflow_held = {s.id: dict.fromkeys(s.gpus, 0) for s in self.sites}
         self._seq = 0
         self._intensity: dict[tuple[str, int], float] = {}
-        self._holdings: dict[str, tuple[float, tuple[Holding, ...]]] = {}
+        # each site's running jobs as the policy's holdings, their ends counted from the replay's start; as a
+        # tuple, kept until a job starts or ends there
+        self.held: dict[str, dict[str, Holding]] = {s.id: {} for s in self.sites}
+        self._holdings: dict[str, tuple[Holding, ...]] = {}
+        # each site's running jobs and the first LINE_EXACT of its line run out, kept until one of them changes
+        # (when it does not depend on the hour it was run at: Drained.timeless)
+        self._drained: dict[str, Drained] = {}
+        self._rooms: dict[tuple[Hold, str], int] = {}
 
     # --- the loop ---------------------------------------------------------------------------------------------
 
@@ -219,13 +229,7 @@ class Replay:
         as many GPUs as it needs (one tried already in this wake, and waiting again, keeps its place)."""
         hold, site, need = key
         watch = self.watch[key]
-        if hold == Hold.GPUS:
-            room = max(self.free[site].values(), default=0)
-        else:
-            entry = self.catalog.sites[site]
-            room = max((int(entry.overflow_share * n) - self.overflow_held[site][t] for t, n in entry.gpus.items()),
-                       default=0)
-        if room < need:
+        if not watch or self._room(hold, site) < need:
             return
         again = []
         while watch:
@@ -238,6 +242,19 @@ class Replay:
                 break
         for entry in again:
             heapq.heappush(watch, entry)
+
+    def _room(self, hold: Hold, site: str) -> int:
+        """The most GPUs of one type free at the site (GPUS), or left in its overflow share (SHARE); kept until
+        a job starts or ends there."""
+        if (room := self._rooms.get((hold, site))) is None:
+            if hold == Hold.GPUS:
+                room = max(self.free[site].values(), default=0)
+            else:
+                entry = self.catalog.sites[site]
+                room = max((int(entry.overflow_share * n) - self.overflow_held[site][t]
+                            for t, n in entry.gpus.items()), default=0)
+            self._rooms[(hold, site)] = room
+        return room
 
     # --- a placement --------------------------------------------------------------------------------------------
 
@@ -287,8 +304,11 @@ class Replay:
             if holds == {Hold.GPUS} and (entry := line_entry(spec, self.catalog.sites[site_id])):
                 at = bisect.bisect_left(self.line[site_id], waiting.seq)
                 self.line[site_id].insert(at, waiting.seq)
+                if at < LINE_EXACT:
+                    self._drained.pop(site_id, None)
                 self.line_entries[site_id].insert(at, entry)
-                self.line_gpu_s[site_id].insert(at, entry[1] * entry[2])
+                self.line_gpu_s[site_id].insert(at, gpu_s := entry[1] * int(entry[2]))
+                self.line_gpu_s_all[site_id] += gpu_s
                 self.line_types[site_id][entry[0]] += 1
                 lines.append(site_id)
             if Hold.GATE in holds:
@@ -325,19 +345,22 @@ class Replay:
             line = self.line[site_id]
             at = bisect.bisect_left(line, waiting.seq)
             del line[at]
+            if at < LINE_EXACT:
+                self._drained.pop(site_id, None)
             self.line_types[site_id][self.line_entries[site_id].pop(at)[0]] -= 1
-            del self.line_gpu_s[site_id][at]
+            self.line_gpu_s_all[site_id] -= self.line_gpu_s[site_id].pop(at)
             self.gate_watch[site_id].pop(job_id, None)
         waiting.lines = ()
 
     def _start(self, job: TraceJob, spec: JobSpec, site_id: str, gpu_type: str, overflow: bool, now: float) -> None:
         site = self.catalog.sites[site_id]
         self.free[site_id][gpu_type] -= spec.resources.total_gpus
-        self._holdings.pop(site_id, None)
         run = _Run(job, spec, site_id, gpu_type, now, overflow,
                    0.0 if site.public else worst_case_cost(spec, site, gpu_type),
                    worst_case_allocation_h(spec, site, gpu_type) if site.public else 0.0)
         self.running[site_id][job.job_id] = run
+        self.held[site_id][job.job_id] = Holding(gpu_type, spec.resources.total_gpus, now + spec.walltime_s, overflow)
+        self._site_changed(site_id)
         self.where[job.job_id] = site_id
         if overflow:
             self.overflow_held[site_id][gpu_type] += spec.resources.total_gpus
@@ -352,11 +375,12 @@ class Replay:
         job, spec = self.jobs[job_id], self.specs[job_id]
         site = self.catalog.sites[self.where.pop(job_id)]
         run = self.running[site.id].pop(job_id)
+        del self.held[site.id][job_id]
         gpus = spec.resources.total_gpus
         self.free[site.id][run.gpu_type] += gpus
         if run.overflow:
             self.overflow_held[site.id][run.gpu_type] -= gpus
-        self._holdings.pop(site.id, None)
+        self._site_changed(site.id)
         line = rate(site, job_id=job_id, tenant=spec.tenant, gpu_type=run.gpu_type, gpus=gpus,
                     started_at=self._at(run.start_s), ended_at=self._at(now), state="succeeded",
                     intensity=lambda at: self._carbon(site, at))
@@ -401,24 +425,45 @@ class Replay:
             backlog: dict[str, float] = {}
             if ahead > LINE_EXACT:
                 types = [t for t, n in self.line_types[site.id].items() if n]
-                if len(types) == 1:  # the usual line: of one type (a trace's jobs all ask alike), summed in C
-                    backlog[types[0]] = sum(self.line_gpu_s[site.id][LINE_EXACT:ahead])
+                if len(types) == 1:  # the usual line: of one type (a trace's jobs all ask alike)
+                    backlog[types[0]] = float(self._line_between(site.id, LINE_EXACT, ahead))
                 else:
                     for gpu_type, gpus, walltime in entries[LINE_EXACT:ahead]:
                         backlog[gpu_type] = backlog.get(gpu_type, 0.0) + gpus * walltime
             views.append(SiteView(entry=site, up=True, free=self.free[site.id], carbon_g_per_kwh=self._carbon(site, at),
-                                  holdings=self._held(site.id, now), queue=tuple(entries[:min(ahead, LINE_EXACT)]),
-                                  backlog_gpu_s=backlog))
+                                  holdings=self._held(site.id), holdings_age_s=now, queue=tuple(entries[:min(ahead, LINE_EXACT)]),
+                                  backlog_gpu_s=backlog, drained=partial(self._line_drained, site.id, now) if ahead >= LINE_EXACT else None))
         return views
 
-    def _held(self, site_id: str, now: float) -> tuple[Holding, ...]:
-        """The site's running jobs as holdings (kept until a job starts or ends there, or time moves)."""
-        cached = self._holdings.get(site_id)
-        if cached is None or cached[0] != now:
-            cached = self._holdings[site_id] = (now, tuple(
-                Holding(r.gpu_type, r.spec.resources.total_gpus, max(0.0, r.start_s + r.spec.walltime_s - now),
-                        r.overflow) for r in self.running[site_id].values()))
-        return cached[1]
+    def _line_between(self, site_id: str, first: int, end: int) -> int:
+        """The GPU-seconds of the site's line from place `first` to `end` (not included): summed directly, or
+        as what the rest leaves of the whole when that is shorter (a newcomer stands at the end of a long line)."""
+        gpu_s = self.line_gpu_s[site_id]
+        if end - first <= len(gpu_s) - end + first:
+            return sum(gpu_s[first:end])
+        return self.line_gpu_s_all[site_id] - sum(gpu_s[:first]) - sum(gpu_s[end:])
+
+    def _held(self, site_id: str) -> tuple[Holding, ...]:
+        if (held := self._holdings.get(site_id)) is None:
+            held = self._holdings[site_id] = tuple(self.held[site_id].values())
+        return held
+
+    def _line_drained(self, site_id: str, now: float) -> Drained:
+        """The site's running jobs and the first LINE_EXACT of its line run out: all that a job further back in
+        line waits for, before the backlog."""
+        if (drained := self._drained.get(site_id)) is None:
+            running = ((h.gpu_type, h.gpus, h.ends_in_s) for h in self._held(site_id))
+            drained = drain(self.free[site_id], running, self.line_entries[site_id][:LINE_EXACT], now)
+            if drained.timeless:
+                self._drained[site_id] = drained
+        return drained
+
+    def _site_changed(self, site_id: str) -> None:
+        """A job started or ended at the site: what was kept of its state is stale."""
+        for kept in (self._holdings, self._drained):
+            kept.pop(site_id, None)
+        for hold in (Hold.GPUS, Hold.SHARE):
+            self._rooms.pop((hold, site_id), None)
 
     def _budget(self, tenant_id: str, at: datetime) -> TenantBudget:
         tenant, ledger = self.catalog.tenants[tenant_id], self.ledger[tenant_id]

@@ -29,7 +29,7 @@ from enum import StrEnum
 
 from shared.contracts.catalog import SiteEntry, TenantEntry
 from shared.contracts.jobs import Candidate, Decision, HistoryEntry, JobSpec, JobState
-from shared.queueing import Queued, run_out
+from shared.queueing import Drained, Queued, run_out
 
 NO_GPU = "none"
 INF = math.inf
@@ -78,6 +78,9 @@ class SiteView:
     free: dict[str, int] = field(default_factory=dict)  # GPUs by type not held by any job
     carbon_g_per_kwh: float = 0.0
     holdings: tuple[Holding, ...] = ()
+    # how long ago the holdings' `ends_in_s` were counted: a caller that keeps them while its clock moves (the
+    # replay, between a site's starts and ends) says so rather than building them again for every view
+    holdings_age_s: float = 0.0
     # capacity reports the site saturated with a queue of its own (work Continuum did not place, on a shared
     # Slurm say): it takes no new job now, and a job would wait there at least as long as capacity forecasts
     queued_at_site: int = 0
@@ -87,6 +90,9 @@ class SiteView:
     # one by one; the GPU-seconds of any beyond them, by type, are `backlog_gpu_s`
     queue: tuple[Queued, ...] = ()
     backlog_gpu_s: dict[str, float] = field(default_factory=dict)
+    # how to have the holdings and the queue run out (`shared.queueing.drain`, counted as the holdings are),
+    # from a caller that keeps the result between views (the replay): the wait starts from it, when it needs to
+    drained: Callable[[], Drained] | None = None
     _waits: dict[tuple[str, int], float] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -106,8 +112,11 @@ class SiteView:
             if need <= self.free.get(gpu_type, 0):
                 wait = floor
             else:
-                running = ((h.gpu_type, h.gpus, h.ends_in_s) for h in self.holdings)
-                wait = run_out(self.free, running, self.queue, gpu_type, need)
+                if self.drained is not None:
+                    wait = self.drained().start(gpu_type, need, self.holdings_age_s) - self.holdings_age_s
+                else:
+                    running = ((h.gpu_type, h.gpus, h.ends_in_s) for h in self.holdings)
+                    wait = run_out(self.free, running, self.queue, gpu_type, need, self.holdings_age_s)
                 # a line longer than that is days of work: spread over the site's GPUs of the type, it adds the
                 # same order of wait as running it out would, at a cost that does not grow with it
                 wait = max(floor, wait + self.backlog_gpu_s.get(gpu_type, 0.0) / max(1, self.entry.gpus.get(gpu_type, 0)))
