@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from collections.abc import Iterable, Mapping
 
 Running = tuple[str, int, float]  # GPU type, GPUs, seconds until its walltime is over
@@ -38,19 +38,19 @@ class Drained:
     ends: list[tuple[float, str, int]]
     now: float
     timeless: bool
+    _starts: dict[tuple[str, int], float] = field(default_factory=dict, compare=False, repr=False)
 
     def start(self, gpu_type: str, gpus: int, clock_s: float) -> float:
         """When a job of `gpus` GPUs of the type, joining behind the queue at `clock_s`, starts (inf: never)."""
-        have = self.free.get(gpu_type, 0)
-        now = max(self.now, clock_s)
-        if have >= gpus:
-            return now
-        for at, t, n in sorted(self.ends):  # a copy: the state is kept for the next job asked
-            if t == gpu_type:
-                have += n
+        if (gpu_type, gpus) not in self._starts:  # at the latest of the queue's last start and the ends it needs
+            have, at = self.free.get(gpu_type, 0), self.now
+            for end, t, n in sorted(self.ends):  # a copy: the state is kept for the next job asked
                 if have >= gpus:
-                    return max(now, at)
-        return math.inf
+                    break
+                if t == gpu_type:
+                    have, at = have + n, max(at, end)
+            self._starts[(gpu_type, gpus)] = at if have >= gpus else math.inf
+        return max(self._starts[(gpu_type, gpus)], clock_s)
 
 
 def drain(free: Mapping[str, int], running: Iterable[Running], queue: Iterable[Queued],

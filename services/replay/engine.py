@@ -37,6 +37,7 @@ from services.routing.policy import (
     TenantBudget,
     gpu_types,
     line_entry,
+    permanent_reasons,
     place,
     residency_reason,
     worst_case_allocation_h,
@@ -108,6 +109,8 @@ class _Waiting:
     seq: int  # its place in line: arrival order
     job: TraceJob
     spec: JobSpec
+    # why each site could never run it (policy.permanent_reasons): the same at every try
+    permanent: dict[str, list[str]]
     ticket: int = 0  # which of its watches are current (older ones are left behind, and skipped when met)
     lines: tuple[str, ...] = ()  # the sites whose line it stands in
 
@@ -179,7 +182,9 @@ class Replay:
                 job = self.jobs[job_id]
                 spec = self.specs[job_id] = self._spec(job, now)
                 self._seq += 1
-                self._try(_Waiting(self._seq, job, spec), now)
+                tenant = self.catalog.tenants[spec.tenant]
+                permanent = {site.id: permanent_reasons(spec, tenant, site) for site in self.sites}
+                self._try(_Waiting(self._seq, job, spec, permanent), now)
             elif kind == END:
                 self._wake(now, self._end(job_id, now))
                 done += 1
@@ -212,8 +217,11 @@ class Replay:
             if (w := self.waiting.get(job_id)) and w.ticket == ticket:
                 heads.append((w.seq, job_id, ticket, ()))
         tried: set[str] = set()
-        for key in self.watch:
-            self._next_head(key, heads, tried)
+        for key, watch in list(self.watch.items()):
+            if not watch:
+                del self.watch[key]  # a job that watches the same again makes it anew
+            elif self._room(key[0], key[1]) >= key[2]:
+                self._next_head(key, heads, tried)
         heapq.heapify(heads)
         while heads:
             _, job_id, ticket, key = heapq.heappop(heads)
@@ -229,7 +237,7 @@ class Replay:
         as many GPUs as it needs (one tried already in this wake, and waiting again, keeps its place)."""
         hold, site, need = key
         watch = self.watch[key]
-        if not watch or self._room(hold, site) < need:
+        if self._room(hold, site) < need:
             return
         again = []
         while watch:
@@ -277,8 +285,8 @@ class Replay:
         tenant = self.catalog.tenants[spec.tenant]
         at = self._at(now)
         decision = place(spec, tenant, self._views(now, waiting.seq), self._budget(spec.tenant, at), at,
-                         forecast=self._forecast if self.policy == "carbon-shift" else None,
-                         weights=CHEAPEST if self.policy == "cheapest" else None)
+                         forecast=self._intensity_at if self.policy == "carbon-shift" else None,
+                         weights=CHEAPEST if self.policy == "cheapest" else None, permanent=waiting.permanent)
         if decision.impossible:
             self._leave_line(waiting)
             self.outcomes[job.job_id] = self._never(job, "; ".join(decision.reasons)[:500])
@@ -383,7 +391,7 @@ class Replay:
         self._site_changed(site.id)
         line = rate(site, job_id=job_id, tenant=spec.tenant, gpu_type=run.gpu_type, gpus=gpus,
                     started_at=self._at(run.start_s), ended_at=self._at(now), state="succeeded",
-                    intensity=lambda at: self._carbon(site, at))
+                    intensity=partial(self._intensity_at, site))
         ledger = self.ledger[spec.tenant]
         ledger.committed_eur -= run.cost_eur
         ledger.committed_h -= run.allocation_h
@@ -417,7 +425,7 @@ class Replay:
 
     def _views(self, now: float, seq: int) -> list[SiteView]:
         """Every site as the policy sees it now, for the job `seq` in line: with the jobs ahead of it there."""
-        at = self._at(now)
+        hour = self._hour(self._at(now))
         views = []
         for site in self.sites:
             ahead = bisect.bisect_left(self.line[site.id], seq)
@@ -430,9 +438,12 @@ class Replay:
                 else:
                     for gpu_type, gpus, walltime in entries[LINE_EXACT:ahead]:
                         backlog[gpu_type] = backlog.get(gpu_type, 0.0) + gpus * walltime
-            views.append(SiteView(entry=site, up=True, free=self.free[site.id], carbon_g_per_kwh=self._carbon(site, at),
-                                  holdings=self._held(site.id), holdings_age_s=now, queue=tuple(entries[:min(ahead, LINE_EXACT)]),
-                                  backlog_gpu_s=backlog, drained=partial(self._line_drained, site.id, now) if ahead >= LINE_EXACT else None))
+            # the line's exact part: the jobs ahead, or all of it run out already (the same for all behind it)
+            queue, drained = ((tuple(entries[:ahead]), None) if ahead < LINE_EXACT
+                              else ((), partial(self._line_drained, site.id, now)))
+            views.append(SiteView(entry=site, up=True, free=self.free[site.id], holdings=self._held(site.id),
+                                  holdings_age_s=now, queue=queue, drained=drained, backlog_gpu_s=backlog,
+                                  carbon_g_per_kwh=self._carbon(site, hour)))
         return views
 
     def _line_between(self, site_id: str, first: int, end: int) -> int:
@@ -475,15 +486,20 @@ class Replay:
     def _at(self, seconds: float) -> datetime:
         return self.start + timedelta(seconds=seconds)
 
-    def _carbon(self, site: SiteEntry, at: datetime) -> float:
-        """The site's intensity at `at`, by the hour (cached: a replay asks for the same hours many times)."""
-        key = (site.id, int(at.timestamp() // 3600))
+    @staticmethod
+    def _hour(at: datetime) -> int:
+        return int(at.timestamp() // 3600)
+
+    def _carbon(self, site: SiteEntry, hour: int) -> float:
+        """The site's intensity in the hour (hours since the epoch; cached: a replay asks for the same ones many
+        times)."""
+        key = (site.id, hour)
         if key not in self._intensity:
-            self._intensity[key] = site_intensity(site, at, self.carbon)
+            self._intensity[key] = site_intensity(site, datetime.fromtimestamp(hour * 3600, UTC), self.carbon)
         return self._intensity[key]
 
-    def _forecast(self, site: SiteEntry, at: datetime) -> float:
-        return self._carbon(site, at)
+    def _intensity_at(self, site: SiteEntry, at: datetime) -> float:
+        return self._carbon(site, self._hour(at))
 
 
 def replay(jobs: list[TraceJob], catalog: Catalog, carbon: CarbonProvider, policy: str, start: datetime,

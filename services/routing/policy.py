@@ -209,8 +209,7 @@ def permanent_reasons(spec: JobSpec, tenant: TenantEntry, site: SiteEntry) -> li
     reasons = []
     if residency := residency_reason(spec, tenant, site):
         reasons.append(residency)
-    missing = sorted(set(spec.certifications) - set(site.certifications))
-    if missing:
+    if spec.certifications and (missing := sorted(set(spec.certifications) - set(site.certifications))):
         reasons.append(f"lacks certification {', '.join(missing)}")
     if not site.public and (spec.overflow == "forbidden" or tenant.overflow == "forbidden"):
         who = "job" if spec.overflow == "forbidden" else "tenant"
@@ -222,10 +221,11 @@ def permanent_reasons(spec: JobSpec, tenant: TenantEntry, site: SiteEntry) -> li
     if need > 0:
         if not types:
             reasons.append(f"offers no {spec.resources.gpu_type} GPUs")
-        elif max(site.gpus[t] for t in types) < need:
-            reasons.append(f"needs {need} {spec.resources.gpu_type} GPUs, has {max(site.gpus[t] for t in types)}")
+        elif (most := max(site.gpus[t] for t in types)) < need:
+            reasons.append(f"needs {need} {spec.resources.gpu_type} GPUs, has {most}")
     if not site.public and types:
-        cheapest = min(worst_case_cost(spec, site, t) for t in types)
+        # worst_case_cost of the cheapest type (a price is never negative: the cheapest type costs least)
+        cheapest = worst_case_cost(spec, site, min(types, key=site.price))
         if tenant.monthly_budget_eur <= 0:
             reasons.append("tenant has no budget for paid capacity")
         elif cheapest > tenant.monthly_budget_eur:
@@ -271,11 +271,13 @@ def worst_case_allocation_h(spec: JobSpec, site: SiteEntry, gpu_type: str) -> fl
 def place(spec: JobSpec, tenant: TenantEntry, sites: Iterable[SiteView], budget: TenantBudget | None = None,
           now: datetime | None = None, avoid: Mapping[str, str] | None = None,
           refused: Mapping[str, str] | None = None, forecast: Intensity | None = None,
-          weights: tuple[float, float, float] | None = None) -> Decision:
+          weights: tuple[float, float, float] | None = None,
+          permanent: Mapping[str, list[str]] | None = None) -> Decision:
     """`avoid`: sites passed over for now, with why; `refused`: sites that refused this job for good, with
     their words (`departures` reads both from the job's history). `forecast`: a site's grid intensity at an
     hour to come, for a job that may wait for a greener one (`greener_hour`). `weights`: (time, cost, carbon)
-    instead of the objective's (a replay's carbon-blind `cheapest`, say)."""
+    instead of the objective's (a replay's carbon-blind `cheapest`, say). `permanent`: each site's
+    `permanent_reasons` for the job, from a caller that keeps them between its tries (the replay)."""
     budget = budget or TenantBudget()
     avoid, refused = avoid or {}, refused or {}
     views = sorted(sites, key=lambda s: s.id)
@@ -286,7 +288,8 @@ def place(spec: JobSpec, tenant: TenantEntry, sites: Iterable[SiteView], budget:
     possible = False
 
     for site in views:
-        reasons[site.id] = permanent_reasons(spec, tenant, site.entry)
+        reasons[site.id] = (list(permanent[site.id]) if permanent is not None
+                            else permanent_reasons(spec, tenant, site.entry))
         if site.id in refused:
             reasons[site.id].append(f"refused this job: {refused[site.id]}")
         possible = possible or not reasons[site.id]
