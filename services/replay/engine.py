@@ -24,8 +24,8 @@ import heapq
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from functools import partial
 from datetime import UTC, datetime, timedelta
+from functools import partial
 
 from services.billing.rating import rate
 from services.replay.traces import TraceJob
