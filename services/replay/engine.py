@@ -13,7 +13,7 @@ of its site's zone. Simulated sites start a job the moment it is placed, as the 
 
 Live routing tries each waiting job again on a timer and when GPUs come back. Between events nothing
 changes, so the replay asks the policy about a waiting job only when something that holds it back may have
-changed: the decision says, site by site, what that is (`Decision.holds`), and the job watches exactly that
+changed: the policy says, site by site, what that is (`Choice.holds`), and the job watches exactly that
 (GPUs coming back at a site, its tenant's budget, a site's overflow share, the hour the forecast gave).
 """
 
@@ -31,21 +31,22 @@ from services.billing.rating import rate
 from services.replay.traces import TraceJob
 from services.routing.policy import (
     LINE_EXACT,
+    Choice,
     Hold,
     Holding,
     SiteView,
     TenantBudget,
+    choose,
     gpu_types,
     line_entry,
     permanent_reasons,
-    place,
     residency_reason,
     worst_case_allocation_h,
     worst_case_cost,
 )
 from shared.carbon import CarbonProvider, site_intensity
 from shared.contracts.catalog import Catalog, SiteEntry
-from shared.contracts.jobs import Decision, JobSpec, Resources
+from shared.contracts.jobs import JobSpec, Resources
 from shared.queueing import Drained, Queued, drain
 
 POLICIES = ("public-only", "cheapest", "continuum", "carbon", "carbon-shift")
@@ -284,19 +285,20 @@ class Replay:
         job, spec = waiting.job, waiting.spec
         tenant = self.catalog.tenants[spec.tenant]
         at = self._at(now)
-        decision = place(spec, tenant, self._views(now, waiting.seq), self._budget(spec.tenant, at), at,
-                         forecast=self._intensity_at if self.policy == "carbon-shift" else None,
-                         weights=CHEAPEST if self.policy == "cheapest" else None, permanent=waiting.permanent)
-        if decision.impossible:
+        choice = choose(spec, tenant, self._views(now, waiting.seq), self._budget(spec.tenant, at), at,
+                        forecast=self._intensity_at if self.policy == "carbon-shift" else None,
+                        weights=CHEAPEST if self.policy == "cheapest" else None, permanent=waiting.permanent)
+        if choice.impossible:
             self._leave_line(waiting)
-            self.outcomes[job.job_id] = self._never(job, "; ".join(decision.reasons)[:500])
-        elif decision.site is not None:
+            reasons = "; ".join(f"{site}: {why}" for site, whys in choice.reasons.items() for why in whys)
+            self.outcomes[job.job_id] = self._never(job, reasons[:500])
+        elif choice.site is not None:
             self._leave_line(waiting)
-            self._start(job, spec, decision.site, decision.gpu_type, decision.overflow, now)
+            self._start(job, spec, choice.site, choice.gpu_type, choice.overflow, now)
         else:
-            self._wait(waiting, decision, now)
+            self._wait(waiting, choice, now)
 
-    def _wait(self, waiting: _Waiting, decision: Decision, now: float) -> None:
+    def _wait(self, waiting: _Waiting, choice: Choice, now: float) -> None:
         """Stand in line at the sites whose GPUs it waits for, and watch what holds it back everywhere."""
         job_id, spec = waiting.job.job_id, waiting.spec
         self._leave_line(waiting)
@@ -308,7 +310,7 @@ class Replay:
         # things, and when that one passes it is asked again (and watches what still holds, if anything). The
         # one watched is the one least often changed: public capacity first (rechecked on the forecast's
         # timer below), the tenant's budget, a full overflow share, busy GPUs.
-        for site_id, holds in decision.holds.items():
+        for site_id, holds in choice.holds.items():
             if holds == {Hold.GPUS} and (entry := line_entry(spec, self.catalog.sites[site_id])):
                 at = bisect.bisect_left(self.line[site_id], waiting.seq)
                 self.line[site_id].insert(at, waiting.seq)
@@ -331,14 +333,14 @@ class Replay:
                 key = (Hold.SHARE if Hold.SHARE in holds else Hold.GPUS, site_id, need)
                 heapq.heappush(self.watch.setdefault(key, []), (waiting.seq, job_id, ticket))
         waiting.lines = tuple(lines)
-        if decision.wait_until is not None:  # a greener hour is coming: the job asked to be tried then
-            self._push((decision.wait_until - self.start).total_seconds(), RETRY, job_id, ticket)
-        elif any(Hold.GATE in holds for holds in decision.holds.values()):
+        if choice.wait_until is not None:  # a greener hour is coming: the job asked to be tried then
+            self._push((choice.wait_until - self.start).total_seconds(), RETRY, job_id, ticket)
+        elif any(Hold.GATE in holds for holds in choice.holds.values()):
             # public capacity first, and the forecast says when it starts the job. The forecast grows when a job
             # starts at the public site without being counted in it (one behind, fitting where this one did not):
             # the job is asked again then, and when its forecast start comes without it
-            public = [c.parts["wait_s"] for c in decision.candidates
-                      if self.catalog.sites[c.site].public and decision.holds.get(c.site) == {Hold.GPUS}]
+            public = [parts["wait_s"] for site_id, parts in choice.parts.items()
+                      if self.catalog.sites[site_id].public and choice.holds.get(site_id) == {Hold.GPUS}]
             if public and min(public) >= 0:
                 self._push(now + min(public) + 1, RETRY, job_id, ticket)
             for site_id in lines:

@@ -69,9 +69,10 @@ class Holding:
 LINE_EXACT = 128
 
 
-@dataclass(frozen=True)
+@dataclass
 class SiteView:
-    """What routing knows of a site when it places a job."""
+    """What routing knows of a site when it places a job. Not changed once made (not frozen: a replay makes
+    one for every site at every question, and a frozen dataclass is three times as slow to make)."""
 
     entry: SiteEntry
     up: bool
@@ -94,10 +95,10 @@ class SiteView:
     # from a caller that keeps the result between views (the replay): the wait starts from it, when it needs to
     drained: Callable[[], Drained] | None = None
     _waits: dict[tuple[str, int], float] = field(default_factory=dict, compare=False, repr=False)
+    id: str = field(init=False)  # the entry's: a field, not a property, as the policy reads it for every site
 
-    @property
-    def id(self) -> str:
-        return self.entry.id
+    def __post_init__(self) -> None:
+        self.id = self.entry.id
 
     @property
     def saturated(self) -> bool:
@@ -268,11 +269,50 @@ def worst_case_allocation_h(spec: JobSpec, site: SiteEntry, gpu_type: str) -> fl
     return spec.resources.total_gpus * spec.walltime_s / 3600 * site.allocation_factor.get(gpu_type, 1.0)
 
 
+@dataclass
+class Choice:
+    """The policy's answer, before it is written as a contract `Decision`: where the job goes (`site` None: it
+    waits, or never can), and every site's reasons, score and parts, keyed by site, in site order."""
+
+    site: str | None
+    gpu_type: str | None
+    overflow: bool
+    impossible: bool
+    reasons: dict[str, list[str]]
+    scores: dict[str, float]
+    parts: dict[str, dict[str, float]]
+    # for a job that waits: what holds it at each site that could run it some day (see Hold), and why public
+    # capacity first holds it back from every paid site (None: it does not)
+    holds: dict[str, frozenset[Hold]] = field(default_factory=dict)
+    gate: str | None = None
+    wait_until: datetime | None = None  # the greener hour it waits for
+
+    def decision(self) -> Decision:
+        candidates = [Candidate.model_construct(site=site, eligible=not why, reasons=why,
+                                                score=self.scores.get(site), parts=self.parts[site])
+                      for site, why in self.reasons.items()]
+        # built, not validated: every value is the policy's own, of the model's types
+        decision = Decision.model_construct(site=self.site, gpu_type=self.gpu_type, overflow=self.overflow,
+                                            candidates=candidates, impossible=self.impossible,
+                                            wait_until=self.wait_until)
+        decision.holds = dict(self.holds)
+        return decision
+
+
 def place(spec: JobSpec, tenant: TenantEntry, sites: Iterable[SiteView], budget: TenantBudget | None = None,
           now: datetime | None = None, avoid: Mapping[str, str] | None = None,
           refused: Mapping[str, str] | None = None, forecast: Intensity | None = None,
           weights: tuple[float, float, float] | None = None,
           permanent: Mapping[str, list[str]] | None = None) -> Decision:
+    """Where the job should run, explained (`choose`, as a contract Decision)."""
+    return choose(spec, tenant, sites, budget, now, avoid, refused, forecast, weights, permanent).decision()
+
+
+def choose(spec: JobSpec, tenant: TenantEntry, sites: Iterable[SiteView], budget: TenantBudget | None = None,
+           now: datetime | None = None, avoid: Mapping[str, str] | None = None,
+           refused: Mapping[str, str] | None = None, forecast: Intensity | None = None,
+           weights: tuple[float, float, float] | None = None,
+           permanent: Mapping[str, list[str]] | None = None) -> Choice:
     """`avoid`: sites passed over for now, with why; `refused`: sites that refused this job for good, with
     their words (`departures` reads both from the job's history). `forecast`: a site's grid intensity at an
     hour to come, for a job that may wait for a greener one (`greener_hour`). `weights`: (time, cost, carbon)
@@ -301,12 +341,12 @@ def place(spec: JobSpec, tenant: TenantEntry, sites: Iterable[SiteView], budget:
         if not reasons[site.id]:
             holds[site.id] = _passing_reasons(spec, site, chosen_type[site.id], budget, avoid, overflow)
 
+    gate = None
     if overflow:
         # public first: paid capacity only when the public wait is too long (or the deadline too near)
         public_ok = [s for s in views if s.entry.public and s.id in holds and not holds[s.id]]
         public_waits = [parts[s.id]["wait_s"] for s in views
                         if s.entry.public and holds.get(s.id) and all(k == Hold.GPUS for k, _ in holds[s.id])]
-        gate = None
         if public_ok:
             gate = f"public capacity first: {public_ok[0].id} can run it now"
         elif public_waits:
@@ -320,24 +360,15 @@ def place(spec: JobSpec, tenant: TenantEntry, sites: Iterable[SiteView], budget:
     eligible = [s for s in views if not reasons[s.id]]
     scores = _scores(spec, eligible, parts, weights)
     if not eligible:
-        decision = Decision(site=None, candidates=_candidates(views, reasons, scores, parts),
-                            impossible=not possible and bool(views))
-        decision.holds = {site_id: frozenset(k for k, _ in held) for site_id, held in holds.items() if held}
-        return decision
+        return Choice(None, None, False, not possible and bool(views), reasons, scores, parts,
+                      {site_id: frozenset(k for k, _ in held) for site_id, held in holds.items() if held}, gate)
     best = min(eligible, key=lambda s: (-scores[s.id], s.id))
     if forecast is not None and now is not None and (shift := _greener(spec, best.entry, now, forecast)):
         when, then_g, now_g = shift
         reasons[best.id].append(f"waiting for {when:%H:%M} UTC on {when:%Y-%m-%d}, {then_g:.0f} g/kWh vs "
                                 f"{now_g:.0f} now")
-        return Decision(site=None, candidates=_candidates(views, reasons, scores, parts), wait_until=when)
-    return Decision(site=best.id, gpu_type=chosen_type[best.id], overflow=overflow and not best.entry.public,
-                    candidates=_candidates(views, reasons, scores, parts))
-
-
-def _candidates(views: list[SiteView], reasons: dict[str, list[str]], scores: dict[str, float],
-                parts: dict[str, dict[str, float]]) -> list[Candidate]:
-    return [Candidate(site=s.id, eligible=not reasons[s.id], reasons=reasons[s.id], score=scores.get(s.id),
-                      parts=parts[s.id]) for s in views]
+        return Choice(None, None, False, False, reasons, scores, parts, wait_until=when)
+    return Choice(best.id, chosen_type[best.id], overflow and not best.entry.public, False, reasons, scores, parts)
 
 
 # Greener hours: a job whose objective is carbon and that has slack (a deadline later than its earliest
@@ -427,10 +458,10 @@ def _best_type(spec: JobSpec, site: SiteView) -> str:
     """For `gpu_type: any`, the type with the most GPUs free now (then the most in total)."""
     if spec.resources.total_gpus == 0:
         return NO_GPU
-    types = gpu_types(spec, site.entry.gpus)
-    if not types:
-        return spec.resources.gpu_type
-    return max(types, key=lambda t: (site.free.get(t, 0), site.entry.gpus[t], t))
+    offered, wanted = site.entry.gpus, spec.resources.gpu_type
+    if wanted != "any":
+        return wanted
+    return max(offered, key=lambda t: (site.free.get(t, 0), offered[t], t)) if offered else wanted
 
 
 def gpu_types(spec: JobSpec, offered: dict[str, int]) -> list[str]:
