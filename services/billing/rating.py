@@ -30,12 +30,14 @@ def rate(site: SiteEntry, *, job_id: str, tenant: str, gpu_type: str, gpus: int,
 
 def hourly_slices(start: datetime, end: datetime):
     """(a moment inside the slice, its length in hours) for each clock hour the interval touches."""
-    at = start
+    at, next_hour = start, start.replace(minute=0, second=0, microsecond=0) + HOUR
     while at < end:
-        next_hour = at.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
         stop = min(next_hour, end)
         yield at, (stop - at).total_seconds() / 3600
-        at = stop
+        at, next_hour = stop, next_hour + HOUR
+
+
+HOUR = timedelta(hours=1)
 
 
 def statement(tenant: str, lines: list[UsageLine], since: datetime | None = None,

@@ -154,6 +154,7 @@ class Replay:
         self.overflow_held = {s.id: dict.fromkeys(s.gpus, 0) for s in self.sites}
         self._seq = 0
         self._intensity: dict[tuple[str, int], float] = {}
+        self._permanents: dict[tuple[str, int, int], dict[str, list[str]]] = {}
         # each site's running jobs as the policy's holdings, their ends counted from the replay's start; as a
         # tuple, kept until a job starts or ends there
         self.held: dict[str, dict[str, Holding]] = {s.id: {} for s in self.sites}
@@ -183,9 +184,7 @@ class Replay:
                 job = self.jobs[job_id]
                 spec = self.specs[job_id] = self._spec(job, now)
                 self._seq += 1
-                tenant = self.catalog.tenants[spec.tenant]
-                permanent = {site.id: permanent_reasons(spec, tenant, site) for site in self.sites}
-                self._try(_Waiting(self._seq, job, spec, permanent), now)
+                self._try(_Waiting(self._seq, job, spec, self._permanent(spec)), now)
             elif kind == END:
                 self._wake(now, self._end(job_id, now))
                 done += 1
@@ -280,6 +279,15 @@ class Replay:
         return JobSpec(tenant=tenant.id, name=job.job_id, command=["replay"], walltime_s=max(1, math.ceil(job.runtime_s)),
                        resources=Resources(gpus=job.gpus, gpu_type=self.gpu_type), residency=tenant.residency, **extra)
 
+    def _permanent(self, spec: JobSpec) -> dict[str, list[str]]:
+        """Why each site could never run the job (policy.permanent_reasons). A replay's specs differ only by
+        tenant, GPUs and walltime (and by a deadline, which no permanent reason reads): jobs alike share them."""
+        key = (spec.tenant, spec.resources.total_gpus, spec.walltime_s)
+        if (reasons := self._permanents.get(key)) is None:
+            tenant = self.catalog.tenants[spec.tenant]
+            reasons = self._permanents[key] = {site.id: permanent_reasons(spec, tenant, site) for site in self.sites}
+        return reasons
+
     def _try(self, waiting: _Waiting, now: float) -> None:
         """Place the job now if the policy says where; else it waits, watching what holds it back."""
         job, spec = waiting.job, waiting.spec
@@ -293,8 +301,10 @@ class Replay:
             reasons = "; ".join(f"{site}: {why}" for site, whys in choice.reasons.items() for why in whys)
             self.outcomes[job.job_id] = self._never(job, reasons[:500])
         elif choice.site is not None:
+            # where it stood in the site's line, the forecasts of the jobs behind it counted it already
+            counted = waiting.seq if choice.site in waiting.lines else None
             self._leave_line(waiting)
-            self._start(job, spec, choice.site, choice.gpu_type, choice.overflow, now)
+            self._start(job, spec, choice.site, choice.gpu_type, choice.overflow, now, counted)
         else:
             self._wait(waiting, choice, now)
 
@@ -308,8 +318,8 @@ class Replay:
         lines = []
         # a site takes the job once all that holds it back there has passed: the job watches one of those
         # things, and when that one passes it is asked again (and watches what still holds, if anything). The
-        # one watched is the one least often changed: public capacity first (rechecked on the forecast's
-        # timer below), the tenant's budget, a full overflow share, busy GPUs.
+        # one watched is the one least often changed: public capacity first (which holds every paid site at
+        # once, rechecked on the forecast's timer below), the tenant's budget, a full overflow share, busy GPUs.
         for site_id, holds in choice.holds.items():
             if holds == {Hold.GPUS} and (entry := line_entry(spec, self.catalog.sites[site_id])):
                 at = bisect.bisect_left(self.line[site_id], waiting.seq)
@@ -321,7 +331,7 @@ class Replay:
                 self.line_gpu_s_all[site_id] += gpu_s
                 self.line_types[site_id][entry[0]] += 1
                 lines.append(site_id)
-            if Hold.GATE in holds:
+            if choice.gate and not self.catalog.sites[site_id].public:
                 continue
             if Hold.BUDGET in holds:
                 # the least it could cost there (or use of the allocation), of the GPU types it may take
@@ -335,7 +345,7 @@ class Replay:
         waiting.lines = tuple(lines)
         if choice.wait_until is not None:  # a greener hour is coming: the job asked to be tried then
             self._push((choice.wait_until - self.start).total_seconds(), RETRY, job_id, ticket)
-        elif any(Hold.GATE in holds for holds in choice.holds.values()):
+        elif choice.gate:
             # public capacity first, and the forecast says when it starts the job. The forecast grows when a job
             # starts at the public site without being counted in it (one behind, fitting where this one did not):
             # the job is asked again then, and when its forecast start comes without it
@@ -362,7 +372,10 @@ class Replay:
             self.gate_watch[site_id].pop(job_id, None)
         waiting.lines = ()
 
-    def _start(self, job: TraceJob, spec: JobSpec, site_id: str, gpu_type: str, overflow: bool, now: float) -> None:
+    def _start(self, job: TraceJob, spec: JobSpec, site_id: str, gpu_type: str, overflow: bool, now: float,
+               counted: int | None = None) -> None:
+        """`counted`: its place in the site's line, if it stood there (the jobs behind it counted it in their
+        forecasts)."""
         site = self.catalog.sites[site_id]
         self.free[site_id][gpu_type] -= spec.resources.total_gpus
         run = _Run(job, spec, site_id, gpu_type, now, overflow,
@@ -374,7 +387,9 @@ class Replay:
         self.where[job.job_id] = site_id
         if overflow:
             self.overflow_held[site_id][gpu_type] += spec.resources.total_gpus
-        self.gates_moved += self.gate_watch[site_id].items()
+        # a start no forecast counted may delay the jobs held by public capacity first: they are asked again
+        self.gates_moved += [(job_id, ticket) for job_id, ticket in self.gate_watch[site_id].items()
+                             if counted is None or self.waiting[job_id].seq < counted]
         ledger = self.ledger[spec.tenant]
         ledger.committed_eur += run.cost_eur
         ledger.committed_h += run.allocation_h
@@ -398,7 +413,7 @@ class Replay:
         ledger.committed_eur -= run.cost_eur
         ledger.committed_h -= run.allocation_h
         ledger.allocation_used_h += line.allocation_hours
-        month = f"{line.ended_at:%Y-%m}"
+        month = _month(line.ended_at)
         ledger.spent_eur[month] = ledger.spent_eur.get(month, 0.0) + line.amount_eur
         tenant = self.catalog.tenants[spec.tenant]
         self.outcomes[job_id] = Outcome(
@@ -482,7 +497,7 @@ class Replay:
         tenant, ledger = self.catalog.tenants[tenant_id], self.ledger[tenant_id]
         return TenantBudget(
             allocation_left_h=tenant.allocation_gpu_hours - ledger.allocation_used_h - ledger.committed_h,
-            budget_left_eur=tenant.monthly_budget_eur - ledger.spent_eur.get(f"{at:%Y-%m}", 0.0)
+            budget_left_eur=tenant.monthly_budget_eur - ledger.spent_eur.get(_month(at), 0.0)
             - ledger.committed_eur)
 
     def _at(self, seconds: float) -> datetime:
@@ -502,6 +517,10 @@ class Replay:
 
     def _intensity_at(self, site: SiteEntry, at: datetime) -> float:
         return self._carbon(site, self._hour(at))
+
+
+def _month(at: datetime) -> str:
+    return f"{at.year:04d}-{at.month:02d}"  # as f"{at:%Y-%m}", at a fraction of the cost (asked at every question)
 
 
 def replay(jobs: list[TraceJob], catalog: Catalog, carbon: CarbonProvider, policy: str, start: datetime,
