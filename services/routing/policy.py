@@ -455,13 +455,18 @@ def _overflow_gate(spec: JobSpec, tenant: TenantEntry, public_wait_s: float, now
 
 
 def _best_type(spec: JobSpec, site: SiteView) -> str:
-    """For `gpu_type: any`, the type with the most GPUs free now (then the most in total)."""
+    """For `gpu_type: any`, the type with the most GPUs free now (then the most in total, then by name)."""
+    wanted = spec.resources.gpu_type
     if spec.resources.total_gpus == 0:
         return NO_GPU
-    offered, wanted = site.entry.gpus, spec.resources.gpu_type
     if wanted != "any":
         return wanted
-    return max(offered, key=lambda t: (site.free.get(t, 0), offered[t], t)) if offered else wanted
+    best, most = wanted, None  # a loop rather than max(key=...): asked of every site at every question
+    for gpu_type, total in site.entry.gpus.items():
+        key = (site.free.get(gpu_type, 0), total, gpu_type)
+        if most is None or key > most:
+            best, most = gpu_type, key
+    return best
 
 
 def gpu_types(spec: JobSpec, offered: dict[str, int]) -> list[str]:
@@ -483,13 +488,15 @@ def _parts(spec: JobSpec, site: SiteView, gpu_type: str) -> dict[str, float]:
     entry = site.entry
     gpus = spec.resources.total_gpus
     hours = spec.walltime_s / 3600
-    offered = gpu_type in entry.gpus
-    watts = entry.watts(gpu_type) if offered else 0.0
-    energy_kwh = watts * gpus * hours * entry.pue / 1000
-    wait = site.wait_s(gpu_type, gpus) if offered or not gpus else INF
+    if gpu_type not in entry.gpus:
+        wait = site.wait_s(gpu_type, gpus) if not gpus else INF
+        return {"wait_s": round(wait, 1) if wait < INF else -1.0, "run_s": float(spec.walltime_s),
+                "cost_eur": 0.0, "co2e_kg": 0.0}
+    energy_kwh = entry.watts(gpu_type) * gpus * hours * entry.pue / 1000
+    wait = site.wait_s(gpu_type, gpus)
     return {"wait_s": round(wait, 1) if wait < INF else -1.0,
             "run_s": float(spec.walltime_s),
-            "cost_eur": round(entry.price(gpu_type) * gpus * hours, 4) if offered else 0.0,
+            "cost_eur": round(entry.price(gpu_type) * gpus * hours, 4),
             "co2e_kg": round(energy_kwh * site.carbon_g_per_kwh / 1000, 4)}
 
 
