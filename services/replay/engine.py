@@ -6,15 +6,16 @@ first hour of each month (budgets start again) and retries at an hour the policy
 when the public capacity a job waits for was forecast to start it). The state is what the live services
 keep: each site's GPUs and the jobs holding them (routing's reservations), each tenant's allocation and
 monthly budget net of what ran and of what runs (billing's ledger and routing's commitments), and routing's
-line of waiting jobs. A job is placed by `services/routing/policy.place`, exactly as routing places it, on
+line of waiting jobs. A job is placed by `services/routing/policy.choose` (what routing's `place` runs), on
 `SiteView`s built from that state, each with the jobs ahead in its line (the wait forecast runs them out); a
 job that ended is rated by `services/billing/rating.rate`, as billing rates it, with the hour-by-hour carbon
 of its site's zone. Simulated sites start a job the moment it is placed, as the live simulated backend does.
 
 Live routing tries each waiting job again on a timer and when GPUs come back. Between events nothing
 changes, so the replay asks the policy about a waiting job only when something that holds it back may have
-changed: the policy says, site by site, what that is (`Choice.holds`), and the job watches exactly that
-(GPUs coming back at a site, its tenant's budget, a site's overflow share, the hour the forecast gave).
+changed: the policy says, site by site, what that is (`Choice.holds`, and `Choice.gate` for public capacity
+first), and the job watches exactly that (GPUs coming back at a site, its tenant's budget, a site's overflow
+share; the hour the public forecast gave, and starts that forecast did not count).
 """
 
 from __future__ import annotations
@@ -276,7 +277,8 @@ class Replay:
         if self.policy == "carbon-shift":
             slack = min(job.runtime_s, SHIFT_SLACK_CAP_S)
             extra["deadline"] = self._at(now + math.ceil(job.runtime_s) + slack)
-        return JobSpec(tenant=tenant.id, name=job.job_id, command=["replay"], walltime_s=max(1, math.ceil(job.runtime_s)),
+        return JobSpec(tenant=tenant.id, name=job.job_id, command=["replay"],
+                       walltime_s=max(1, math.ceil(job.runtime_s)),
                        resources=Resources(gpus=job.gpus, gpu_type=self.gpu_type), residency=tenant.residency, **extra)
 
     def _permanent(self, spec: JobSpec) -> dict[str, list[str]]:
@@ -460,7 +462,7 @@ class Replay:
                               else ((), partial(self._line_drained, site.id, now)))
             views.append(SiteView(entry=site, up=True, free=self.free[site.id], holdings=self._held(site.id),
                                   holdings_age_s=now, queue=queue, drained=drained, backlog_gpu_s=backlog,
-                                  carbon_g_per_kwh=self._carbon(site, hour)))
+                                  carbon_g_per_kwh=self._carbon(site, hour), overflow_gpus=self.overflow_held[site.id]))
         return views
 
     def _line_between(self, site_id: str, first: int, end: int) -> int:

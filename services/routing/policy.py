@@ -94,6 +94,9 @@ class SiteView:
     # how to have the holdings and the queue run out (`shared.queueing.drain`, counted as the holdings are),
     # from a caller that keeps the result between views (the replay): the wait starts from it, when it needs to
     drained: Callable[[], Drained] | None = None
+    # the GPUs overflow jobs hold, by type, from a caller that counts them as they start and end (the replay);
+    # else summed from the holdings
+    overflow_gpus: Mapping[str, int] | None = None
     _waits: dict[tuple[str, int], float] = field(default_factory=dict, compare=False, repr=False)
     id: str = field(init=False)  # the entry's: a field, not a property, as the policy reads it for every site
 
@@ -120,11 +123,14 @@ class SiteView:
                     wait = run_out(self.free, running, self.queue, gpu_type, need, self.holdings_age_s)
                 # a line longer than that is days of work: spread over the site's GPUs of the type, it adds the
                 # same order of wait as running it out would, at a cost that does not grow with it
-                wait = max(floor, wait + self.backlog_gpu_s.get(gpu_type, 0.0) / max(1, self.entry.gpus.get(gpu_type, 0)))
+                spread = max(1, self.entry.gpus.get(gpu_type, 0))
+                wait = max(floor, wait + self.backlog_gpu_s.get(gpu_type, 0.0) / spread)
             self._waits[(gpu_type, need)] = wait
         return self._waits[(gpu_type, need)]
 
     def overflow_held(self, gpu_type: str) -> int:
+        if self.overflow_gpus is not None:
+            return self.overflow_gpus.get(gpu_type, 0)
         return sum(h.gpus for h in self.holdings if h.overflow and h.gpu_type == gpu_type)
 
 
@@ -280,16 +286,18 @@ class Choice:
     impossible: bool
     reasons: dict[str, list[str]]
     scores: dict[str, float]
-    parts: dict[str, dict[str, float]]
+    parts: dict[str, dict[str, float]]  # of the sites that could run the job some day
     # for a job that waits: what holds it at each site that could run it some day (see Hold), and why public
     # capacity first holds it back from every paid site (None: it does not)
     holds: dict[str, frozenset[Hold]] = field(default_factory=dict)
     gate: str | None = None
     wait_until: datetime | None = None  # the greener hour it waits for
 
-    def decision(self) -> Decision:
+    def decision(self, spec: JobSpec, views: Iterable[SiteView]) -> Decision:
+        """Written out, with the parts of the sites that could never run the job too (`choose` leaves them)."""
+        parts = {s.id: self.parts.get(s.id) or _parts(spec, s, _best_type(spec, s)) for s in views}
         candidates = [Candidate.model_construct(site=site, eligible=not why, reasons=why,
-                                                score=self.scores.get(site), parts=self.parts[site])
+                                                score=self.scores.get(site), parts=parts[site])
                       for site, why in self.reasons.items()]
         # built, not validated: every value is the policy's own, of the model's types
         decision = Decision.model_construct(site=self.site, gpu_type=self.gpu_type, overflow=self.overflow,
@@ -305,7 +313,9 @@ def place(spec: JobSpec, tenant: TenantEntry, sites: Iterable[SiteView], budget:
           weights: tuple[float, float, float] | None = None,
           permanent: Mapping[str, list[str]] | None = None) -> Decision:
     """Where the job should run, explained (`choose`, as a contract Decision)."""
-    return choose(spec, tenant, sites, budget, now, avoid, refused, forecast, weights, permanent).decision()
+    views = list(sites)
+    return choose(spec, tenant, views, budget, now, avoid, refused, forecast, weights,
+                  permanent).decision(spec, views)
 
 
 def choose(spec: JobSpec, tenant: TenantEntry, sites: Iterable[SiteView], budget: TenantBudget | None = None,
@@ -332,9 +342,10 @@ def choose(spec: JobSpec, tenant: TenantEntry, sites: Iterable[SiteView], budget
                             else permanent_reasons(spec, tenant, site.entry))
         if site.id in refused:
             reasons[site.id].append(f"refused this job: {refused[site.id]}")
-        possible = possible or not reasons[site.id]
-        chosen_type[site.id] = _best_type(spec, site)
-        parts[site.id] = _parts(spec, site, chosen_type[site.id])
+        if not reasons[site.id]:  # a site that never could is left out of the rest (its parts only explain)
+            possible = True
+            chosen_type[site.id] = _best_type(spec, site)
+            parts[site.id] = _parts(spec, site, chosen_type[site.id])
     # overflow: a job that public capacity could run goes to paid capacity instead
     overflow = any(s.entry.public and not reasons[s.id] for s in views)
     for site in views:
@@ -432,7 +443,8 @@ def _passing_reasons(spec: JobSpec, site: SiteView, gpu_type: str, budget: Tenan
             share = int(entry.overflow_share * entry.gpus.get(gpu_type, 0))
             held = site.overflow_held(gpu_type)
             if held + need > share:
-                why.append((Hold.SHARE, f"overflow share full: overflow jobs hold {held} of {share} {gpu_type} GPUs allowed"))
+                why.append((Hold.SHARE, f"overflow share full: overflow jobs hold {held} of {share} {gpu_type} "
+                                        "GPUs allowed"))
     wait = site.wait_s(gpu_type, need)
     expected = f" (expected in {wait:.0f} s)" if wait < INF else ""
     if need and site.free.get(gpu_type, 0) < need:

@@ -62,6 +62,18 @@ def test_residency_fr_never_picks_a_non_fr_site():
     assert not candidate(decision, "nl-big").eligible
 
 
+def test_a_site_that_never_could_run_the_job_is_still_explained_with_its_parts():
+    # choose() leaves such a site out of the work; the written decision still prices it, as one that could
+    fr = site("fr", country="FR", price_eur_per_gpu_hour={"H100": 2.0})
+    nl = site("nl", country="NL", price_eur_per_gpu_hour={"H100": 3.0})
+    spec = job(gpus=2, residency="FR", walltime_s=1800)
+    busy_nl = SiteView(entry=nl, up=True, free={"H100": 0}, carbon_g_per_kwh=50.0)
+    decision = place(spec, tenant(), [busy_nl, view(fr)])
+    assert candidate(decision, "nl").parts == {"wait_s": -1.0, "run_s": 1800.0, "cost_eur": 3.0,
+                                               "co2e_kg": round(0.7 * 2 * 0.5 * 1.2 * 50 / 1000, 4)}
+    assert candidate(decision, "fr").parts["cost_eur"] == 2.0
+
+
 def test_residency_fr_with_only_non_fr_sites_is_impossible():
     decision = place(job(residency="FR"), tenant(), [view(site("nl", country="NL")), view(site("de", country="DE"))])
     assert decision.site is None
