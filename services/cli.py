@@ -459,7 +459,9 @@ def replay(trace: Annotated[Path, typer.Argument(help="a job trace: Philly CSV, 
                                                                         "Philly virtual cluster, say); repeat "
                                                                         "for several")] = None,
            gpu_type: Annotated[str, typer.Option("--gpu-type", help="the GPU type every trace job asks for: a "
-                                                                   "catalog type, or any")] = "any") -> None:
+                                                                   "catalog type, or any")] = "any",
+           workers: Annotated[int | None, typer.Option(help="how many policies replay at once, a process each "
+                                                            "(default: one a core)", min=1)] = None) -> None:
     """Replay a job trace through the production policy in virtual time, under each policy; write what it
     found (summary.json, jobs-<policy>.csv, report.md with plots)."""
     from datetime import UTC
@@ -467,9 +469,9 @@ def replay(trace: Annotated[Path, typer.Argument(help="a job trace: Philly CSV, 
     from rich.progress import Progress
 
     from services.replay import report
-    from services.replay.engine import POLICIES, replay as run
+    from services.replay.engine import POLICIES
+    from services.replay.runner import replay_policies
     from services.replay.traces import FORMATS, TraceError, read, tenant_of
-    from shared.carbon import default_carbon
 
     if fmt not in ("auto", *FORMATS):
         raise _fail(f"--format {fmt!r}: one of auto, {', '.join(FORMATS)}", 2)
@@ -497,13 +499,11 @@ def replay(trace: Annotated[Path, typer.Argument(help="a job trace: Philly CSV, 
     trace_jobs = trace_jobs[:jobs] if jobs else trace_jobs
     deal = {u: tenant_of(u, list(catalog.tenants), overrides, seed) for u in sorted({j.user for j in trace_jobs})}
     when = start.replace(tzinfo=UTC)
-    results = {}
+    names = list(policy or POLICIES)
     with Progress(console=err, transient=True) as bar:
-        for name in policy or POLICIES:
-            task = bar.add_task(name, total=len(trace_jobs))
-            results[name] = run(trace_jobs, catalog, default_carbon(), name, when, deal,
-                                progress=lambda done, task=task: bar.update(task, completed=done), gpu_type=gpu_type)
-            bar.update(task, completed=len(trace_jobs))
+        tasks = {name: bar.add_task(name, total=len(trace_jobs)) for name in names}
+        results = replay_policies(trace_jobs, catalog, names, when, deal, gpu_type, workers,
+                                  lambda name, done: bar.update(tasks[name], completed=done))
     notes = {"trace": str(trace), "seed": str(seed), "GPU type asked": gpu_type,
              "users": f"{len(deal)} trace users dealt to "
              + ", ".join(f"{t} ({sum(1 for v in deal.values() if v == t)})" for t in sorted(catalog.tenants))}

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from services.replay.engine import replay
+from services.replay.runner import replay_policies
 from services.replay.traces import TraceError, TraceJob, alibaba, detect, philly, swf, tenant_of
 from services.routing.policy import greener_hour
 from shared.contracts.catalog import Catalog, SiteEntry, TenantEntry
@@ -182,3 +183,16 @@ def test_carbon_shift_waits_for_the_greener_hour_within_the_jobs_slack_and_carbo
     assert (now.wait_s, now.co2e_kg) == (0.0, pytest.approx(0.7 * (2 / 3 * 120 + 1 / 3 * 45) / 1000))
     # a slack of its runtime (1 h): 11:00 is 62 % greener, so it starts then, 40 min later, all at 45 g
     assert (later.wait_s, later.co2e_kg) == (40 * 60.0, pytest.approx(0.7 * 45 / 1000))
+
+
+def test_policies_replayed_side_by_side_give_what_each_gives_alone():
+    jobs = [TraceJob(f"j{i}", "team", i * HOUR / 4, HOUR * (1 + i % 3), 1 + i % 2) for i in range(40)]
+    policies = ["public-only", "continuum", "carbon"]
+    seen: dict[str, int] = {}
+    apart = replay_policies(jobs, catalog(HOUR), policies, START, {"team": "lab"}, workers=2,
+                            progress=lambda name, done: seen.__setitem__(name, done))
+    assert list(apart) == policies
+    for name in policies:
+        assert apart[name] == replay(jobs, catalog(HOUR), FixedCarbon(), name, START, {"team": "lab"}), name
+        assert seen[name] == len(jobs)  # each one's progress reached the caller, to its end
+    assert apart["public-only"] != apart["continuum"]  # they did not all run one policy
