@@ -52,15 +52,26 @@ class Drained:
             self._starts[(gpu_type, gpus)] = at if have >= gpus else math.inf
         return max(self._starts[(gpu_type, gpus)], clock_s)
 
+    def then(self, queue: Iterable[Queued], clock_s: float) -> Drained:
+        """This queue with more jobs behind it, all started: as `drain` of the whole would be at `clock_s`, if
+        this one may be kept at that clock (it was drained at it, or it is timeless and nothing changed)."""
+        if self.now == math.inf:
+            return self
+        ends = list(self.ends)  # a heap still, and this one's own kept as it is
+        return _drain(dict(self.free), ends, queue, max(self.now, clock_s), clock_s, self.timeless)
+
 
 def drain(free: Mapping[str, int], running: Iterable[Running], queue: Iterable[Queued],
           clock_s: float = 0.0) -> Drained:
     """Start the queue's jobs in order, each as soon as enough GPUs of its type are free, from `clock_s` (in
     the running jobs' count: one that should have ended already gives its GPUs back at once)."""
-    free = dict(free)
     ends = [(left, t, n) for t, n, left in running]
     heapq.heapify(ends)
-    now, timeless = clock_s, True
+    return _drain(dict(free), ends, queue, clock_s, clock_s, True)
+
+
+def _drain(free: dict[str, int], ends: list[tuple[float, str, int]], queue: Iterable[Queued], now: float,
+           clock_s: float, timeless: bool) -> Drained:
     pop, push = heapq.heappop, heapq.heappush  # bound once: the replay drains lines of 128 jobs thousands of times
     for t, n, walltime in queue:
         while free.get(t, 0) < n:

@@ -60,6 +60,7 @@ MAX_RUNTIME_S = 2_592_000  # a JobSpec's longest walltime (30 days): a trace job
 
 # at one instant: GPUs come back first, then waiting jobs are tried, then newcomers come
 END, MONTH, RETRY, ARRIVE = 0, 1, 2, 3
+GATE_MOVED = ("gate",)  # why a job is woken: its public forecast may have moved (Replay._try_gate)
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,7 @@ class Replay:
         self.tenants = tenants  # trace user -> catalog tenant
         self.gpu_type = gpu_type  # what every trace job asks for: a catalog GPU type, or any
         self.sites = sorted(catalog.sites.values(), key=lambda s: s.id)
+        self.public_sites = [s for s in self.sites if s.public]
         self.free = {s.id: dict(s.gpus) for s in self.sites}
         self.running: dict[str, dict[str, _Run]] = {s.id: {} for s in self.sites}
         self.ledger = {t: _Tenant() for t in catalog.tenants}
@@ -161,9 +163,9 @@ class Replay:
         # tuple, kept until a job starts or ends there
         self.held: dict[str, dict[str, Holding]] = {s.id: {} for s in self.sites}
         self._holdings: dict[str, tuple[Holding, ...]] = {}
-        # each site's running jobs and the first LINE_EXACT of its line run out, kept until one of them changes
-        # (when it does not depend on the hour it was run at: Drained.timeless)
-        self._drained: dict[str, Drained] = {}
+        # each site's running jobs and the first jobs of its line run out, by how many (LINE_EXACT at most), kept
+        # until one of them changes (at the clock they were run at, or while time moves: Drained.timeless)
+        self._drained: dict[str, dict[int, tuple[float, Drained]]] = {}
         self._rooms: dict[tuple[Hold, str], int] = {}
 
     # --- the loop ---------------------------------------------------------------------------------------------
@@ -208,7 +210,7 @@ class Replay:
                 self._try(waiting, now)
             while self.gates_moved:
                 moved, self.gates_moved = self.gates_moved, []
-                self._wake(now, moved)
+                self._wake(now, moved, GATE_MOVED)
         for waiting in self.waiting.values():  # the trace ended with these still waiting
             self.outcomes[waiting.job.job_id] = self._never(waiting.job, "still waiting when the replay ended")
         if progress:
@@ -220,14 +222,15 @@ class Replay:
         self._seq += 1
         heapq.heappush(self.events, (at, kind, ticket if kind == RETRY else self._seq, job_id))
 
-    def _wake(self, now: float, woken: list[tuple[str, int]]) -> None:
+    def _wake(self, now: float, woken: list[tuple[str, int]], why: tuple = ()) -> None:
         """Try again, oldest first, the waiting jobs that watch what just changed (`woken`: (job, ticket) from
-        the budget and share watches), and those that wait for GPUs which are now free at a site, while they
-        are. A job tried here and still waiting is not tried twice in one wake."""
+        the budget watches, or the public forecasts that may have moved: `why` GATE_MOVED), and those that wait
+        for GPUs which are now free at a site, while they are. A job tried here and still waiting is not tried
+        twice in one wake."""
         heads: list[tuple[int, str, int, tuple]] = []  # (seq, job, ticket, the watch it came from)
         for job_id, ticket in woken:
             if (w := self.waiting.get(job_id)) and w.ticket == ticket:
-                heads.append((w.seq, job_id, ticket, ()))
+                heads.append((w.seq, job_id, ticket, why))
         tried: set[str] = set()
         for key, watch in list(self.watch.items()):
             if not watch:
@@ -240,8 +243,11 @@ class Replay:
             waiting = self.waiting.get(job_id)
             if waiting and waiting.ticket == ticket and job_id not in tried:
                 tried.add(job_id)
-                self._try(waiting, now)
-            if key:
+                if key is GATE_MOVED:
+                    self._try_gate(waiting, now)
+                else:
+                    self._try(waiting, now)
+            if len(key) == 3:
                 self._next_head(key, heads, tried)
 
     def _next_head(self, key: tuple[Hold, str, int], heads: list, tried: set[str]) -> None:
@@ -314,36 +320,44 @@ class Replay:
             reasons = "; ".join(f"{site}: {why}" for site, whys in choice.reasons.items() for why in whys)
             self.outcomes[job.job_id] = self._never(job, reasons[:500])
         elif choice.site is not None:
-            # where it stood in the site's line, the forecasts of the jobs behind it counted it already
-            counted = waiting.seq if choice.site in waiting.lines else None
             self._leave_line(waiting)
-            self._start(job, spec, choice.site, choice.gpu_type, choice.overflow, now, counted)
+            self._start(job, spec, choice.site, choice.gpu_type, choice.overflow, now)
         else:
             self._wait(waiting, choice, now)
+
+    def _try_gate(self, waiting: _Waiting, now: float) -> None:
+        """Ask again a job held by public capacity first, whose public forecast may have moved: the public sites
+        alone answer whether the gate still holds, for a seventh of the asking. While it does, the whole
+        question would have the same answer (every paid site held by the gate, which the job neither watches
+        nor stands in line for) and the job waits as it would; once it does not, the whole question is asked."""
+        spec = waiting.spec
+        public = choose(spec, self.catalog.tenants[spec.tenant], self._views(now, waiting.seq, self.public_sites),
+                        self._budget(spec.tenant, self._at(now)), self._at(now), permanent=waiting.permanent)
+        if public.site is None and public.gate:
+            self._wait(waiting, public, now)
+        else:
+            self._try(waiting, now)
 
     def _wait(self, waiting: _Waiting, choice: Choice, now: float) -> None:
         """Stand in line at the sites whose GPUs it waits for, and watch what holds it back everywhere."""
         job_id, spec = waiting.job.job_id, waiting.spec
-        self._leave_line(waiting)
         waiting.ticket = self._seq = self._seq + 1
         self.waiting[job_id] = waiting
         need, ticket = spec.resources.total_gpus, waiting.ticket
-        lines = []
+        lines = {site_id: entry for site_id, holds in choice.holds.items()
+                 if holds == {Hold.GPUS} and (entry := line_entry(spec, self.catalog.sites[site_id]))}
+        for site_id in waiting.lines:  # where it stays, it keeps its place (and the line its run-out)
+            self.gate_watch[site_id].pop(job_id, None)
+            if site_id not in lines:
+                self._leave(site_id, waiting.seq)
+        for site_id, entry in lines.items():
+            if site_id not in waiting.lines:
+                self._join(site_id, waiting.seq, entry)
         # a site takes the job once all that holds it back there has passed: the job watches one of those
         # things, and when that one passes it is asked again (and watches what still holds, if anything). The
         # one watched is the one least often changed: public capacity first (which holds every paid site at
         # once, rechecked on the forecast's timer below), the tenant's budget, a full overflow share, busy GPUs.
         for site_id, holds in choice.holds.items():
-            if holds == {Hold.GPUS} and (entry := line_entry(spec, self.catalog.sites[site_id])):
-                at = bisect.bisect_left(self.line[site_id], waiting.seq)
-                self.line[site_id].insert(at, waiting.seq)
-                if at < LINE_EXACT:
-                    self._drained.pop(site_id, None)
-                self.line_entries[site_id].insert(at, entry)
-                self.line_gpu_s[site_id].insert(at, gpu_s := entry[1] * int(entry[2]))
-                self.line_gpu_s_all[site_id] += gpu_s
-                self.line_types[site_id][entry[0]] += 1
-                lines.append(site_id)
             if choice.gate and not self.catalog.sites[site_id].public:
                 continue
             if Hold.BUDGET in holds:
@@ -371,24 +385,35 @@ class Replay:
                     self.gate_watch[site_id][job_id] = ticket
 
     def _leave_line(self, waiting: _Waiting) -> None:
+        """It waits no more: out of every line."""
         job_id = waiting.job.job_id
         if self.waiting.pop(job_id, None) is None:
             return
         for site_id in waiting.lines:
-            line = self.line[site_id]
-            at = bisect.bisect_left(line, waiting.seq)
-            del line[at]
-            if at < LINE_EXACT:
-                self._drained.pop(site_id, None)
-            self.line_types[site_id][self.line_entries[site_id].pop(at)[0]] -= 1
-            self.line_gpu_s_all[site_id] -= self.line_gpu_s[site_id].pop(at)
+            self._leave(site_id, waiting.seq)
             self.gate_watch[site_id].pop(job_id, None)
         waiting.lines = ()
 
-    def _start(self, job: TraceJob, spec: JobSpec, site_id: str, gpu_type: str, overflow: bool, now: float,
-               counted: int | None = None) -> None:
-        """`counted`: its place in the site's line, if it stood there (the jobs behind it counted it in their
-        forecasts)."""
+    def _join(self, site_id: str, seq: int, entry: Queued) -> None:
+        at = bisect.bisect_left(self.line[site_id], seq)
+        self.line[site_id].insert(at, seq)
+        if at < LINE_EXACT:
+            self._drained.pop(site_id, None)
+        self.line_entries[site_id].insert(at, entry)
+        self.line_gpu_s[site_id].insert(at, gpu_s := entry[1] * int(entry[2]))
+        self.line_gpu_s_all[site_id] += gpu_s
+        self.line_types[site_id][entry[0]] += 1
+
+    def _leave(self, site_id: str, seq: int) -> None:
+        line = self.line[site_id]
+        at = bisect.bisect_left(line, seq)
+        del line[at]
+        if at < LINE_EXACT:
+            self._drained.pop(site_id, None)
+        self.line_types[site_id][self.line_entries[site_id].pop(at)[0]] -= 1
+        self.line_gpu_s_all[site_id] -= self.line_gpu_s[site_id].pop(at)
+
+    def _start(self, job: TraceJob, spec: JobSpec, site_id: str, gpu_type: str, overflow: bool, now: float) -> None:
         site = self.catalog.sites[site_id]
         self.free[site_id][gpu_type] -= spec.resources.total_gpus
         run = _Run(job, spec, site_id, gpu_type, now, overflow,
@@ -400,9 +425,9 @@ class Replay:
         self.where[job.job_id] = site_id
         if overflow:
             self.overflow_held[site_id][gpu_type] += spec.resources.total_gpus
-        # a start no forecast counted may delay the jobs held by public capacity first: they are asked again
-        self.gates_moved += [(job_id, ticket) for job_id, ticket in self.gate_watch[site_id].items()
-                             if counted is None or self.waiting[job_id].seq < counted]
+        # a start moves the public forecast of the jobs held by public capacity first (one it did not count, one
+        # on another GPU type than it counted, the line's exact part moving on): their gate is looked at again
+        self.gates_moved += self.gate_watch[site_id].items()
         ledger = self.ledger[spec.tenant]
         ledger.committed_eur += run.cost_eur
         ledger.committed_h += run.allocation_h
@@ -453,11 +478,12 @@ class Replay:
 
     # --- what the policy sees -----------------------------------------------------------------------------------
 
-    def _views(self, now: float, seq: int) -> list[SiteView]:
-        """Every site as the policy sees it now, for the job `seq` in line: with the jobs ahead of it there."""
+    def _views(self, now: float, seq: int, sites: list[SiteEntry] | None = None) -> list[SiteView]:
+        """Every site (or those given) as the policy sees it now, for the job `seq` in line: with the jobs ahead
+        of it there."""
         hour = self._hour(self._at(now))
         views = []
-        for site in self.sites:
+        for site in self.sites if sites is None else sites:
             ahead = bisect.bisect_left(self.line[site.id], seq)
             entries = self.line_entries[site.id]
             backlog: dict[str, float] = {}
@@ -468,11 +494,10 @@ class Replay:
                 else:
                     for gpu_type, gpus, walltime in entries[LINE_EXACT:ahead]:
                         backlog[gpu_type] = backlog.get(gpu_type, 0.0) + gpus * walltime
-            # the line's exact part: the jobs ahead, or all of it run out already (the same for all behind it)
-            queue, drained = ((tuple(entries[:ahead]), None) if ahead < LINE_EXACT
-                              else ((), partial(self._line_drained, site.id, now)))
+            # the line's exact part ahead of it, run out when a wait needs it
+            drained = partial(self._line_drained, site.id, now, min(ahead, LINE_EXACT))
             views.append(SiteView(entry=site, up=True, free=self.free[site.id], holdings=self._held(site.id),
-                                  holdings_age_s=now, queue=queue, drained=drained, backlog_gpu_s=backlog,
+                                  holdings_age_s=now, drained=drained, backlog_gpu_s=backlog,
                                   carbon_g_per_kwh=self._carbon(site, hour), overflow_gpus=self.overflow_held[site.id]))
         return views
 
@@ -489,14 +514,22 @@ class Replay:
             held = self._holdings[site_id] = tuple(self.held[site_id].values())
         return held
 
-    def _line_drained(self, site_id: str, now: float) -> Drained:
-        """The site's running jobs and the first LINE_EXACT of its line run out: all that a job further back in
-        line waits for, before the backlog."""
-        if (drained := self._drained.get(site_id)) is None:
+    def _line_drained(self, site_id: str, now: float, ahead: int) -> Drained:
+        """The site's running jobs and the first `ahead` of its line run out (at most LINE_EXACT: all that a job
+        further back waits for, before the backlog). Kept until the site or the line's exact part changes, and
+        while time moves if it does not depend on the clock; a longer part runs on from the longest kept."""
+        kept = self._drained.setdefault(site_id, {})  # jobs ahead -> (the clock it was run at, the run-out)
+        if (hit := kept.get(ahead)) and (hit[0] == now or hit[1].timeless):
+            return hit[1]
+        shorter = [n for n, (at, d) in kept.items() if n < ahead and (at == now or d.timeless)]
+        entries = self.line_entries[site_id]
+        if shorter:
+            start = max(shorter)
+            drained = kept[start][1].then(entries[start:ahead], now)
+        else:
             running = ((h.gpu_type, h.gpus, h.ends_in_s) for h in self._held(site_id))
-            drained = drain(self.free[site_id], running, self.line_entries[site_id][:LINE_EXACT], now)
-            if drained.timeless:
-                self._drained[site_id] = drained
+            drained = drain(self.free[site_id], running, entries[:ahead], now)
+        kept[ahead] = (now, drained)
         return drained
 
     def _site_changed(self, site_id: str) -> None:

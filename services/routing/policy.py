@@ -362,8 +362,10 @@ def choose(spec: JobSpec, tenant: TenantEntry, sites: Iterable[SiteView], budget
             gate = f"public capacity first: {public_ok[0].id} can run it now"
         elif public_waits:
             gate = _overflow_gate(spec, tenant, min(w if w >= 0 else INF for w in public_waits), now)
+        # it holds every paid site the job could use some day, whatever else holds it there: a job held by it
+        # does not stand in a paid site's line (it would not take those GPUs if they came back)
         for site in views:
-            if not site.entry.public and site.id in holds and not holds[site.id] and gate:
+            if not site.entry.public and site.id in holds and gate:
                 holds[site.id].append((Hold.GATE, gate))
     for site_id, held in holds.items():
         reasons[site_id] = [text for _, text in held]
