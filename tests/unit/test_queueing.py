@@ -58,3 +58,19 @@ def test_a_timeless_drain_is_a_run_out_at_any_later_clock_before_an_end(free, ru
         assert drained.start(job[0], job[1], clock) - clock == pytest.approx(expected)
     # and counting the holdings from an earlier instant is the same as counting them afresh
     assert run_out(free, running, queue, job[0], job[1], elapsed_s=clock) == pytest.approx(expected)
+
+
+@settings(max_examples=300, deadline=None)
+@given(free=st.fixed_dictionaries({t: st.integers(0, 4) for t in TYPES}), running=st.lists(jobs, max_size=6),
+       queue=st.lists(jobs, max_size=8), split=st.integers(0, 8), job=jobs, moved=st.floats(0, 1))
+def test_a_queue_run_on_from_its_first_jobs_is_the_whole_run_out(free, running, queue, split, job, moved):
+    """The replay keeps the run-out of a line's first jobs and runs it on for a job further back
+    (`Drained.then`), at the clock it was drained at or, if timeless, later, before any held job ends."""
+    first = drain(free, running, queue[:split])
+    clock = moved * min((left for _, _, left in running), default=0.0) if first.timeless else 0.0
+    now = [(t, n, left - clock) for t, n, left in running]
+    expected = run_out(free, now, queue, job[0], job[1])
+    on = first.then(queue[split:], clock)
+    assert on.start(job[0], job[1], clock) - clock == pytest.approx(expected)
+    whole = drain(free, running, queue, clock)
+    assert (on.now, on.timeless, sorted(on.ends)) == (whole.now, whole.timeless, sorted(whole.ends))
