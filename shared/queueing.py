@@ -44,9 +44,9 @@ class Drained:
         """When a job of `gpus` GPUs of the type, joining behind the queue at `clock_s`, starts (inf: never)."""
         if (gpu_type, gpus) not in self._starts:  # at the latest of the queue's last start and the ends it needs
             have, at = self.free.get(gpu_type, 0), self.now
-            for end, t, n in sorted(self.ends):  # a copy: the state is kept for the next job asked
-                if have >= gpus:
-                    break
+            ends = list(self.ends) if have < gpus else []  # a copy: the state is kept for the next job asked
+            while ends and have < gpus:  # the ends in order, as few as it takes
+                end, t, n = heapq.heappop(ends)
                 if t == gpu_type:
                     have, at = have + n, max(at, end)
             self._starts[(gpu_type, gpus)] = at if have >= gpus else math.inf
