@@ -15,7 +15,7 @@ Live routing tries each waiting job again on a timer and when GPUs come back. Be
 changes, so the replay asks the policy about a waiting job only when something that holds it back may have
 changed: the policy says, site by site, what that is (`Choice.holds`, and `Choice.gate` for public capacity
 first), and the job watches exactly that (GPUs coming back at a site, its tenant's budget, a site's overflow
-share; the hour the public forecast gave, and starts that forecast did not count).
+share; the hour the public forecast gave, and every start at the public site, which may move it).
 """
 
 from __future__ import annotations
@@ -327,7 +327,7 @@ class Replay:
 
     def _try_gate(self, waiting: _Waiting, now: float) -> None:
         """Ask again a job held by public capacity first, whose public forecast may have moved: the public sites
-        alone answer whether the gate still holds, for a seventh of the asking. While it does, the whole
+        alone answer whether the gate still holds (one site of the demo's seven). While it does, the whole
         question would have the same answer (every paid site held by the gate, which the job neither watches
         nor stands in line for) and the job waits as it would; once it does not, the whole question is asked."""
         spec = waiting.spec
