@@ -595,3 +595,16 @@ def test_the_public_wait_runs_out_the_line_ahead_and_opens_overflow_past_the_thr
     assert queued.wait_s("H100", 4) == 7200.0
     behind = place(job(gpus=4, walltime_s=3600), lab, [queued, view(cloud)])
     assert (behind.site, behind.overflow) == ("cloud", True)
+
+
+def test_public_capacity_first_holds_a_paid_site_that_something_else_holds_too():
+    # the paid site's GPUs are busy as well: the job waits for the public ones, and says the gate holds the
+    # paid site too (so it stands in no paid line: it would not take those GPUs if they came back now)
+    hpc = site("hpc", kind="public_hpc", gpus={"H100": 4})
+    lab = tenant(allocation=1000).model_copy(update={"overflow_after_wait_s": 5400})
+    busy_hpc = SiteView(entry=hpc, up=True, free={"H100": 0}, holdings=(Holding("H100", 4, 3600.0),))
+    busy_cloud = view(site("cloud", gpus={"H100": 8}), free={"H100": 0})
+    decision = place(job(gpus=4, walltime_s=3600), lab, [busy_hpc, busy_cloud])
+    assert decision.site is None and decision.holds == {"hpc": {Hold.GPUS}, "cloud": {Hold.GPUS, Hold.GATE}}
+    needs, gate = candidate(decision, "cloud").reasons
+    assert needs.startswith("needs 4 H100 GPUs now, 0 free") and gate.startswith("public capacity first")
