@@ -247,7 +247,7 @@ class Replay:
                     self._try_gate(waiting, now)
                 else:
                     self._try(waiting, now)
-            if len(key) == 3:
+            if key and key is not GATE_MOVED:  # from a GPU or share watch: its next watcher, if there is room
                 self._next_head(key, heads, tried)
 
     def _next_head(self, key: tuple[Hold, str, int], heads: list, tried: set[str]) -> None:
@@ -330,9 +330,9 @@ class Replay:
         alone answer whether the gate still holds (one site of the demo's seven). While it does, the whole
         question would have the same answer (every paid site held by the gate, which the job neither watches
         nor stands in line for) and the job waits as it would; once it does not, the whole question is asked."""
-        spec = waiting.spec
+        spec, at = waiting.spec, self._at(now)
         public = choose(spec, self.catalog.tenants[spec.tenant], self._views(now, waiting.seq, self.public_sites),
-                        self._budget(spec.tenant, self._at(now)), self._at(now), permanent=waiting.permanent)
+                        self._budget(spec.tenant, at), at, permanent=waiting.permanent)
         if public.site is None and public.gate:
             self._wait(waiting, public, now)
         else:
