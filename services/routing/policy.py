@@ -144,11 +144,24 @@ AVOID_S = 600.0
 TRANSIENT_BACKOFF_S = 5.0
 
 
-def retry_delay_s(base_s: float, priority: int, tries: int) -> float:
+# A waiting job is tried again after the base delay, stretched for lower priorities (twice as long at priority
+# 0 as at 9) and for a job that has waited long (a fifth more a try, up to five times at the 20th): at most ten
+# times the base
+RETRY_TOP_PRIORITY = 9
+RETRY_STRETCH_TRIES = 5
+RETRY_MOST_TRIES = 20
+
+
+def retry_delay_s(base_s: float, priority: int, tries: int, now: datetime | None = None,
+                  wait_until: datetime | None = None) -> float:
     """How long a waiting job waits before it is tried again: higher priorities come back sooner, so they take
-    freed GPUs first; a job that has waited long comes back less often (up to six times the base, at the
-    20th try), so that a crowd of waiting jobs does not swamp the bus."""
-    return base_s * (1 + (9 - priority) / 9) * (1 + min(tries, 20) / 5)
+    freed GPUs first; a job that has waited long comes back less often, so that a crowd of waiting jobs does
+    not swamp the bus; a job waiting for a greener hour (`wait_until`) comes back then, not before."""
+    delay = (base_s * (1 + (RETRY_TOP_PRIORITY - priority) / RETRY_TOP_PRIORITY)
+             * (1 + min(tries, RETRY_MOST_TRIES) / RETRY_STRETCH_TRIES))
+    if wait_until is not None and now is not None:
+        delay = max(delay, (wait_until - now).total_seconds())
+    return delay
 
 
 @dataclass(frozen=True)

@@ -205,3 +205,24 @@ def metered(doc: dict | None, job_id: str) -> dict | None:
 
 def unmetered(doc: dict | None, job_id: str) -> bool:
     return job_id in (doc or {}).get("unmetered", {})
+
+
+def holder(held: dict[str, dict], job_id: str, attempt: int | None = None) -> tuple[str, Reservation] | None:
+    """The site whose GPUs the job holds (for this attempt, if given), of the sites' documents `held`."""
+    for site_id, doc in held.items():
+        r = job(doc, job_id)
+        if r is not None and (attempt is None or r.attempt == attempt):
+            return site_id, r
+    return None
+
+
+def overflow_summary(held: dict[str, dict]) -> dict:
+    """Overflow placed so far, per site and per tenant, and the GPUs overflow jobs hold now."""
+    by_site, by_tenant = {}, {}
+    for site_id, doc in held.items():
+        counts = overflow_placed(doc)
+        now = sum(r.gpus for r in jobs(doc).values() if r.overflow)
+        by_site[site_id] = {"jobs": sum(counts.values()), "by_tenant": counts, "gpus_now": now}
+        for tenant, n in counts.items():
+            by_tenant[tenant] = by_tenant.get(tenant, 0) + n
+    return {"sites": by_site, "tenants": by_tenant}
