@@ -608,3 +608,17 @@ def test_public_capacity_first_holds_a_paid_site_that_something_else_holds_too()
     assert decision.site is None and decision.holds == {"hpc": {Hold.GPUS}, "cloud": {Hold.GPUS, Hold.GATE}}
     needs, gate = candidate(decision, "cloud").reasons
     assert needs.startswith("needs 4 H100 GPUs now, 0 free") and gate.startswith("public capacity first")
+
+
+# --- retries -------------------------------------------------------------------------------------------------
+
+def test_a_waiting_job_is_tried_again_sooner_the_higher_its_priority_and_less_often_the_longer_it_waits():
+    from services.routing.policy import retry_delay_s
+
+    assert retry_delay_s(1.0, priority=9, tries=0) == 1.0
+    assert retry_delay_s(1.0, priority=0, tries=0) == 2.0
+    assert retry_delay_s(1.0, priority=9, tries=20) == 5.0
+    assert retry_delay_s(1.0, priority=0, tries=20) == 10.0  # the most: ten times the base
+    assert retry_delay_s(1.0, priority=0, tries=1000) == 10.0
+    now = datetime(2026, 12, 2, 12, tzinfo=UTC)
+    assert retry_delay_s(1.0, 9, 0, now, wait_until=now + timedelta(hours=2)) == 7200.0  # a greener hour: then

@@ -1,0 +1,105 @@
+"""In-memory stores for a service's composition root (shared/stores.py's ports), so that races between
+placement tries run one step at a time: a test parks a try at a chosen step (`Gate`), runs another try, then
+lets the first go on. They keep the guarantees the real ones give that the races turn on: compare-and-set
+changes, and an event log that keeps one event of an id (JetStream's Nats-Msg-Id) and says `duplicate`."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from nats.js.api import PubAck
+
+from shared.contracts.events import CloudEvent
+from shared.contracts.subjects import Subjects
+from shared.registry import apply_event
+from shared.stores import Change
+
+
+class Gate:
+    """Parks whoever passes it until it is opened; `reached` says someone waits there."""
+
+    def __init__(self) -> None:
+        self.reached = asyncio.Event()
+        self._open = asyncio.Event()
+
+    async def pass_(self) -> None:
+        self.reached.set()
+        await self._open.wait()
+
+    def open(self) -> None:
+        self._open.set()
+
+
+class MemoryDocuments:
+    """A bucket whose local copy is the bucket itself (a copy never lags here)."""
+
+    def __init__(self, values: dict[str, dict] | None = None) -> None:
+        self.values: dict[str, dict] = dict(values or {})
+        self.reads: dict[str, int] = {}
+        self.writes: dict[str, int] = {}
+        self.gates: dict[str, Gate] = {}  # key -> a gate its next read waits at
+
+    def cached(self, key: str) -> dict | None:
+        return self.values.get(key)
+
+    def cached_all(self) -> dict[str, dict]:
+        return dict(self.values)
+
+    async def read(self, key: str) -> dict | None:
+        self.reads[key] = self.reads.get(key, 0) + 1
+        if gate := self.gates.pop(key, None):
+            await gate.pass_()
+        return self.values.get(key)
+
+    async def change(self, key: str, change: Change) -> dict | None:
+        new = change(self.values.get(key))  # what it raises is raised here, and nothing is written
+        if new is not None:
+            self.values[key] = new
+            self.writes[key] = self.writes.get(key, 0) + 1
+        return new
+
+    async def put(self, key: str, value: dict) -> None:
+        self.values[key] = value
+
+    async def delete(self, key: str) -> None:
+        self.values.pop(key, None)
+
+
+class MemoryEventLog:
+    """The event stream and the dispatch stream. `registry`, if given, folds each new job event at once (the
+    registry service's part; leave it out to have the registry lag the stream)."""
+
+    def __init__(self, subjects: Subjects, registry: MemoryDocuments | None = None) -> None:
+        self.subjects = subjects
+        self.registry = registry
+        self.events: list[tuple[str, CloudEvent]] = []
+        self.commands: list[tuple[str, Any]] = []
+        self._ids: set[str] = set()
+        self._command_ids: set[str] = set()
+        self.gates: dict[str, Gate] = {}  # event kind -> a gate the next publisher of that kind waits at
+
+    async def publish_event(self, subject: str, event: CloudEvent, traceparent: str | None = None) -> PubAck:
+        if gate := self.gates.pop(event.kind, None):
+            await gate.pass_()
+        if event.id in self._ids:
+            return PubAck(stream="events", seq=len(self.events), duplicate=True)
+        self._ids.add(event.id)
+        self.events.append((subject, event))
+        if self.registry is not None:
+            job_id = event.data["job_id"]
+            if new := apply_event(self.registry.values.get(job_id), event, len(self.events)):
+                self.registry.values[job_id] = new
+        return PubAck(stream="events", seq=len(self.events))
+
+    async def last_job_event(self, tenant: str, job_id: str, kind: str) -> dict | None:
+        subject = self.subjects.job_event(tenant, job_id, kind)
+        return next((event.data for s, event in reversed(self.events) if s == subject), None)
+
+    async def publish_command(self, subject: str, body: Any, msg_id: str) -> None:
+        if msg_id not in self._command_ids:
+            self._command_ids.add(msg_id)
+            self.commands.append((subject, body))
+
+    def of_kind(self, kind: str) -> list[CloudEvent]:
+        return [event for _, event in self.events if event.kind == kind]

@@ -1,0 +1,145 @@
+"""services/routing/placement.py: the races between placement tries, run one step at a time on in-memory stores
+(tests/fakes.py) through routing's composition root. Each test parks a try at a chosen step, runs another, then
+lets the first go on, and checks the guard that keeps the outcome right."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+
+import pytest
+from faststream.exceptions import NackMessage
+
+from services.routing import reservations
+from services.routing.bootstrap import Stores, bootstrap
+from shared.contracts.catalog import Catalog, SiteEntry, TenantEntry
+from shared.contracts.events import CloudEvent, make_event
+from shared.contracts.jobs import JobSpec, JobState, Resources, job_event_data
+from shared.contracts.subjects import Subjects
+from tests.fakes import Gate, MemoryDocuments, MemoryEventLog
+
+NOW = datetime(2026, 12, 2, 12, tzinfo=UTC)
+SUBJECTS = Subjects()
+CATALOG = Catalog(
+    sites={"cloud": SiteEntry(id="cloud", kind="private_cloud", country="FR", jurisdiction="EU",
+                              carbon_g_per_kwh=50.0, gpus={"H100": 4}, price_eur_per_gpu_hour={"H100": 2.0})},
+    tenants={"acme": TenantEntry(id="acme", monthly_budget_eur=10_000)})
+
+
+class NoCarbon:
+    def intensity(self, zone: str, when: datetime) -> float:
+        raise AssertionError("every test site has a fixed intensity")
+
+
+@pytest.fixture
+def world():
+    jobs = MemoryDocuments()
+    log = MemoryEventLog(SUBJECTS, registry=jobs)
+    status = {"site_id": "cloud", "state": "up", "carbon_g_per_kwh": 50.0, "last_seen": NOW.isoformat()}
+    stores = Stores(reservations=MemoryDocuments(), waiting=MemoryDocuments(),
+                    sites=MemoryDocuments({"cloud": status}), budgets=MemoryDocuments(), jobs=jobs)
+    routing = bootstrap(CATALOG, NoCarbon(), stores, log, SUBJECTS, retry_s=1.0, grace_s=120.0, clock=lambda: NOW)
+    return routing, stores, log
+
+
+async def submit(log: MemoryEventLog, job_id: str, gpus: int = 1, priority: int = 4) -> CloudEvent:
+    spec = JobSpec(tenant="acme", command=["train"], resources=Resources(gpus=gpus, gpu_type="H100"),
+                   priority=priority, walltime_s=3600)
+    event = make_event("intake", "job", "accepted", job_id, job_event_data(
+        job_id, "acme", JobState.accepted, spec=spec.model_dump(mode="json")), job_id, time=NOW)
+    await log.publish_event(SUBJECTS.job_event("acme", job_id, "accepted"), event)
+    return event
+
+
+def holds(stores: Stores, job_id: str) -> bool:
+    return reservations.holds(stores.reservations.values.get("cloud"), job_id)
+
+
+def orders(log: MemoryEventLog, job_id: str) -> int:
+    return sum(1 for subject, order in log.commands if subject == SUBJECTS.dispatch("cloud") and order.job_id == job_id)
+
+
+async def test_a_try_that_finds_its_gpus_announced_by_another_leaves_them_to_the_job(world):
+    routing, stores, log = world
+    accepted = await submit(log, "j1")
+    log.gates["placed"] = gate = Gate()
+    first = asyncio.create_task(routing.placement.place(accepted, None, tries=1))
+    await gate.reached.wait()  # it has reserved the GPUs and is about to announce the placement
+    # the same event again (its ack wait ran out): it finds the GPUs held for this attempt and announces them
+    await routing.placement.place(accepted, None, tries=2)
+    gate.open()
+    await first  # its announcement is a duplicate: the other try's stands, on the very GPUs it reserved
+
+    assert len(log.of_kind("placed")) == 1
+    assert holds(stores, "j1"), "the losing try gave back the GPUs the winner's placement uses"
+    assert orders(log, "j1") == 1
+
+
+async def test_a_try_of_a_job_placed_meanwhile_takes_no_gpus_even_for_a_moment(world):
+    routing, stores, log = world
+    accepted = await submit(log, "j1")
+    await routing.placement.place(accepted, None, tries=1)
+    await routing.reservations.release("j1", until_metered=True)  # it ran and ended: its GPUs came back
+    writes = dict(stores.reservations.writes)
+
+    await routing.placement.place(accepted, None, tries=2)  # redelivered: the stream has its placement
+
+    assert stores.reservations.writes == writes, "a placed job's second try reserved GPUs again"
+    assert not holds(stores, "j1")
+    assert len(log.of_kind("placed")) == 1 and orders(log, "j1") == 1
+
+
+async def fill_then_wait(routing, log, stores) -> None:
+    """`big` holds every GPU; `urgent` (priority 9) waits for them on the line; then `big` gives them back
+    without waking anyone."""
+    await routing.placement.place(await submit(log, "big", gpus=4), None)
+    with pytest.raises(NackMessage):
+        await routing.placement.place(await submit(log, "urgent", gpus=4, priority=9), None)
+    assert routing.line.waits("urgent")
+    await routing.reservations.release("big")
+
+
+async def test_a_lower_priority_yields_the_freed_gpus_to_a_waiting_higher_one(world):
+    routing, stores, log = world
+    await fill_then_wait(routing, log, stores)
+
+    with pytest.raises(NackMessage):
+        await routing.placement.place(await submit(log, "small", gpus=1, priority=1), None)
+
+    assert not holds(stores, "small")
+    (queued,) = [e for e in log.of_kind("queued") if e.data["job_id"] == "small"]
+    assert any("yields to job urgent" in reason for reason in queued.data["reasons"])
+    await routing.placement.place_job("urgent", "acme", 0, None, woken=True)
+    assert holds(stores, "urgent")
+
+
+async def test_a_line_entry_left_by_a_job_no_longer_waiting_holds_no_one_back(world):
+    routing, stores, log = world
+    await fill_then_wait(routing, log, stores)
+    cancelled = make_event("intake", "job", "cancelled", "urgent", job_event_data("urgent", "acme", JobState.cancelled),
+                           "urgent", time=NOW)
+    await log.publish_event(SUBJECTS.job_event("acme", "urgent", "cancelled"), cancelled)  # its entry stays a moment
+
+    await routing.placement.place(await submit(log, "small", gpus=1, priority=1), None)
+
+    assert holds(stores, "small")
+    assert not routing.line.waits("urgent"), "the stale entry was not cleared"
+
+
+async def test_a_wake_runs_one_round_at_a_time_and_one_more_for_releases_meanwhile(world):
+    routing, stores, log = world
+    await routing.placement.place(await submit(log, "big", gpus=4), None)
+    with pytest.raises(NackMessage):
+        await routing.placement.place(await submit(log, "waiting", gpus=4), None)
+    stores.jobs.gates["waiting"] = gate = Gate()
+    stores.jobs.reads.clear()
+
+    first = asyncio.create_task(routing.placement.wake())
+    await gate.reached.wait()  # the first round is reading the waiting job
+    await routing.placement.wake()  # two more releases meanwhile: each returns at once
+    await routing.placement.wake()
+    gate.open()
+    await first
+
+    assert stores.jobs.reads["waiting"] == 2, "rounds ran at once, or the releases meanwhile got no round"
+    assert not holds(stores, "waiting")  # `big` still holds every GPU
