@@ -3,14 +3,14 @@
 
 from __future__ import annotations
 
-from services.agent.backends.base import Backend, Reports
+from services.agent.backends.base import Reports, SlotBackend
 from services.agent.backends.local import LocalBackend
 from services.agent.backends.simulated import SimulatedBackend
 from services.agent.backends.slurm import SlurmBackend
 from shared.contracts.catalog import SiteEntry
 
 
-def backend_for(site: SiteEntry, reports: Reports) -> Backend | SlurmBackend:
+def backend_for(site: SiteEntry, reports: Reports) -> SlotBackend | SlurmBackend:
     if site.backend == "simulated":
         return SimulatedBackend(site, reports)
     if site.backend == "local":
@@ -18,4 +18,4 @@ def backend_for(site: SiteEntry, reports: Reports) -> Backend | SlurmBackend:
     return SlurmBackend(site, reports)
 
 
-__all__ = ["Backend", "Reports", "backend_for"]
+__all__ = ["Reports", "SlotBackend", "backend_for"]

@@ -40,8 +40,8 @@ class Reports(Protocol):
         """The run ended without a report: the job had moved to another site."""
 
 
-class Backend(ABC):
-    """Runs dispatched jobs on the site's GPUs, first come first served."""
+class SlotBackend(ABC):
+    """Runs dispatched jobs on the site's GPUs, numbered slots of each type, first come first served."""
 
     def __init__(self, site: SiteEntry, reports: Reports) -> None:
         self.site = site

@@ -257,7 +257,7 @@ class SlurmView:
 
 
 class SlurmBackend:
-    """Runs dispatched jobs in Slurm. Same surface as the slot backends (see `base.Backend`)."""
+    """Runs dispatched jobs in Slurm. Same surface as the slot backends (see `base.SlotBackend`)."""
 
     def __init__(self, site: SiteEntry, reports: Reports, poll_s: float = POLL_S) -> None:
         self.site = site
