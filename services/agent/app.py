@@ -8,9 +8,7 @@ from datetime import datetime
 
 import structlog
 
-from services.agent.backends import Backend, backend_for
-from services.agent.backends.base import Outcome
-from services.agent.backends.slurm import SlurmBackend, SubmitError
+from services.agent.backends import Outcome, SiteBackend, SubmitError, backend_for
 from shared import telemetry
 from shared.bus import Bus, create_app, create_bus, dumps, request_json
 from shared.contracts.catalog import Catalog, SiteEntry
@@ -30,7 +28,7 @@ class SiteAgent:
     def __init__(self, bus: Bus, site: SiteEntry) -> None:
         self.bus = bus
         self.site = site
-        self.backend: Backend | SlurmBackend = backend_for(site, self)
+        self.backend: SiteBackend = backend_for(site, self)
         # each job's trace context here: its dispatch span's, then its run's (the parent of what it reports)
         self.traces: dict[str, str | None] = {}
         self.runs: dict[str, telemetry.Span] = {}

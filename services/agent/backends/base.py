@@ -1,4 +1,6 @@
-"""What every slot-based backend shares: GPUs by type as numbered slots, a FIFO queue when they are full."""
+"""What every backend shares with the agent: the surface it holds a site by (`SiteBackend`), how a run ends
+(`Outcome`), how it is reported (`Reports`) and how a site refuses a job (`SubmitError`). Then what the
+slot-based backends share: GPUs by type as numbered slots, a FIFO queue when they are full (`SlotBackend`)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,8 @@ import contextvars
 import heapq
 from abc import ABC, abstractmethod
 from collections import deque
+from collections.abc import Collection
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -40,8 +44,56 @@ class Reports(Protocol):
         """The run ended without a report: the job had moved to another site."""
 
 
-class Backend(ABC):
-    """Runs dispatched jobs on the site's GPUs, first come first served."""
+class SubmitError(Exception):
+    """The site refused the job, in its own words. `permanent` when asking again cannot help (the job asks for
+    what the site does not have, or names an account, partition or QOS it does not know); otherwise the site's
+    scheduler was busy or out of reach, and a later try may go through."""
+
+    def __init__(self, words: str, permanent: bool) -> None:
+        super().__init__(words)
+        self.permanent = permanent
+
+
+class SiteBackend(Protocol):
+    """How the agent runs a site, whichever backend it is (the slot backends below, or Slurm): the agent holds
+    it by nothing else. It reports each job's start and end through `Reports`."""
+
+    @property
+    def known(self) -> AbstractSet[str]:
+        """The jobs held here, queued or running: a dispatch of one of them is a redelivery."""
+
+    @property
+    def running(self) -> Collection[str]:
+        """The ids of the jobs running here."""
+
+    @property
+    def waited_total(self) -> int:
+        """Dispatches that found their GPUs busy since the agent started (the site was over-committed)."""
+
+    async def start(self) -> None:
+        """Called once the agent is connected (a backend whose jobs outlive the agent takes them back)."""
+
+    async def submit(self, order: Dispatch) -> bool:
+        """Take the order (False if it is held here already: a redelivery); SubmitError if the site refuses it."""
+
+    async def cancel(self, job_id: str, reason: str, superseded: bool = False, attempt: int | None = None) -> bool:
+        """Stop the job, its end reported unless `superseded`; False if it is not here (or not at that attempt)."""
+
+    def capacity(self) -> dict[str, GpuCount]:
+        """GPUs by catalog type: how many, how many are free, and how many the site's queue waits for."""
+
+    def queued(self) -> int:
+        """How many jobs wait in the site's queue (on a shared cluster, others' too)."""
+
+    def jobs(self) -> list[SiteJob]:
+        """Every job at the site (on a shared cluster, others' too): queued ones in start order, then running."""
+
+    async def close(self) -> None:
+        """Let go of every job, cancelling none: each is placed again, or runs on for the next agent to take."""
+
+
+class SlotBackend(ABC):
+    """Runs dispatched jobs on the site's GPUs, numbered slots of each type, first come first served."""
 
     def __init__(self, site: SiteEntry, reports: Reports) -> None:
         self.site = site

@@ -6,14 +6,14 @@ import asyncio
 import os
 import signal
 
-from services.agent.backends.base import Backend, Outcome
+from services.agent.backends.base import Outcome, SlotBackend
 from shared.contracts.jobs import Dispatch
 
 # how long a process has to end after SIGTERM before it is killed
 TERM_GRACE_S = 5.0
 
 
-class LocalBackend(Backend):
+class LocalBackend(SlotBackend):
     async def run(self, order: Dispatch, slots: list[int]) -> Outcome:
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(map(str, slots)), CONTINUUM_JOB_ID=order.job_id)
         try:

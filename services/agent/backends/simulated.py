@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from services.agent.backends.base import Backend, Outcome
+from services.agent.backends.base import Outcome, SlotBackend
 from shared.contracts.jobs import Dispatch
 
 RUNTIME_LABEL = "sim.runtime_s"
@@ -34,7 +34,7 @@ async def last(seconds: float) -> None:
         await asyncio.sleep(left)
 
 
-class SimulatedBackend(Backend):
+class SimulatedBackend(SlotBackend):
     async def run(self, order: Dispatch, slots: list[int]) -> Outcome:
         runtime, exit_code = simulated_outcome(order)
         if runtime > order.spec.walltime_s:

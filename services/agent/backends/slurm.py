@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 
 import structlog
 
-from services.agent.backends.base import Outcome, Reports
+from services.agent.backends.base import Outcome, Reports, SubmitError
 from shared.contracts.catalog import SiteEntry, SlurmOptions
 from shared.contracts.events import utcnow
 from shared.contracts.jobs import Dispatch
@@ -46,16 +46,6 @@ RUNNING = {"RUNNING", "COMPLETING", "STAGE_OUT"}
 FAILED = {"FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"}
 REQUEUED = {"PREEMPTED", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD"}
 ENDED = FAILED | REQUEUED | {"COMPLETED", "CANCELLED"}
-
-
-class SubmitError(Exception):
-    """sbatch refused the job, in its own words. `permanent` when asking again cannot help (the job asks for
-    what the site does not have, or names an account, partition or QOS it does not know); otherwise the
-    controller was busy or out of reach, and a later try may go through."""
-
-    def __init__(self, words: str, permanent: bool) -> None:
-        super().__init__(words)
-        self.permanent = permanent
 
 
 class CommandError(RuntimeError):
@@ -257,7 +247,7 @@ class SlurmView:
 
 
 class SlurmBackend:
-    """Runs dispatched jobs in Slurm. Same surface as the slot backends (see `base.Backend`)."""
+    """Runs dispatched jobs in Slurm: a `base.SiteBackend`, as the slot backends are."""
 
     def __init__(self, site: SiteEntry, reports: Reports, poll_s: float = POLL_S) -> None:
         self.site = site
