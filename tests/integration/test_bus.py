@@ -244,7 +244,7 @@ async def test_a_body_that_is_not_the_request_is_answered_why_and_the_handler_is
 async def test_a_failing_handler_is_answered_an_internal_error_and_the_next_request_is_served(serving):
     bus, subject = serving, serving.subjects.jobs_get
 
-    @bus.responder(subject, "jobs.get")
+    @bus.responder(subject, "jobs.get", concurrency=1)  # the failed request must give its one slot back
     async def get(ref: JobRef) -> dict:
         if ref.job_id == "broken":
             raise RuntimeError("the registry is away")
