@@ -17,7 +17,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import orjson
 import structlog
@@ -48,7 +48,6 @@ from shared.settings import Settings
 from shared.telemetry import TRACEPARENT, current_traceparent, dead_lettered
 
 log = structlog.get_logger()
-T = TypeVar("T", bound=BaseModel)
 
 
 def dumps(value: Any) -> bytes:
@@ -696,14 +695,6 @@ def _bad_request(error: ValidationError) -> dict:
     """The reply to a request that is not what its responder takes: every problem, where it is."""
     problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in error.errors())
     return {"error": f"bad request: {problems}"}
-
-
-def parse_request(model: type[T], body: bytes) -> T | dict:
-    """The request as its model, or the error reply that says what is wrong with it."""
-    try:
-        return model.model_validate_json(body)
-    except ValidationError as e:
-        return _bad_request(e)
 
 
 async def request_json(bus_or_nc: Any, subject: str, body: Any, timeout: float = 5.0) -> dict:

@@ -630,11 +630,7 @@ def create_routing_app(settings: Settings):
     @bus.responder(subjects.routing_overflow, "routing.overflow")
     async def overflow() -> dict:
         """Overflow from public to paid capacity, per site and per tenant."""
-        try:
-            return await router.overflow()
-        except Exception as e:
-            log.exception("overflow.failed")
-            return {"error": f"internal error: {e}"}
+        return await router.overflow()
 
     telemetry.observe(telemetry.JOBS_WAITING, "Jobs waiting for capacity (the waiting board)", "{job}",
                       lambda: [(len(router.mirrors[topology.waiting_bucket].values), {})]
