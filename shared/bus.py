@@ -17,7 +17,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import orjson
 import structlog
@@ -48,7 +48,6 @@ from shared.settings import Settings
 from shared.telemetry import TRACEPARENT, current_traceparent, dead_lettered
 
 log = structlog.get_logger()
-T = TypeVar("T", bound=BaseModel)
 
 
 def dumps(value: Any) -> bytes:
@@ -139,11 +138,8 @@ class Bus:
                 self.broker.subscriber(subject, stream=JStream(stream, declare=False), durable=durable,
                                        pull_sub=PullSub(batch_size=batch), config=settings, title=role)(handler)
             else:
-                # the type of its one parameter, if it takes one
-                body = TypeAdapter(next(iter(typing.get_type_hints(handler).values()))) \
-                    if handler.__code__.co_argcount else None
-                self._consumers.append(_Consumer(subject, stream, durable, settings, batch, handler, body,
-                                                 dead_letter))
+                self._consumers.append(_Consumer(subject, stream, durable, settings, batch, handler,
+                                                 _payload(handler), dead_letter))
             return handler
         return register
 
@@ -295,18 +291,26 @@ class Bus:
         return (self.message().headers or {}).get(TRACEPARENT)
 
     def responder(self, subject: str, title: str, concurrency: int = 64, tenants: bool = False):
-        """A request/reply handler: it takes no parameter (the request is `message()`) and returns the reply, a
-        dict. Replicas share requests in the service's queue group; each serves up to `concurrency` at once (one
-        at a time, a submission's two round trips would queue every other). With `tenants`, it also serves
+        """A request/reply handler: it takes the request as its one parameter's type (a pydantic model), or no
+        parameter (the request is `message()`), and returns the reply, a model or a dict.
+
+            @bus.responder(subjects.jobs_get, "jobs.get", tenants=True)
+            async def get(ref: JobRef) -> JobRecord | dict: ...
+
+        A body that is not the request is answered `{"error": "bad request: <field>: <problem>; ..."}` without
+        calling the handler; what the handler raises is logged and answered `{"error": "internal error: ..."}`.
+        Replicas share requests in the service's queue group; each serves up to `concurrency` at once (one at a
+        time, a submission's two round trips would queue every other). With `tenants`, it also serves
         `<subject>.<tenant>`, where a tenant's requests come (`tenant()` says whose). Served by the bus, as
-        consumers are; FastStream's subscriber documents it."""
-        def register(handler: Callable[[], Awaitable[dict]]):
+        consumers are; FastStream's subscriber documents it, with the request's schema."""
+        def register(handler: Callable[..., Awaitable[BaseModel | dict]]):
             subjects = [subject, f"{subject}.*"] if tenants else [subject]
             if self.documenting:  # the tenant's subject as a channel of its own
                 for each, name in zip(subjects, (title, f"{title}.tenant"), strict=False):
                     self.broker.subscriber(each, queue=self.service, title=name)(handler)
             else:
-                self._responders.append(_Responder(subject, subjects, handler, asyncio.Semaphore(concurrency)))
+                self._responders.append(_Responder(subject, subjects, handler, _payload(handler),
+                                                   asyncio.Semaphore(concurrency)))
             return handler
         return register
 
@@ -327,7 +331,7 @@ class Bus:
         handling = _handling.set(msg)
         requester = _requester.set(Subjects.on_behalf_of(msg.subject, responder.subject))
         try:
-            reply = await responder.handler()
+            reply = await responder.serve(msg.data)
         except Exception as e:  # a request is answered, whatever happens
             log.exception("request.failed", subject=msg.subject)
             reply = {"error": f"internal error: {e}"}
@@ -516,10 +520,21 @@ class _Consumer:
 class _Responder:
     subject: str
     subjects: list[str]  # the subject, and `<subject>.*` for one that serves tenants
-    handler: Callable[[], Awaitable[dict]]
+    handler: Callable[..., Awaitable[BaseModel | dict]]
+    body: TypeAdapter | None
     slots: asyncio.Semaphore  # requests served at once
     subscriptions: list[Any] = field(default_factory=list)
     in_flight: set[asyncio.Task] = field(default_factory=set)
+
+    async def serve(self, data: bytes) -> BaseModel | dict:
+        """The handler's reply to a request; to a body that is not its request, the reply that says why."""
+        if self.body is None:
+            return await self.handler()
+        try:
+            request = self.body.validate_json(data)
+        except ValidationError as e:  # the requester's mistake, not the handler's: it is not called
+            return _bad_request(e)
+        return await self.handler(request)
 
 
 # the message the handler running in this task is handling, and the tenant whose account sent the request
@@ -668,13 +683,18 @@ def create_app(bus: Bus, *, on_startup: tuple[Hook, ...] = (), after_startup: tu
     return app
 
 
-def parse_request(model: type[T], body: bytes) -> T | dict:
-    """The request as its model, or the error reply that says what is wrong with it."""
-    try:
-        return model.model_validate_json(body)
-    except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}" for err in e.errors())
-        return {"error": f"bad request: {problems}"}
+def _payload(handler: Callable[..., Any]) -> TypeAdapter | None:
+    """What a consumer's or responder's handler takes a message's body as: the type of its one parameter, if it
+    takes one. Its annotations may be strings (`from __future__ import annotations`): resolved as Python would."""
+    if not handler.__code__.co_argcount:
+        return None
+    return TypeAdapter(typing.get_type_hints(handler)[handler.__code__.co_varnames[0]])
+
+
+def _bad_request(error: ValidationError) -> dict:
+    """The reply to a request that is not what its responder takes: every problem, where it is."""
+    problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in error.errors())
+    return {"error": f"bad request: {problems}"}
 
 
 async def request_json(bus_or_nc: Any, subject: str, body: Any, timeout: float = 5.0) -> dict:

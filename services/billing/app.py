@@ -12,10 +12,11 @@ from services.billing import budgets
 from services.billing.ledger import Ledger
 from services.billing.rating import rate, statement
 from shared import telemetry
-from shared.bus import Bus, create_app, create_bus, parse_request
+from shared.bus import Bus, create_app, create_bus
 from shared.carbon import CarbonProvider, default_carbon, site_intensity
 from shared.contracts.billing import (
     BudgetStatus,
+    Statement,
     StatementRequest,
     Topup,
     TopupRequest,
@@ -166,32 +167,18 @@ def create_billing_app(settings: Settings):
         bus.consumer(subjects.job_event(kind=kind.value), topology.events_stream, kind.value, batch=128)(meter)
 
     @bus.responder(subjects.billing_statement, "billing.statement", tenants=True)
-    async def get_statement() -> dict:
-        request = parse_request(StatementRequest, bus.message().data)
-        if isinstance(request, dict):
-            return request
+    async def get_statement(request: StatementRequest) -> Statement | dict:
         if request.tenant not in billing.catalog.tenants or bus.tenant() not in (None, request.tenant):
             # another tenant's bill is as unknown to a tenant as a tenant that does not exist
             return {"error": f"unknown tenant {request.tenant!r}: not in the tenant catalog"}
-        try:
-            lines = billing.ledger.lines(request.tenant, request.since, request.until)
-        except Exception as e:
-            log.exception("statement.failed", tenant=request.tenant)
-            return {"error": f"internal error: {e}"}
-        return statement(request.tenant, lines, request.since, request.until).model_dump(mode="json")
+        lines = billing.ledger.lines(request.tenant, request.since, request.until)
+        return statement(request.tenant, lines, request.since, request.until)
 
     @bus.responder(subjects.billing_topup, "billing.topup")
-    async def topup() -> dict:
-        request = parse_request(TopupRequest, bus.message().data)
-        if isinstance(request, dict):
-            return request
+    async def topup(request: TopupRequest) -> dict:
         if request.tenant not in billing.catalog.tenants:
             return {"error": f"unknown tenant {request.tenant!r}: not in the tenant catalog"}
-        try:
-            return await billing.topup(request)
-        except Exception as e:
-            log.exception("topup.failed", tenant=request.tenant)
-            return {"error": f"internal error: {e}"}
+        return await billing.topup(request)
 
     async def open_ledger() -> None:
         billing.ledger = Ledger(settings.ledger_url or settings.ledger)

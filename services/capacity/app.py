@@ -143,12 +143,8 @@ def create_capacity_app(settings: Settings):
         await view.heartbeat(beat)
 
     @bus.responder(subjects.sites_list, "sites.list")
-    async def sites() -> dict:
-        try:
-            return (await view.sites()).model_dump(mode="json")
-        except Exception as e:
-            log.exception("sites.failed")
-            return {"error": f"internal error: {e}"}
+    async def sites() -> SitesReply:
+        return await view.sites()
 
     telemetry.observe(telemetry.SITE_GPUS_FREE, "Free GPUs per site and type", "{gpu}", view.free_gpus)
     telemetry.observe(telemetry.SITE_QUEUED, "Jobs queued at each site", "{job}", view.queued)

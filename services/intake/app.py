@@ -9,7 +9,7 @@ import structlog
 
 from services.intake.validation import Rejection, check_submission
 from shared import telemetry
-from shared.bus import Bus, RecentWrites, create_app, create_bus, parse_request
+from shared.bus import Bus, RecentWrites, create_app, create_bus
 from shared.contracts.catalog import Catalog
 from shared.contracts.events import CloudEvent, make_event
 from shared.contracts.jobs import (
@@ -167,15 +167,16 @@ def create_intake_app(settings: Settings):
     bus.document_events(subjects.job_event(kind="cancelled"), "A job not yet at a site was cancelled.")
 
     @bus.responder(subjects.jobs_submit, "jobs.submit", tenants=True)
-    async def submit() -> dict:
+    async def submit() -> SubmitReply:
         """Submit a JobSpec; the reply says accepted (with its job id) or rejected (with every problem)."""
+        # the body as it came, not a JobSpec the bus validated: a bad submission is a rejection (an event, and
+        # the reply's `errors`), and so is a failure here (the contract's reply to a submission, not the bus's)
         try:
-            reply = await intake.submit(bus.message().data, subject_tenant=bus.tenant(),
-                                        traceparent=bus.traceparent())
+            return await intake.submit(bus.message().data, subject_tenant=bus.tenant(),
+                                       traceparent=bus.traceparent())
         except Exception as e:  # a request is answered, whatever happens
             log.exception("submit.failed")
-            reply = SubmitReply(job_id="", state="rejected", errors=[{"loc": [], "msg": f"internal error: {e}"}])
-        return reply.model_dump(mode="json")
+            return SubmitReply(job_id="", state="rejected", errors=[{"loc": [], "msg": f"internal error: {e}"}])
 
     @bus.consumer(subjects.intake("*"), topology.intake_stream, "intake")
     async def fire_and_forget() -> None:
@@ -196,36 +197,18 @@ def create_intake_app(settings: Settings):
             await intake.apply(event, bus.message().metadata.sequence.stream)
 
     @bus.responder(subjects.jobs_get, "jobs.get", tenants=True)
-    async def get() -> dict:
-        ref = parse_request(JobRef, bus.message().data)
-        if isinstance(ref, dict):
-            return ref
-        try:
-            record = await intake.get(ref.job_id, bus.tenant())
-        except Exception as e:
-            log.exception("get.failed", job_id=ref.job_id)
-            return {"error": f"internal error: {e}"}
-        return record.model_dump(mode="json") if record else {"error": f"no job {ref.job_id!r}"}
+    async def get(ref: JobRef) -> JobRecord | dict:
+        record = await intake.get(ref.job_id, bus.tenant())
+        return record if record else {"error": f"no job {ref.job_id!r}"}
 
     @bus.responder(subjects.jobs_cancel, "jobs.cancel", tenants=True)
-    async def cancel() -> dict:
-        request = parse_request(CancelRequest, bus.message().data)
-        if isinstance(request, dict):
-            return request
-        try:
-            reply = await intake.cancel(request, bus.tenant())
-        except Exception as e:
-            log.exception("cancel.failed", job_id=request.job_id)
-            return {"error": f"internal error: {e}"}
-        return reply if isinstance(reply, dict) else reply.model_dump(mode="json")
+    async def cancel(request: CancelRequest) -> CancelReply | dict:
+        return await intake.cancel(request, bus.tenant())
 
     @bus.responder(subjects.site_job(), "agents.job")
-    async def site_job() -> dict:
+    async def site_job(ref: JobRef) -> dict:
         """A site's agent asks for the record of a job: answered only if the job was placed at that site (the
         NATS server lets a site ask only on its own subject)."""
-        ref = parse_request(JobRef, bus.message().data)
-        if isinstance(ref, dict):
-            return ref
         site = bus.message().subject.split(".")[-2]
         record, _ = await bus.get_json(topology.jobs_bucket, ref.job_id)
         if record is None or not any(h["state"] == JobState.placed and h.get("site") == site
@@ -234,15 +217,12 @@ def create_intake_app(settings: Settings):
         return record
 
     @bus.responder(subjects.jobs_history, "jobs.history", tenants=True)
-    async def history() -> dict:
+    async def history(request: HistoryRequest) -> HistoryReply:
         """A page of job and billing events from the event stream, after a sequence: a tenant reads its own
         history from the start (the operator, one tenant's or every event)."""
-        request = parse_request(HistoryRequest, bus.message().data)
-        if isinstance(request, dict):
-            return request
         tenant = bus.tenant() or request.tenant
         filters = list(subjects.tenant_events(tenant)) if tenant else [subjects.events_all]
         events, last = await bus.read_events(filters, request.after_seq, request.limit)
-        return HistoryReply(events=events, last_seq=last).model_dump(mode="json")
+        return HistoryReply(events=events, last_seq=last)
 
     return create_app(bus)

@@ -6,7 +6,6 @@ waiting line, store.py the reservations, outages.py the sites that went down, re
 
 from __future__ import annotations
 
-import structlog
 from nats.js.api import DeliverPolicy
 
 from services.routing.bootstrap import Stores, bootstrap
@@ -21,7 +20,6 @@ from shared.contracts.sites import SiteStatus
 from shared.settings import Settings
 from shared.stores import BusDocuments
 
-log = structlog.get_logger()
 SERVICE = "routing"
 _RELEASING = {JobState.succeeded, JobState.failed, JobState.cancelled, JobState.rejected}
 
@@ -109,11 +107,7 @@ def create_routing_app(settings: Settings):
     @bus.responder(subjects.routing_overflow, "routing.overflow")
     async def overflow() -> dict:
         """Overflow from public to paid capacity, per site and per tenant."""
-        try:
-            return store.overflow()
-        except Exception as e:
-            log.exception("overflow.failed")
-            return {"error": f"internal error: {e}"}
+        return store.overflow()
 
     telemetry.observe(telemetry.JOBS_WAITING, "Jobs waiting for capacity (the waiting board)", "{job}",
                       lambda: [(len(line), {})] if mirrored[1].mirror is not None else [])

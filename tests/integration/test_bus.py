@@ -1,18 +1,22 @@
 """The bus against a real nats-server: concurrent changes to one key are grouped into few writes, none is
 lost (within a process or across two), and each caller gets its own outcome; the messages a consumer fetches
-together are handled each on its own (acked, handed back, retried, dead-lettered)."""
+together are handled each on its own (acked, handed back, retried, dead-lettered); a responder takes its
+request as its model, and the bus answers a body that is not one, and a handler that fails."""
 
 from __future__ import annotations
 
 import asyncio
 from collections import Counter
 
+import orjson
 import pytest
 from faststream.exceptions import NackMessage
 from nats.js.api import ConsumerConfig, DeliverPolicy
+from structlog.testing import capture_logs
 
-from shared.bus import create_bus
+from shared.bus import create_bus, request_json
 from shared.contracts.events import CloudEvent, make_event
+from shared.contracts.jobs import JobRef
 from shared.settings import Settings
 
 BUCKET = "test_counters"
@@ -189,3 +193,73 @@ async def test_a_durable_an_older_version_made_takes_this_versions_filter(nats_s
     finally:
         await bus.stop_handling()
         await bus.broker.stop()
+
+
+@pytest.fixture
+async def serving(nats_server):
+    """A bus of its own: the test registers its responders, then starts handling."""
+    bus = create_bus(Settings(nats_url=nats_server.url), "test")
+    await bus.broker.connect()
+    yield bus
+    await bus.stop_handling()
+    await bus.broker.stop()
+
+
+async def test_a_responder_takes_its_request_as_its_model(serving):
+    bus, subject = serving, serving.subjects.jobs_get
+    taken: list[tuple[JobRef, str | None]] = []
+
+    @bus.responder(subject, "jobs.get", tenants=True)
+    async def get(ref: JobRef) -> JobRef:
+        taken.append((ref, bus.tenant()))
+        return JobRef(job_id=ref.job_id.upper())  # a model is answered as its JSON
+
+    await bus.start_handling()
+    assert await request_json(bus.nc, subject, {"job_id": "j1"}) == {"job_id": "J1"}
+    assert await request_json(bus.nc, f"{subject}.lab", {"job_id": "j2"}) == {"job_id": "J2"}
+    assert taken == [(JobRef(job_id="j1"), None), (JobRef(job_id="j2"), "lab")]
+
+
+async def test_a_body_that_is_not_the_request_is_answered_why_and_the_handler_is_not_called(serving):
+    bus, subject = serving, serving.subjects.jobs_get
+    called: list[JobRef] = []
+
+    @bus.responder(subject, "jobs.get")
+    async def get(ref: JobRef) -> dict:
+        called.append(ref)
+        return {}
+
+    await bus.start_handling()
+
+    async def reply(body: bytes) -> dict:
+        return orjson.loads((await bus.nc.request(subject, body, timeout=5)).data)
+    assert await reply(b'{"job_id": "a b"}') == {
+        "error": "bad request: job_id: String should match pattern '^[A-Za-z0-9_-]+$'"}
+    assert await reply(b'{"job_id": "j1", "site": "x"}') == {"error": "bad request: site: Extra inputs are not permitted"}
+    assert await reply(b"{}") == {"error": "bad request: job_id: Field required"}
+    assert (await reply(b"{not json"))["error"].startswith("bad request: body: Invalid JSON: ")
+    assert called == []
+
+
+async def test_a_failing_handler_is_answered_an_internal_error_and_the_next_request_is_served(serving):
+    bus, subject = serving, serving.subjects.jobs_get
+
+    @bus.responder(subject, "jobs.get", concurrency=1)  # the failed request must give its one slot back
+    async def get(ref: JobRef) -> dict:
+        if ref.job_id == "broken":
+            raise RuntimeError("the registry is away")
+        return {"job_id": ref.job_id}
+
+    @bus.responder(bus.subjects.sites_list, "sites.list")  # no request: a handler without a parameter
+    async def sites() -> dict:
+        raise KeyError("lab")
+
+    await bus.start_handling()
+    with capture_logs() as logs:
+        assert await request_json(bus.nc, subject, {"job_id": "broken"}) == {
+            "error": "internal error: the registry is away"}
+        assert await request_json(bus.nc, bus.subjects.sites_list, {}) == {"error": "internal error: 'lab'"}
+    assert await request_json(bus.nc, subject, {"job_id": "j1"}) == {"job_id": "j1"}
+    # each failure logged once, by the bus, with the request's subject
+    assert [(e["event"], e["subject"]) for e in logs if e["log_level"] == "error"] == [
+        ("request.failed", subject), ("request.failed", bus.subjects.sites_list)]
