@@ -365,21 +365,7 @@ def choose(spec: JobSpec, tenant: TenantEntry, sites: Iterable[SiteView], budget
         if not reasons[site.id]:
             holds[site.id] = _passing_reasons(spec, site, chosen_type[site.id], budget, avoid, overflow)
 
-    gate = None
-    if overflow:
-        # public first: paid capacity only when the public wait is too long (or the deadline too near)
-        public_ok = [s for s in views if s.entry.public and s.id in holds and not holds[s.id]]
-        public_waits = [parts[s.id]["wait_s"] for s in views
-                        if s.entry.public and holds.get(s.id) and all(k == Hold.GPUS for k, _ in holds[s.id])]
-        if public_ok:
-            gate = f"public capacity first: {public_ok[0].id} can run it now"
-        elif public_waits:
-            gate = _overflow_gate(spec, tenant, min(w if w >= 0 else INF for w in public_waits), now)
-        # it holds every paid site the job could use some day, whatever else holds it there: a job held by it
-        # does not stand in a paid site's line (it would not take those GPUs if they came back)
-        for site in views:
-            if not site.entry.public and site.id in holds and gate:
-                holds[site.id].append((Hold.GATE, gate))
+    gate = _public_first(spec, tenant, views, holds, parts, now) if overflow else None
     for site_id, held in holds.items():
         reasons[site_id] = [text for _, text in held]
 
@@ -395,6 +381,27 @@ def choose(spec: JobSpec, tenant: TenantEntry, sites: Iterable[SiteView], budget
                                 f"{now_g:.0f} now")
         return Choice(None, None, False, False, reasons, scores, parts, wait_until=when)
     return Choice(best.id, chosen_type[best.id], overflow and not best.entry.public, False, reasons, scores, parts)
+
+
+def _public_first(spec: JobSpec, tenant: TenantEntry, views: list[SiteView], holds: dict[str, list[tuple[Hold, str]]],
+                  parts: dict[str, dict[str, float]], now: datetime | None) -> str | None:
+    """Why a job that public capacity could run may not go to paid capacity yet (None: it may): a public site
+    takes it now, or the public wait is within the tenant's threshold (and its deadline not too near). The gate
+    holds every paid site the job could use some day, whatever else holds it there: a job held by it does not
+    stand in a paid site's line (it would not take those GPUs if they came back)."""
+    public_ok = [s for s in views if s.entry.public and s.id in holds and not holds[s.id]]
+    public_waits = [parts[s.id]["wait_s"] for s in views
+                    if s.entry.public and holds.get(s.id) and all(k == Hold.GPUS for k, _ in holds[s.id])]
+    gate = None
+    if public_ok:
+        gate = f"public capacity first: {public_ok[0].id} can run it now"
+    elif public_waits:
+        gate = _overflow_gate(spec, tenant, min(w if w >= 0 else INF for w in public_waits), now)
+    if gate:
+        for site in views:
+            if not site.entry.public and site.id in holds:
+                holds[site.id].append((Hold.GATE, gate))
+    return gate
 
 
 # Greener hours: a job whose objective is carbon and that has slack (a deadline later than its earliest
@@ -458,8 +465,8 @@ def _passing_reasons(spec: JobSpec, site: SiteView, gpu_type: str, budget: Tenan
             share = int(entry.overflow_share * entry.gpus.get(gpu_type, 0))
             held = site.overflow_held(gpu_type)
             if held + need > share:
-                why.append((Hold.SHARE, f"overflow share full: overflow jobs hold {held} of {share} {gpu_type} "
-                                        "GPUs allowed"))
+                full = f"overflow share full: overflow jobs hold {held} of {share} {gpu_type} GPUs allowed"
+                why.append((Hold.SHARE, full))
     wait = site.wait_s(gpu_type, need)
     expected = f" (expected in {wait:.0f} s)" if wait < INF else ""
     if need and site.free.get(gpu_type, 0) < need:
