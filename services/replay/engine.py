@@ -344,7 +344,9 @@ class Replay:
         waiting.ticket = self._seq = self._seq + 1
         self.waiting[job_id] = waiting
         need, ticket = spec.resources.total_gpus, waiting.ticket
-        lines = {site_id: entry for site_id, holds in choice.holds.items()
+        # a job waiting for a greener hour waits for nothing else: it stands in no line and watches nothing
+        held = choice.holds if choice.wait_until is None else {}
+        lines = {site_id: entry for site_id, holds in held.items()
                  if holds == {Hold.GPUS} and (entry := line_entry(spec, self.catalog.sites[site_id]))}
         for site_id in waiting.lines:  # where it stays, it keeps its place (and the line its run-out)
             self.gate_watch[site_id].pop(job_id, None)
@@ -357,7 +359,7 @@ class Replay:
         # things, and when that one passes it is asked again (and watches what still holds, if anything). The
         # one watched is the one least often changed: public capacity first (which holds every paid site at
         # once, rechecked on the forecast's timer below), the tenant's budget, a full overflow share, busy GPUs.
-        for site_id, holds in choice.holds.items():
+        for site_id, holds in held.items():
             if choice.gate and not self.catalog.sites[site_id].public:
                 continue
             if Hold.BUDGET in holds:

@@ -57,8 +57,10 @@ class WaitingLine:
         now = self.clock().timestamp()
         if entry is not None and now - entry["refreshed_at"] <= REFRESH_S:
             return
+        # in the line of each site whose GPUs (and nothing else) it waits for; waiting for a greener hour, in none
         line = {site_id: queued for site_id, holds in decision.holds.items()
-                if holds == {Hold.GPUS} and (queued := line_entry(spec, self.catalog.site(site_id)))}
+                if holds == {Hold.GPUS} and decision.wait_until is None
+                and (queued := line_entry(spec, self.catalog.site(site_id)))}
         await self.board.put(job_id, {"priority": spec.priority, "refreshed_at": now,
                                       "since": entry["since"] if entry else now,
                                       "spec": spec.model_dump(mode="json"), "line": line})

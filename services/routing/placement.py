@@ -24,6 +24,7 @@ from services.routing import reservations
 from services.routing.inputs import site_views, tenant_budget
 from services.routing.line import WaitingLine
 from services.routing.policy import (
+    Hold,
     SiteView,
     TenantBudget,
     departures,
@@ -207,7 +208,8 @@ class Placement:
             return decision
         reason = f"{decision.site}: yields to job {ahead} of higher priority, waiting for it"
         waiting = decision.model_copy(update={"site": None, "gpu_type": None, "overflow": False})
-        waiting.candidates = [c.model_copy(update={"eligible": False, "reasons": [*c.reasons, reason]})
+        waiting.candidates = [c.model_copy(update={"eligible": False, "reasons": [*c.reasons, reason],
+                                                   "holds": [Hold.LINE.value]})
                               if c.eligible else c for c in decision.candidates]
         return waiting
 

@@ -53,6 +53,9 @@ class Hold(StrEnum):
     SHARE = "share"  # overflow jobs hold the private site's overflow share
     DOWN = "down"  # the site is down or has not reported
     AVOID = "avoid"  # the site gave this job back a moment ago
+    # only in a published decision (a Candidate's `holds`), for what the policy leaves to its callers:
+    LINE = "line"  # a waiting job of higher priority takes the site's GPUs first (routing's line)
+    GREENER = "greener"  # the job waits for a greener hour at the site (Decision.wait_until)
 
 
 @dataclass(frozen=True)
@@ -300,24 +303,25 @@ class Choice:
     reasons: dict[str, list[str]]
     scores: dict[str, float]
     parts: dict[str, dict[str, float]]  # of the sites that could run the job some day
-    # for a job that waits: what holds it at each site that could run it some day (see Hold), and why public
+    # what holds the job at each site that could run it some day but not now (see Hold), and why public
     # capacity first holds it back from every paid site (None: it does not)
     holds: dict[str, frozenset[Hold]] = field(default_factory=dict)
     gate: str | None = None
     wait_until: datetime | None = None  # the greener hour it waits for
+    waits_at: str | None = None  # and the site where it waits for it
 
     def decision(self, spec: JobSpec, views: Iterable[SiteView]) -> Decision:
         """Written out, with the parts of the sites that could never run the job too (`choose` leaves them)."""
         parts = {s.id: self.parts.get(s.id) or _parts(spec, s, _best_type(spec, s)) for s in views}
-        candidates = [Candidate.model_construct(site=site, eligible=not why, reasons=why,
+        holds = {site: sorted(kind.value for kind in kinds) for site, kinds in self.holds.items()}
+        if self.waits_at is not None:
+            holds[self.waits_at] = [Hold.GREENER.value]
+        candidates = [Candidate.model_construct(site=site, eligible=not why, reasons=why, holds=holds.get(site, []),
                                                 score=self.scores.get(site), parts=parts[site])
                       for site, why in self.reasons.items()]
         # built, not validated: every value is the policy's own, of the model's types
-        decision = Decision.model_construct(site=self.site, gpu_type=self.gpu_type, overflow=self.overflow,
-                                            candidates=candidates, impossible=self.impossible,
-                                            wait_until=self.wait_until)
-        decision.holds = dict(self.holds)
-        return decision
+        return Decision.model_construct(site=self.site, gpu_type=self.gpu_type, overflow=self.overflow,
+                                        candidates=candidates, impossible=self.impossible, wait_until=self.wait_until)
 
 
 def place(spec: JobSpec, tenant: TenantEntry, sites: Iterable[SiteView], budget: TenantBudget | None = None,
@@ -371,16 +375,17 @@ def choose(spec: JobSpec, tenant: TenantEntry, sites: Iterable[SiteView], budget
 
     eligible = [s for s in views if not reasons[s.id]]
     scores = _scores(spec, eligible, parts, weights)
+    kinds = {site_id: frozenset(k for k, _ in held) for site_id, held in holds.items() if held}
     if not eligible:
-        return Choice(None, None, False, not possible and bool(views), reasons, scores, parts,
-                      {site_id: frozenset(k for k, _ in held) for site_id, held in holds.items() if held}, gate)
+        return Choice(None, None, False, not possible and bool(views), reasons, scores, parts, kinds, gate)
     best = min(eligible, key=lambda s: (-scores[s.id], s.id))
     if forecast is not None and now is not None and (shift := _greener(spec, best.entry, now, forecast)):
         when, then_g, now_g = shift
         reasons[best.id].append(f"waiting for {when:%H:%M} UTC on {when:%Y-%m-%d}, {then_g:.0f} g/kWh vs "
                                 f"{now_g:.0f} now")
-        return Choice(None, None, False, False, reasons, scores, parts, wait_until=when)
-    return Choice(best.id, chosen_type[best.id], overflow and not best.entry.public, False, reasons, scores, parts)
+        return Choice(None, None, False, False, reasons, scores, parts, kinds, wait_until=when, waits_at=best.id)
+    return Choice(best.id, chosen_type[best.id], overflow and not best.entry.public, False, reasons, scores, parts,
+                  kinds)
 
 
 def _public_first(spec: JobSpec, tenant: TenantEntry, views: list[SiteView], holds: dict[str, list[tuple[Hold, str]]],

@@ -18,7 +18,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, PrivateAttr, StringConstraints
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 
 TENANT_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 TenantId = Annotated[str, StringConstraints(pattern=TENANT_PATTERN)]
@@ -136,9 +136,17 @@ class CancelReply(BaseModel):
 
 
 class Candidate(BaseModel):
+    """A catalog site as the policy saw it for the job. Its reasons are of one of three kinds: none, and it is
+    `eligible` (it could take the job now); with `holds`, it could run the job some day and waits on what they
+    name; without, it never can (a job every site never can is rejected)."""
+
     site: str
     eligible: bool
     reasons: list[str] = Field(default_factory=list)
+    # what keeps a site that could run the job some day from taking it now: gpus (not enough free, or the site
+    # saturated), gate (public capacity first), budget, share (the overflow share is taken), down, avoid (it gave
+    # the job back a moment ago), line (a waiting job of higher priority goes first), greener (a greener hour)
+    holds: list[str] = Field(default_factory=list)
     score: float | None = None
     parts: dict[str, float] = Field(default_factory=dict)
 
@@ -155,17 +163,10 @@ class Decision(BaseModel):
     # set when the job waits for a greener hour at its chosen site (its objective is carbon, its deadline leaves
     # slack): it is placed again then
     wait_until: datetime | None = None
-    # for a job that waits: each site that could run it some day, and what keeps it from taking the job now
-    # (the policy's `Hold` kinds: what to watch for a change). Not part of the published decision.
-    _holds: dict[str, frozenset[str]] = PrivateAttr(default_factory=dict)
-
     @property
     def holds(self) -> dict[str, frozenset[str]]:
-        return self._holds
-
-    @holds.setter
-    def holds(self, value: dict[str, frozenset[str]]) -> None:
-        self._holds = value
+        """For a job that waits: each site that could run it some day, and what keeps it from taking the job."""
+        return {c.site: frozenset(c.holds) for c in self.candidates if c.holds}
 
     @property
     def reasons(self) -> list[str]:

@@ -109,6 +109,8 @@ async def test_a_lower_priority_yields_the_freed_gpus_to_a_waiting_higher_one(wo
     assert not holds(stores, "small")
     (queued,) = [e for e in log.of_kind("queued") if e.data["job_id"] == "small"]
     assert any("yields to job urgent" in reason for reason in queued.data["reasons"])
+    (cloud,) = queued.data["decision"]["candidates"]
+    assert cloud["holds"] == ["line"]  # it waits, and for what: not a site that never could
     await routing.placement.place_job("urgent", "acme", 0, None, woken=True)
     assert holds(stores, "urgent")
 

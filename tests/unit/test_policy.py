@@ -622,3 +622,31 @@ def test_a_waiting_job_is_tried_again_sooner_the_higher_its_priority_and_less_of
     assert retry_delay_s(1.0, priority=0, tries=1000) == 10.0
     now = datetime(2026, 12, 2, 12, tzinfo=UTC)
     assert retry_delay_s(1.0, 9, 0, now, wait_until=now + timedelta(hours=2)) == 7200.0  # a greener hour: then
+
+
+# --- what each site's reasons are ------------------------------------------------------------------------------
+
+def test_each_candidate_says_whether_its_site_takes_the_job_waits_on_something_or_never_can():
+    free = site("free", gpus={"H100": 8})
+    busy = site("busy", gpus={"H100": 8})
+    small = site("small", gpus={"H100": 2})
+    decision = place(job(gpus=4), tenant(), [view(free), view(busy, free={"H100": 0}), view(small)])
+
+    kinds = {c.site: (c.eligible, c.holds) for c in decision.candidates}
+    assert kinds == {"free": (True, []), "busy": (False, [Hold.GPUS]), "small": (False, [])}
+    assert candidate(decision, "small").reasons == ["needs 4 any GPUs, has 2"]  # never: no hold
+    assert decision.holds == {"busy": frozenset({Hold.GPUS})}
+    # the published decision says the same once read back
+    assert type(decision).model_validate_json(decision.model_dump_json()).holds == decision.holds
+
+
+def test_a_job_waiting_for_a_greener_hour_says_so_at_the_site_it_waits_for():
+    now = datetime(2026, 12, 2, 10, 20, tzinfo=UTC)
+    grid = {10: 120.0, 11: 110.0, 12: 45.0}
+    green = site("green")
+    decision = place(job(objective="carbon", deadline=now + timedelta(hours=6), walltime_s=3600), tenant(),
+                     [view(green)], now=now, forecast=lambda s, at: grid.get(at.hour, 200.0))
+
+    assert decision.site is None and decision.wait_until == now.replace(hour=12, minute=0)
+    assert candidate(decision, "green").holds == [Hold.GREENER]
+    assert "waiting for 12:00 UTC" in candidate(decision, "green").reasons[0]
