@@ -112,13 +112,14 @@ def nats_conf(catalog: Catalog, keys: dict[str, str], tls_dir: Path, subjects: S
         imports += [{"stream": {"account": SERVICES_ACCOUNT, "subject": s}}
                     for s in (*subjects.tenant_events(tenant), subjects.site_events_all)]
         accounts[tenant] = {"users": [{"nkey": keys[tenant_principal(tenant)]}], "imports": imports}
+    tls = {"cert_file": str(tls_dir / "server.pem"), "key_file": str(tls_dir / "server-key.pem"), "timeout": 5}
     lines = [
         "# written by `continuum auth init` from the catalog: re-run it rather than edit this file",
         "# run as: nats-server -c nats.conf -p PORT -sd STORE_DIR",
         f"jetstream: {json.dumps({'sync_interval': sync_interval})}",
         # room for a body of 900 KB to reach intake and be refused with a reason, not cut by the server
         "max_payload: 2MB",
-        f"tls: {json.dumps({'cert_file': str(tls_dir / 'server.pem'), 'key_file': str(tls_dir / 'server-key.pem'), 'timeout': 5})}",
+        f"tls: {json.dumps(tls)}",
         f"accounts: {json.dumps(accounts, indent=2)}",
         "",
     ]

@@ -157,7 +157,8 @@ class Supervisor:
         elif service == "agent" and self.agent_sites is not None:
             command += [arg for each in self.agent_sites for arg in ("--site", each)]
         if self.auth:
-            env["CONTINUUM_NATS_CREDS"] = str(credentials(self.auth, site_principal(site) if site else SERVICES_PRINCIPAL))
+            principal = site_principal(site) if site else SERVICES_PRINCIPAL
+            env["CONTINUUM_NATS_CREDS"] = str(credentials(self.auth, principal))
         if not self.log_dir:
             return subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL)

@@ -73,7 +73,8 @@ class HourlyCarbon:
         series = self._zones[zone]
         when = when.astimezone(UTC)
         day = 28 if (when.month, when.day) == (2, 29) else when.day
-        hour = int((when.replace(year=2022, day=day, minute=0, second=0, microsecond=0) - _START).total_seconds() // 3600)
+        hour_start = when.replace(year=2022, day=day, minute=0, second=0, microsecond=0)
+        hour = int((hour_start - _START).total_seconds() // 3600)
         return series[hour % len(series)]
 
 

@@ -65,11 +65,11 @@ def write(out: Path, trace: str, jobs: int, results: dict[str, list[Outcome]], s
 def _report(summary: dict, plots: list[str], notes: dict[str, str]) -> str:
     policies = summary["policies"]
     lines = [f"# Replay of {summary['trace']}", "",
-             f"{summary['jobs']} jobs, from {summary['start']} (trace time 0), through the production placement "
-             "policy, each ended job rated as billing rates it, with the hourly 2022 carbon intensity of each "
-             "site's zone (Electricity Maps).", "",
-             "| policy | jobs run | not run | mean wait | p95 wait | mean JCT | cost EUR | allocation h | energy kWh | "
-             "CO2e kg | overflow jobs | residency violations |",
+             (f"{summary['jobs']} jobs, from {summary['start']} (trace time 0), through the production placement "
+              "policy, each ended job rated as billing rates it, with the hourly 2022 carbon intensity of each "
+              "site's zone (Electricity Maps)."), "",
+             ("| policy | jobs run | not run | mean wait | p95 wait | mean JCT | cost EUR | allocation h | "
+              "energy kWh | CO2e kg | overflow jobs | residency violations |"),
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, p in policies.items():
         lines.append(f"| {name} | {p['jobs']} | {p['rejected']} | {_d(p['mean_wait_s'])} | {_d(p['p95_wait_s'])} | "
@@ -86,18 +86,19 @@ def _report(summary: dict, plots: list[str], notes: dict[str, str]) -> str:
     if "public-only" in policies and "continuum" in policies and policies["public-only"]["mean_wait_s"]:
         base, cont = policies["public-only"], policies["continuum"]
         cut = 1 - cont["mean_wait_s"] / base["mean_wait_s"]
-        lines += ["", f"Overflow (`continuum` against `public-only`): mean wait "
-                      f"{_change(cont['mean_wait_s'], base['mean_wait_s'])}, at {cont['cost_eur']:,.2f} EUR. "
-                      f"{_target('a cut of 50 % or more', cut >= 0.5, f'{(0.5 - cut) * 100:.0f} points short')}"]
+        lines += ["", (f"Overflow (`continuum` against `public-only`): mean wait "
+                       f"{_change(cont['mean_wait_s'], base['mean_wait_s'])}, at {cont['cost_eur']:,.2f} EUR. "
+                       f"{_target('a cut of 50 % or more', cut >= 0.5, f'{(0.5 - cut) * 100:.0f} points short')}")]
     if "cheapest" in policies and "carbon" in policies and policies["cheapest"]["co2e_kg"]:
         cheap, green = policies["cheapest"], policies["carbon"]
         saved = 1 - green["co2e_kg"] / cheap["co2e_kg"]
         dearer = green["cost_eur"] / cheap["cost_eur"] - 1 if cheap["cost_eur"] else 0.0
         short = [f"CO2e {(0.4 - saved) * 100:.0f} points short"] if saved < 0.4 else []
         short += [f"cost {(dearer - 0.1) * 100:.0f} points over"] if dearer > 0.1 else []
-        lines += ["", f"Carbon-aware placement (`carbon` against `cheapest`): CO2e "
-                      f"{_change(green['co2e_kg'], cheap['co2e_kg'])}, cost {_change(green['cost_eur'], cheap['cost_eur'])}. "
-                      f"{_target('40 % less CO2e for at most 10 % more cost', not short, ', '.join(short))}"]
+        lines += ["", (f"Carbon-aware placement (`carbon` against `cheapest`): CO2e "
+                       f"{_change(green['co2e_kg'], cheap['co2e_kg'])}, "
+                       f"cost {_change(green['cost_eur'], cheap['cost_eur'])}. "
+                       f"{_target('40 % less CO2e for at most 10 % more cost', not short, ', '.join(short))}")]
     lines += ["", *(f"![{plot}]({plot})" for plot in plots)]
     lines += ["", *(f"- {k}: {v}" for k, v in notes.items()), ""]
     return "\n".join(lines)

@@ -118,7 +118,7 @@ class SlotBackend(ABC):
         """Run the job on these GPU slots until it ends; cancelling the task stops the job (its clean-up
         must then finish before the cancellation propagates)."""
 
-    async def start(self) -> None:
+    async def start(self) -> None:  # noqa: B027 - a hook that does nothing unless a backend needs it
         """Called once the agent is connected (a backend whose jobs outlive the agent takes them back)."""
 
     def queued(self) -> int:

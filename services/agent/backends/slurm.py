@@ -20,8 +20,8 @@ The parsing is pure; the class only runs commands.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import base64
+import contextvars
 import shlex
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
