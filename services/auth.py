@@ -30,11 +30,13 @@ import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import nkeys
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from shared.contracts.catalog import Catalog
@@ -100,7 +102,7 @@ def nats_conf(catalog: Catalog, keys: dict[str, str], tls_dir: Path, subjects: S
     exports = [export("service", f"{s}.*") for s in tenant_requests(subjects)]
     exports += [export("service", subjects.intake("*")), export("service", subjects.sites_list)]
     exports += [export("stream", s) for s in (*subjects.tenant_events("*"), subjects.site_events_all)]
-    users = [{"nkey": keys[SERVICES_PRINCIPAL]}, {"nkey": keys[OPERATOR_PRINCIPAL]}]
+    users: list[dict] = [{"nkey": keys[SERVICES_PRINCIPAL]}, {"nkey": keys[OPERATOR_PRINCIPAL]}]
     users += [{"nkey": keys[site_principal(s)], "permissions": site_permissions(s, subjects, topology)}
               for s in catalog.sites]
     accounts: dict[str, dict] = {SERVICES_ACCOUNT: {"jetstream": "enabled", "users": users, "exports": exports}}
@@ -189,7 +191,9 @@ def _ensure_tls(tls: Path, hosts: list[str]) -> str:
     now = dt.datetime.now(dt.UTC)
     if ca_file.exists() and ca_key_file.exists():
         ca_cert = x509.load_pem_x509_certificate(ca_file.read_bytes())
-        ca_key = serialization.load_pem_private_key(ca_key_file.read_bytes(), None)
+        # the key this function made below (an EC key): one that signs certificates
+        ca_key = cast(CertificateIssuerPrivateKeyTypes,
+                      serialization.load_pem_private_key(ca_key_file.read_bytes(), None))
     else:
         ca_key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Continuum CA")])

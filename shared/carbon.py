@@ -30,6 +30,7 @@ def site_intensity(site: SiteEntry, when: datetime, provider: CarbonProvider) ->
     """The site's grid intensity at `when`: the catalog's fixed value if it has one, else its zone's."""
     if site.carbon_g_per_kwh is not None:
         return site.carbon_g_per_kwh
+    assert site.carbon_zone is not None  # a catalog site has one or the other (SiteEntry checks it)
     return provider.intensity(site.carbon_zone, when)
 
 

@@ -164,8 +164,8 @@ class SlotBackend(ABC):
         wanted: dict[str, int] = {}
         for order in self.queue:
             wanted[order.gpu_type] = wanted.get(order.gpu_type, 0) + order.spec.resources.total_gpus
-        return {t: GpuCount(total=self.site.gpus[t], free=len(s), reserved=wanted.get(t, 0))
-                for t, s in self.free_slots.items()}
+        return {t: GpuCount(total=n, free=len(self.free_slots[t]), reserved=wanted.get(t, 0))
+                for t, n in self.site.gpus.items()}
 
     def jobs(self) -> list[SiteJob]:
         """Every job here: the queue in start order, then the running ones."""
