@@ -30,11 +30,13 @@ import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import nkeys
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from shared.contracts.catalog import Catalog
@@ -100,7 +102,7 @@ def nats_conf(catalog: Catalog, keys: dict[str, str], tls_dir: Path, subjects: S
     exports = [export("service", f"{s}.*") for s in tenant_requests(subjects)]
     exports += [export("service", subjects.intake("*")), export("service", subjects.sites_list)]
     exports += [export("stream", s) for s in (*subjects.tenant_events("*"), subjects.site_events_all)]
-    users = [{"nkey": keys[SERVICES_PRINCIPAL]}, {"nkey": keys[OPERATOR_PRINCIPAL]}]
+    users: list[dict] = [{"nkey": keys[SERVICES_PRINCIPAL]}, {"nkey": keys[OPERATOR_PRINCIPAL]}]
     users += [{"nkey": keys[site_principal(s)], "permissions": site_permissions(s, subjects, topology)}
               for s in catalog.sites]
     accounts: dict[str, dict] = {SERVICES_ACCOUNT: {"jetstream": "enabled", "users": users, "exports": exports}}
@@ -112,13 +114,14 @@ def nats_conf(catalog: Catalog, keys: dict[str, str], tls_dir: Path, subjects: S
         imports += [{"stream": {"account": SERVICES_ACCOUNT, "subject": s}}
                     for s in (*subjects.tenant_events(tenant), subjects.site_events_all)]
         accounts[tenant] = {"users": [{"nkey": keys[tenant_principal(tenant)]}], "imports": imports}
+    tls = {"cert_file": str(tls_dir / "server.pem"), "key_file": str(tls_dir / "server-key.pem"), "timeout": 5}
     lines = [
         "# written by `continuum auth init` from the catalog: re-run it rather than edit this file",
         "# run as: nats-server -c nats.conf -p PORT -sd STORE_DIR",
         f"jetstream: {json.dumps({'sync_interval': sync_interval})}",
         # room for a body of 900 KB to reach intake and be refused with a reason, not cut by the server
         "max_payload: 2MB",
-        f"tls: {json.dumps({'cert_file': str(tls_dir / 'server.pem'), 'key_file': str(tls_dir / 'server-key.pem'), 'timeout': 5})}",
+        f"tls: {json.dumps(tls)}",
         f"accounts: {json.dumps(accounts, indent=2)}",
         "",
     ]
@@ -188,7 +191,9 @@ def _ensure_tls(tls: Path, hosts: list[str]) -> str:
     now = dt.datetime.now(dt.UTC)
     if ca_file.exists() and ca_key_file.exists():
         ca_cert = x509.load_pem_x509_certificate(ca_file.read_bytes())
-        ca_key = serialization.load_pem_private_key(ca_key_file.read_bytes(), None)
+        # the key this function made below (an EC key): one that signs certificates
+        ca_key = cast(CertificateIssuerPrivateKeyTypes,
+                      serialization.load_pem_private_key(ca_key_file.read_bytes(), None))
     else:
         ca_key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Continuum CA")])

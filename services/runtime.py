@@ -157,7 +157,8 @@ class Supervisor:
         elif service == "agent" and self.agent_sites is not None:
             command += [arg for each in self.agent_sites for arg in ("--site", each)]
         if self.auth:
-            env["CONTINUUM_NATS_CREDS"] = str(credentials(self.auth, site_principal(site) if site else SERVICES_PRINCIPAL))
+            principal = site_principal(site) if site else SERVICES_PRINCIPAL
+            env["CONTINUUM_NATS_CREDS"] = str(credentials(self.auth, principal))
         if not self.log_dir:
             return subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL)
@@ -260,13 +261,15 @@ class System:
         self.log_dir = log_dir or settings.data_dir / "logs"
         self.supervisor: Supervisor | None = None
         self.auth = auth if auth or settings.nats_url else settings.data_dir / "auth"
-        self.own_auth = auth is None and not settings.nats_url  # made and kept up to date here
+        # the credentials made and kept up to date here (None: given, or none at all)
+        self.own_auth = self.auth if auth is None and not settings.nats_url else None
 
     def start(self, catalog: Catalog) -> str:
         if self.own_auth:
-            auth_init(self.auth, catalog, prefix=self.settings.prefix)
+            auth_init(self.own_auth, catalog, prefix=self.settings.prefix)
         url = self.settings.nats_url
         if not url:
+            assert self.auth is not None  # without a server url, there are credentials: `auth` or DATA_DIR/auth
             self.nats = EmbeddedNats(self.settings.data_dir / "nats", config=self.auth / "nats.conf").start()
             url = self.nats.url
         env = dict(os.environ, CONTINUUM_NATS_URL=url, CONTINUUM_DATA_DIR=str(self.settings.data_dir.resolve()),

@@ -30,6 +30,7 @@ def site_intensity(site: SiteEntry, when: datetime, provider: CarbonProvider) ->
     """The site's grid intensity at `when`: the catalog's fixed value if it has one, else its zone's."""
     if site.carbon_g_per_kwh is not None:
         return site.carbon_g_per_kwh
+    assert site.carbon_zone is not None  # a catalog site has one or the other (SiteEntry checks it)
     return provider.intensity(site.carbon_zone, when)
 
 
@@ -73,7 +74,8 @@ class HourlyCarbon:
         series = self._zones[zone]
         when = when.astimezone(UTC)
         day = 28 if (when.month, when.day) == (2, 29) else when.day
-        hour = int((when.replace(year=2022, day=day, minute=0, second=0, microsecond=0) - _START).total_seconds() // 3600)
+        hour_start = when.replace(year=2022, day=day, minute=0, second=0, microsecond=0)
+        hour = int((hour_start - _START).total_seconds() // 3600)
         return series[hour % len(series)]
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import heapq
 import math
-from dataclasses import dataclass, field
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 
 Running = tuple[str, int, float]  # GPU type, GPUs, seconds until its walltime is over
 Queued = tuple[str, int, float]  # GPU type, GPUs, walltime in seconds

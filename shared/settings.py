@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -25,12 +25,15 @@ class Settings(BaseSettings):
     tenants_file: Path | None = Field(None, description="CONTINUUM_TENANTS_FILE: tenants catalog; unset, the demo's")
     heartbeat_interval_s: float = Field(2.0, gt=0, description="CONTINUUM_HEARTBEAT_INTERVAL_S")
     max_deliveries: int = Field(5, ge=1, description="CONTINUUM_MAX_DELIVERIES: tries before dead-lettering")
-    retry_backoff_s: float = Field(0.5, ge=0, description="CONTINUUM_RETRY_BACKOFF_S: first retry delay, doubled each try")
-    placement_retry_s: float = Field(1.0, gt=0, description="CONTINUUM_PLACEMENT_RETRY_S: how often a waiting job is tried again")
+    retry_backoff_s: float = Field(0.5, ge=0, description="CONTINUUM_RETRY_BACKOFF_S: first retry delay, doubled "
+                                   "each try")
+    placement_retry_s: float = Field(1.0, gt=0, description="CONTINUUM_PLACEMENT_RETRY_S: how often a waiting job is "
+                                     "tried again")
     lost_job_grace_s: float = Field(120.0, ge=0, description="CONTINUUM_LOST_JOB_GRACE_S: how long jobs running at a "
                                     "site that went down wait for it before they are requeued elsewhere")
     max_request_bytes: int = Field(64 * 1024, gt=0, description="CONTINUUM_MAX_REQUEST_BYTES: largest JobSpec accepted")
-    ledger_path: Path | None = Field(None, description="CONTINUUM_LEDGER_PATH: SQLite ledger; unset, DATA_DIR/ledger.sqlite3")
+    ledger_path: Path | None = Field(None, description="CONTINUUM_LEDGER_PATH: SQLite ledger; unset, "
+                                     "DATA_DIR/ledger.sqlite3")
     ledger_url: str | None = Field(None, pattern=r"^postgres(ql)?://", description="CONTINUUM_LEDGER_URL: a "
                                    "PostgreSQL ledger (postgresql://...); unset, the SQLite file")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="CONTINUUM_METRICS_PORT: this service's "
@@ -60,7 +63,7 @@ class SettingsError(ValueError):
     pass
 
 
-def load_settings(**overrides: object) -> Settings:
+def load_settings(**overrides: Any) -> Settings:
     """Settings from the environment; a bad value names its variable."""
     try:
         return Settings(**overrides)

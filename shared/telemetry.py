@@ -145,19 +145,21 @@ def job_span(name: str, parent: str | None, job_id: str | None = None, tenant: s
     Control flow is not an error: a job handed back to wait (FastStream's Nack, Ack, Skip) ends the span as
     it is; any other exception marks it failed."""
     attrs = {Attr.JOB_ID: job_id, Attr.TENANT: tenant, **attributes}
-    with tracer.start_as_current_span(name, context=context_of(parent), record_exception=False,
-                                      set_status_on_exception=False,
-                                      attributes={k: v for k, v in attrs.items() if v is not None}) as span:
+    with (
+        tracer.start_as_current_span(name, context=context_of(parent), record_exception=False,
+                                     set_status_on_exception=False,
+                                     attributes={k: v for k, v in attrs.items() if v is not None}) as span,
         # both bound (None until known) so that leaving the block unbinds what `name_job` set inside it
-        with structlog.contextvars.bound_contextvars(job_id=job_id, tenant=tenant):
-            try:
-                yield span
-            except HandlerException:
-                raise
-            except BaseException as e:
-                span.record_exception(e)
-                span.set_status(Status(StatusCode.ERROR, f"{type(e).__name__}: {e}"))
-                raise
+        structlog.contextvars.bound_contextvars(job_id=job_id, tenant=tenant),
+    ):
+        try:
+            yield span
+        except HandlerException:
+            raise
+        except BaseException as e:
+            span.record_exception(e)
+            span.set_status(Status(StatusCode.ERROR, f"{type(e).__name__}: {e}"))
+            raise
 
 
 def name_job(span: Span, job_id: str, tenant: str | None) -> None:
@@ -223,15 +225,15 @@ def _otlp_exporter(signal: str) -> Any:
     grpc = _otlp_protocol() == "grpc"
     if signal == "traces":
         if grpc:
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-        else:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-        return OTLPSpanExporter()
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcSpanExporter
+            return GrpcSpanExporter()
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpSpanExporter
+        return HttpSpanExporter()
     if grpc:
-        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
-    else:
-        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
-    return OTLPMetricExporter()
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as GrpcMetricExporter
+        return GrpcMetricExporter()
+    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HttpMetricExporter
+    return HttpMetricExporter()
 
 
 def _endpoint(signal: str) -> str | None:

@@ -110,9 +110,11 @@ class _Postgres:
 class Ledger:
     def __init__(self, target: Path | str) -> None:
         """`target`: a SQLite file, or a `postgresql://` URL."""
-        is_url = isinstance(target, str) and target.startswith(("postgresql://", "postgres://"))
-        self.db: _Sqlite | _Postgres = _Postgres(target) if is_url else _Sqlite(Path(target))
-        self.kind = "postgresql" if is_url else "sqlite"
+        self.db: _Sqlite | _Postgres
+        if isinstance(target, str) and target.startswith(("postgresql://", "postgres://")):
+            self.db, self.kind = _Postgres(target), "postgresql"
+        else:
+            self.db, self.kind = _Sqlite(Path(target)), "sqlite"
         self._migrate()
 
     @property

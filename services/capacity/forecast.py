@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from shared.contracts.sites import Heartbeat, SiteJob, WaitModel
@@ -43,7 +44,7 @@ class Load:
                 running.append((job.gpu_type, job.gpus, max(0.0, job.walltime_s - elapsed)))
         return cls({t: g.free for t, g in beat.gpus.items()}, tuple(running), tuple(queue))
 
-    def later(self, seconds: float, arrivals: list[SiteJob] = ()) -> Load:
+    def later(self, seconds: float, arrivals: Iterable[SiteJob] = ()) -> Load:
         """The same site `seconds` on (running jobs nearer their end), with jobs that arrived meanwhile queued."""
         running = tuple((t, n, max(0.0, left - seconds)) for t, n, left in self.running)
         queue = self.queue + tuple((j.gpu_type, j.gpus, j.walltime_s) for j in arrivals)

@@ -129,7 +129,7 @@ class Replay:
         self.gpu_type = gpu_type  # what every trace job asks for: a catalog GPU type, or any
         self.sites = sorted(catalog.sites.values(), key=lambda s: s.id)
         self.public_sites = [s for s in self.sites if s.public]
-        self.free = {s.id: dict(s.gpus) for s in self.sites}
+        self.free: dict[str, dict[str, int]] = {s.id: dict(s.gpus.items()) for s in self.sites}
         self.running: dict[str, dict[str, _Run]] = {s.id: {} for s in self.sites}
         self.ledger = {t: _Tenant() for t in catalog.tenants}
         self.outcomes: dict[str, Outcome] = {}
@@ -155,7 +155,7 @@ class Replay:
         # ask again because a job started there (ahead of them, the forecast did not count it)
         self.gate_watch: dict[str, dict[str, int]] = {s.id: {} for s in self.sites}
         self.gates_moved: list[tuple[str, int]] = []
-        self.overflow_held = {s.id: dict.fromkeys(s.gpus, 0) for s in self.sites}
+        self.overflow_held: dict[str, dict[str, int]] = {s.id: dict.fromkeys(s.gpus, 0) for s in self.sites}
         self._seq = 0
         self._intensity: dict[tuple[str, int], float] = {}
         self._permanents: dict[tuple[str, int, int], dict[str, list[str]]] = {}
@@ -320,6 +320,7 @@ class Replay:
             reasons = "; ".join(f"{site}: {why}" for site, whys in choice.reasons.items() for why in whys)
             self.outcomes[job.job_id] = self._never(job, reasons[:500])
         elif choice.site is not None:
+            assert choice.gpu_type is not None  # a site is chosen with the GPU type the job takes there
             self._leave_line(waiting)
             self._start(job, spec, choice.site, choice.gpu_type, choice.overflow, now)
         else:
@@ -366,7 +367,7 @@ class Replay:
                 # the least it could cost there (or use of the allocation), of the GPU types it may take
                 site = self.catalog.sites[site_id]
                 kind, need_of = ("hours", worst_case_allocation_h) if site.public else ("eur", worst_case_cost)
-                least = min(need_of(spec, site, t) for t in gpu_types(spec, site.gpus))
+                least = min(need_of(spec, site, t) for t in gpu_types(spec, site.gpus))  # type: ignore[arg-type]  # the catalog keys GPU types by the GpuType literal, this code by str
                 heapq.heappush(self.budget_watch[spec.tenant][kind], (least, waiting.seq, job_id, ticket))
             else:
                 key = (Hold.SHARE if Hold.SHARE in holds else Hold.GPUS, site_id, need)

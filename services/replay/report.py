@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -16,21 +16,32 @@ CSV_COLUMNS = ("job_id", "tenant", "submit", "start", "end", "site", "gpu_type",
                "energy_kwh", "co2e_kg")
 
 
+def _runs(outcomes: Iterable[Outcome]) -> list[tuple[Outcome, str, float, float]]:
+    """Each job that ran, with its site, start and end (the engine sets the three when the job starts)."""
+    runs = []
+    for o in outcomes:
+        if o.site is not None:
+            assert o.start_s is not None and o.end_s is not None
+            runs.append((o, o.site, o.start_s, o.end_s))
+    return runs
+
+
 def summarise(outcomes: Sequence[Outcome]) -> dict:
     """A policy's figures over the jobs that ran (`rejected`: those no site could run under it)."""
-    ran = [o for o in outcomes if o.site is not None]
-    waits = sorted(o.wait_s for o in ran)
+    runs = _runs(outcomes)
+    ran = [o for o, _, _, _ in runs]
+    waits = sorted(start - o.submit_s for o, _, start, _ in runs)
     by_site: dict[str, dict] = {}
-    for o in ran:
-        site = by_site.setdefault(o.site, {"jobs": 0, "gpu_hours": 0.0})
+    for o, site_id, start, end in runs:
+        site = by_site.setdefault(site_id, {"jobs": 0, "gpu_hours": 0.0})
         site["jobs"] += 1
-        site["gpu_hours"] += o.gpus * (o.end_s - o.start_s) / 3600
+        site["gpu_hours"] += o.gpus * (end - start) / 3600
     return {
         "jobs": len(ran),
         "rejected": len(outcomes) - len(ran),
         "mean_wait_s": _r(sum(waits) / len(waits)) if waits else 0.0,
         "p95_wait_s": _r(_percentile(waits, 0.95)),
-        "mean_jct_s": _r(sum(o.end_s - o.submit_s for o in ran) / len(ran)) if ran else 0.0,
+        "mean_jct_s": _r(sum(end - o.submit_s for o, _, _, end in runs) / len(ran)) if ran else 0.0,
         "cost_eur": _r(sum(o.cost_eur for o in ran)),
         "allocation_hours": _r(sum(o.allocation_hours for o in ran)),
         "energy_kwh": _r(sum(o.energy_kwh for o in ran)),
@@ -65,11 +76,11 @@ def write(out: Path, trace: str, jobs: int, results: dict[str, list[Outcome]], s
 def _report(summary: dict, plots: list[str], notes: dict[str, str]) -> str:
     policies = summary["policies"]
     lines = [f"# Replay of {summary['trace']}", "",
-             f"{summary['jobs']} jobs, from {summary['start']} (trace time 0), through the production placement "
-             "policy, each ended job rated as billing rates it, with the hourly 2022 carbon intensity of each "
-             "site's zone (Electricity Maps).", "",
-             "| policy | jobs run | not run | mean wait | p95 wait | mean JCT | cost EUR | allocation h | energy kWh | "
-             "CO2e kg | overflow jobs | residency violations |",
+             (f"{summary['jobs']} jobs, from {summary['start']} (trace time 0), through the production placement "
+              "policy, each ended job rated as billing rates it, with the hourly 2022 carbon intensity of each "
+              "site's zone (Electricity Maps)."), "",
+             ("| policy | jobs run | not run | mean wait | p95 wait | mean JCT | cost EUR | allocation h | "
+              "energy kWh | CO2e kg | overflow jobs | residency violations |"),
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, p in policies.items():
         lines.append(f"| {name} | {p['jobs']} | {p['rejected']} | {_d(p['mean_wait_s'])} | {_d(p['p95_wait_s'])} | "
@@ -86,18 +97,19 @@ def _report(summary: dict, plots: list[str], notes: dict[str, str]) -> str:
     if "public-only" in policies and "continuum" in policies and policies["public-only"]["mean_wait_s"]:
         base, cont = policies["public-only"], policies["continuum"]
         cut = 1 - cont["mean_wait_s"] / base["mean_wait_s"]
-        lines += ["", f"Overflow (`continuum` against `public-only`): mean wait "
-                      f"{_change(cont['mean_wait_s'], base['mean_wait_s'])}, at {cont['cost_eur']:,.2f} EUR. "
-                      f"{_target('a cut of 50 % or more', cut >= 0.5, f'{(0.5 - cut) * 100:.0f} points short')}"]
+        lines += ["", (f"Overflow (`continuum` against `public-only`): mean wait "
+                       f"{_change(cont['mean_wait_s'], base['mean_wait_s'])}, at {cont['cost_eur']:,.2f} EUR. "
+                       f"{_target('a cut of 50 % or more', cut >= 0.5, f'{(0.5 - cut) * 100:.0f} points short')}")]
     if "cheapest" in policies and "carbon" in policies and policies["cheapest"]["co2e_kg"]:
         cheap, green = policies["cheapest"], policies["carbon"]
         saved = 1 - green["co2e_kg"] / cheap["co2e_kg"]
         dearer = green["cost_eur"] / cheap["cost_eur"] - 1 if cheap["cost_eur"] else 0.0
         short = [f"CO2e {(0.4 - saved) * 100:.0f} points short"] if saved < 0.4 else []
         short += [f"cost {(dearer - 0.1) * 100:.0f} points over"] if dearer > 0.1 else []
-        lines += ["", f"Carbon-aware placement (`carbon` against `cheapest`): CO2e "
-                      f"{_change(green['co2e_kg'], cheap['co2e_kg'])}, cost {_change(green['cost_eur'], cheap['cost_eur'])}. "
-                      f"{_target('40 % less CO2e for at most 10 % more cost', not short, ', '.join(short))}"]
+        lines += ["", (f"Carbon-aware placement (`carbon` against `cheapest`): CO2e "
+                       f"{_change(green['co2e_kg'], cheap['co2e_kg'])}, "
+                       f"cost {_change(green['cost_eur'], cheap['cost_eur'])}. "
+                       f"{_target('40 % less CO2e for at most 10 % more cost', not short, ', '.join(short))}")]
     lines += ["", *(f"![{plot}]({plot})" for plot in plots)]
     lines += ["", *(f"- {k}: {v}" for k, v in notes.items()), ""]
     return "\n".join(lines)
@@ -131,12 +143,13 @@ def _plots(out: Path, results: dict[str, list[Outcome]]) -> list[str]:
 
     for name, outcomes in results.items():
         fig, ax = plt.subplots(figsize=(8, 4))
-        for site in sorted({o.site for o in outcomes if o.site}):
+        runs = _runs(outcomes)
+        for site in sorted({site_id for _, site_id, _, _ in runs}):
             changes: dict[float, int] = {}
-            for o in outcomes:
-                if o.site == site:
-                    changes[o.start_s] = changes.get(o.start_s, 0) + o.gpus
-                    changes[o.end_s] = changes.get(o.end_s, 0) - o.gpus
+            for o, site_id, start, end in runs:
+                if site_id == site:
+                    changes[start] = changes.get(start, 0) + o.gpus
+                    changes[end] = changes.get(end, 0) - o.gpus
             times, busy, level = [], [], 0
             for at in sorted(changes):
                 level += changes[at]

@@ -108,8 +108,8 @@ def alibaba(lines: Iterable[str], name: str = "trace") -> list[TraceJob]:
 
 def swf(lines: Iterable[str], name: str = "trace", cpus_per_gpu: int = SWF_CPUS_PER_GPU) -> list[TraceJob]:
     jobs = []
-    for number, line in enumerate(lines, start=1):
-        line = line.strip()
+    for number, raw in enumerate(lines, start=1):
+        line = raw.strip()
         if not line or line.startswith(";"):
             continue
         fields = line.split()

@@ -28,7 +28,7 @@ def site_views(catalog: Catalog, statuses: dict[str, dict], held: dict[str, dict
     views = []
     for site in catalog.sites.values():
         status, doc = statuses.get(site.id), held.get(site.id)
-        free = reservations.free(doc, site.gpus)
+        free = reservations.free(doc, site.gpus)  # type: ignore[arg-type]  # the catalog keys GPU types by the GpuType literal, this code by str
         if give_back and give_back[0] == site.id:
             free[give_back[1].gpu_type] = free.get(give_back[1].gpu_type, 0) + give_back[1].gpus
         short = {t for t, n in free.items() if n < need}
@@ -39,8 +39,8 @@ def site_views(catalog: Catalog, statuses: dict[str, dict], held: dict[str, dict
         views.append(SiteView(entry=site, up=bool(status and status["state"] == "up"), free=free,
                               carbon_g_per_kwh=status["carbon_g_per_kwh"] if status else 0.0,
                               holdings=holdings,
-                              queued_at_site=status.get("queued", 0) if saturated else 0,
-                              reported_wait_s=status.get("est_wait_s_by_type", {}) if saturated else {},
+                              queued_at_site=status.get("queued", 0) if status and saturated else 0,
+                              reported_wait_s=status.get("est_wait_s_by_type", {}) if status and saturated else {},
                               queue=tuple(ahead.get(site.id, ())[:LINE_EXACT]),
                               backlog_gpu_s=backlog.get(site.id, {})))
     return views

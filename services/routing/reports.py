@@ -75,7 +75,9 @@ class ReportGate:
         other is dead-lettered with the reason, and changes nothing. A report comes out after the one the site
         sent before it (a replica's reports of a job wait in line here; one whose predecessor another replica
         holds is handed back a moment)."""
-        site, tenant, job_id, kind = self.bus.subjects.report_of(subject)  # the stream takes no other shape
+        parts = self.bus.subjects.report_of(subject)
+        assert parts is not None  # the stream takes no other shape
+        site, tenant, job_id, kind = parts
         async with self.lines.setdefault(job_id, _Line()) as line:
             try:
                 placements = await self.placements(tenant, job_id, site, attempt)

@@ -173,7 +173,7 @@ def release(doc: dict | None, job_id: str, before_attempt: int | None = None, to
     With `until_metered` (a run that ended, which billing meters), the GPUs come back but what the job may
     cost stays committed until `metered` says billing counted it: between the two, a tenant's budget would
     otherwise look larger than it is, by the job's cost."""
-    if not holds(doc, job_id):
+    if doc is None or not holds(doc, job_id):
         return None
     raw = doc["jobs"][job_id]
     if before_attempt is not None and raw.get("attempt", 0) >= before_attempt:
@@ -191,6 +191,8 @@ def release(doc: dict | None, job_id: str, before_attempt: int | None = None, to
 def metered(doc: dict | None, job_id: str) -> dict | None:
     """The document once billing has metered the job (its real cost is spent now): what it may cost is no
     longer committed. Metered before its GPUs came back, it is marked so, and `release` frees it whole."""
+    if doc is None:
+        return None
     if unmetered(doc, job_id):
         new = dict(doc)
         new["totals"] = _totals_with(doc, Reservation.of(doc["unmetered"][job_id]), -1, gpus=False)
@@ -218,7 +220,8 @@ def holder(held: dict[str, dict], job_id: str, attempt: int | None = None) -> tu
 
 def overflow_summary(held: dict[str, dict]) -> dict:
     """Overflow placed so far, per site and per tenant, and the GPUs overflow jobs hold now."""
-    by_site, by_tenant = {}, {}
+    by_site: dict[str, dict] = {}
+    by_tenant: dict[str, int] = {}
     for site_id, doc in held.items():
         counts = overflow_placed(doc)
         now = sum(r.gpus for r in jobs(doc).values() if r.overflow)

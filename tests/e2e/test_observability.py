@@ -85,7 +85,7 @@ def _value(value):
 
 def http_receiver(receiver: Receiver, port: int):
     class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 (the http.server API)
+        def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers["Content-Length"]))
             if self.path == "/v1/traces":
                 receiver.take_traces(trace_service_pb2.ExportTraceServiceRequest.FromString(body))
@@ -191,8 +191,8 @@ async def test_a_job_is_one_trace_from_submission_to_billing_and_its_logs_lead_t
     assert 'continuum_placement_latency_seconds_count{overflow="false",site="hpc-fr"} 1.0' in scraped["routing"]
     free = re.search(r'^continuum_site_gpus_free\{gpu_type="H100",site="hpc-fr"\} (\S+)$', scraped["capacity"], re.M)
     assert free and float(free[1]) in (15.0, 16.0)  # 16 H100 there, one for the job while it ran
-    gpu_hours = re.search(r'^continuum_billing_gpu_hours_total\{site="hpc-fr",tenant="lab"\} (\S+)$', scraped["billing"],
-                          re.M)
+    gpu_hours = re.search(r'^continuum_billing_gpu_hours_total\{site="hpc-fr",tenant="lab"\} (\S+)$',
+                          scraped["billing"], re.M)
     assert gpu_hours and float(gpu_hours[1]) == pytest.approx(spans[SpanName.RATE]["attributes"][Attr.GPU_HOURS])
     await nc.close()
 

@@ -18,7 +18,7 @@ PHILLY = ROOT / "shared" / "data" / "philly_gpu_jobs.csv"
 def replay(out: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "services.cli", "replay", str(PHILLY), "--jobs", "60", "--out",
                            str(out), *args], capture_output=True, text=True, timeout=300, cwd=ROOT,
-                          env=dict(os.environ, COLUMNS="200"))
+                          env=dict(os.environ, COLUMNS="200"), check=False)
 
 
 def test_a_replay_writes_its_findings_the_same_twice_without_residency_violations(tmp_path):
@@ -48,5 +48,6 @@ def test_a_bad_policy_or_trace_is_refused_with_the_reason(tmp_path):
     foreign = tmp_path / "x.csv"
     foreign.write_text("a,b\n1,2\n")
     result = subprocess.run([sys.executable, "-m", "services.cli", "replay", str(foreign), "--out", str(tmp_path)],
-                            capture_output=True, text=True, timeout=60, cwd=ROOT, env=dict(os.environ, COLUMNS="200"))
+                            capture_output=True, text=True, timeout=60, cwd=ROOT, env=dict(os.environ, COLUMNS="200"),
+                            check=False)
     assert result.returncode == 2 and "not a trace this reads" in result.stderr

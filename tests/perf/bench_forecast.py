@@ -133,8 +133,8 @@ def main() -> None:
     actual = result["actual"]
     waited = [a for a in actual if a > args.beat]
     print(f"\n{len(actual)} of {result['jobs'][0]} jobs forecast (the others came and went between two "
-          f"heartbeats); {len(waited)} waited longer than a heartbeat, median {statistics.median(waited or [0]) / 60:.1f} "
-          f"min, p90 {quantile(waited or [0], 0.9) / 60:.1f} min")
+          f"heartbeats); {len(waited)} waited longer than a heartbeat, "
+          f"median {statistics.median(waited or [0]) / 60:.1f} min, p90 {quantile(waited or [0], 0.9) / 60:.1f} min")
     print(f"real wait: mean {statistics.mean(actual) / 60:.1f} min, median {statistics.median(actual) / 60:.1f} min, "
           f"p90 {quantile(actual, 0.9) / 60:.1f} min")
     print(f"learned: {result['model'][0]}")

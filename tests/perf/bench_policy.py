@@ -30,7 +30,8 @@ def catalog(n: int, rng: random.Random) -> list[SiteView]:
         gpus = {t: rng.choice((8, 16, 32, 64)) for t in types}
         public = i % 10 == 0
         entry = SiteEntry(id=f"site-{i:04d}", kind="public_hpc" if public else rng.choice(("private_cloud", "partner")),
-                          country=rng.choice(COUNTRIES), jurisdiction="EU", carbon_g_per_kwh=rng.uniform(20, 800), gpus=gpus,
+                          country=rng.choice(COUNTRIES), jurisdiction="EU", carbon_g_per_kwh=rng.uniform(20, 800),
+                          gpus=gpus,
                           price_eur_per_gpu_hour={t: 0.0 if public else rng.uniform(0.7, 3.5) for t in types},
                           certifications=rng.sample(["hds", "iso27001", "secnumcloud"], rng.randint(0, 2)),
                           overflow_share=0.5)
@@ -44,8 +45,9 @@ def catalog(n: int, rng: random.Random) -> list[SiteView]:
 
 def jobs(k: int, rng: random.Random) -> list[JobSpec]:
     return [JobSpec(tenant="lab", command=["x"], walltime_s=rng.choice((600, 3600, 86400)),
-                    resources={"gpus": rng.choice((1, 2, 4, 8)), "gpu_type": rng.choice(TYPES + ("any",))},
-                    residency=rng.choice(("EU", "FR", "DE", "any")), objective=rng.choice(("balanced", "cost", "carbon")),
+                    resources={"gpus": rng.choice((1, 2, 4, 8)), "gpu_type": rng.choice((*TYPES, "any"))},
+                    residency=rng.choice(("EU", "FR", "DE", "any")),
+                    objective=rng.choice(("balanced", "cost", "carbon")),
                     certifications=rng.sample(["hds", "secnumcloud"], rng.randint(0, 1)))
             for _ in range(k)]
 

@@ -49,7 +49,7 @@ TENANTS = """tenants:
 def slurm_idle() -> None:
     """Wait until Slurm has no job left in the partition."""
     while subprocess.run(["squeue", "-h", "-p", "gpu", "-t", "PENDING,RUNNING,COMPLETING"], capture_output=True,
-                         text=True).stdout.strip():
+                         text=True, check=False).stdout.strip():
         time.sleep(0.2)
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -164,10 +165,8 @@ async def sustained(nc, subjects: Subjects, watch: Watch, seconds: float, window
             in_flight.add(task)
             task.add_done_callback(in_flight.discard)
         watch.changed.clear()
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(watch.changed.wait(), 0.05)
-        except TimeoutError:
-            pass
     elapsed = time.perf_counter() - start
     billed = len(watch.billed) - billed_before
     await asyncio.gather(*in_flight)
@@ -191,10 +190,8 @@ async def drained(js, watch: Watch, timeout: float = 600) -> float:
     start = time.monotonic()
     while len(watch.billed) < len(watch.sent) and time.monotonic() - start < timeout:
         watch.changed.clear()
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(watch.changed.wait(), 1.0)
-        except TimeoutError:
-            pass
     while await backlog(js) and time.monotonic() - start < timeout:
         await asyncio.sleep(0.1)  # polled: consumers' progress is not announced
     return time.monotonic() - start
@@ -217,10 +214,8 @@ async def at_rate(nc, subjects: Subjects, watch: Watch, rate: float, seconds: fl
     deadline = time.monotonic() + 120
     while not all(j in watch.dispatched for j in ours) and time.monotonic() < deadline:
         watch.changed.clear()
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(watch.changed.wait(), 1.0)
-        except TimeoutError:
-            pass
     placed = [(watch.placed[j] - watch.sent[j]) * 1000 for j in ours if j in watch.placed]
     dispatched = [(watch.dispatched[j] - watch.sent[j]) * 1000 for j in ours if j in watch.dispatched]
     return {"rate": rate, "jobs": len(ours), "achieved": len(ours) / offered_for, "lost": len(ours) - len(dispatched),
@@ -294,7 +289,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> None:
             results = [await at_rate(nc, subjects, watch, r, args.rate_seconds) for r in args.rates]
             print(f"{'offered':>8} {'achieved':>9} {'placed p50':>11} {'p99':>8} {'dispatched p50':>15} {'p99':>8}")
             for r in results:
-                print(f"{r['rate']:>6.0f}/s {r['achieved']:>7.0f}/s {r['placed_p50']:>9.1f}ms {r['placed_p99']:>6.0f}ms "
+                print(f"{r['rate']:>6.0f}/s {r['achieved']:>7.0f}/s "
+                      f"{r['placed_p50']:>9.1f}ms {r['placed_p99']:>6.0f}ms "
                       f"{r['dispatched_p50']:>13.1f}ms {r['dispatched_p99']:>6.0f}ms"
                       + (f"  ({r['lost']} not dispatched within 120 s)" if r["lost"] else ""), flush=True)
             while len(watch.sent) < args.jobs_tracked:

@@ -25,9 +25,10 @@ from pathlib import Path
 
 import nats
 
-from bench_throughput import ROOT, SITES, TENANTS, Watch, drained, submit, system_up
 from services.runtime import free_port, nats_server_binary, wait_for_port
 from shared.contracts.subjects import Subjects
+
+from bench_throughput import ROOT, SITES, TENANTS, Watch, drained, submit, system_up
 
 
 def counts(monitor_port: int) -> dict[str, int]:

@@ -82,7 +82,8 @@ def test_a_2025_date_maps_to_the_same_hour_of_2022(carbon, csv_data):
 def test_the_last_hour_of_a_year_is_the_last_row(carbon, csv_data):
     header, rows = csv_data
     assert rows[-1][0] == "2022-12-31 23:00"
-    assert carbon.intensity("SE-SE3", datetime(2025, 12, 31, 23, 59, tzinfo=UTC)) == row_value(header, rows[-1], "SE-SE3")
+    last_minute = datetime(2025, 12, 31, 23, 59, tzinfo=UTC)
+    assert carbon.intensity("SE-SE3", last_minute) == row_value(header, rows[-1], "SE-SE3")
 
 
 def test_29_february_reads_as_28_february(carbon):

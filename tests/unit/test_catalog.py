@@ -7,7 +7,8 @@ import yaml
 
 from shared.contracts.catalog import Catalog, CatalogError
 
-GOOD_SITE = {"id": "site-a", "kind": "private_cloud", "country": "FR", "jurisdiction": "EU", "carbon_zone": "FR", "gpus": {"H100": 4}}
+GOOD_SITE = {"id": "site-a", "kind": "private_cloud", "country": "FR", "jurisdiction": "EU", "carbon_zone": "FR",
+             "gpus": {"H100": 4}}
 GOOD_TENANT = {"id": "acme", "residency": "EU"}
 
 

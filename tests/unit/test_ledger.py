@@ -178,7 +178,8 @@ def test_a_ledger_from_before_ledger_schema_only_runs_the_migrations_it_lacks(tm
     db = sqlite3.connect(path)
     db.execute(MIGRATIONS[0])
     db.execute(MIGRATIONS[1])
-    db.execute("INSERT INTO usage_lines VALUES ('old', 'acme', 's', 'H100', 1, 'a', 'b', 'succeeded', 1, 1, 1, 0, 1, 1)")
+    db.execute("INSERT INTO usage_lines VALUES "
+               "('old', 'acme', 's', 'H100', 1, 'a', 'b', 'succeeded', 1, 1, 1, 0, 1, 1)")
     db.execute("PRAGMA user_version=2")
     db.commit()
     db.close()

@@ -22,7 +22,8 @@ PHILLY = """timestamp,duration,num_gpus,gpu_time,cluster
 2017-09-29 07:58:32,860662.0,8,6885296.0,6c71a0
 """
 # the Alibaba v2023 pod list's columns; the last pod still runs when the trace ends, one never had a GPU
-ALIBABA = """name,cpu_milli,memory_mib,num_gpu,gpu_milli,gpu_spec,qos,pod_phase,creation_time,deletion_time,scheduled_time
+ALIBABA = """\
+name,cpu_milli,memory_mib,num_gpu,gpu_milli,gpu_spec,qos,pod_phase,creation_time,deletion_time,scheduled_time
 openb-pod-0017,88000,327680,8,1000,V100M32,LS,Succeeded,9437497,10769854,9437497
 openb-pod-0022,6000,12288,1,460,,BE,Failed,9437520,9446002,9437521
 openb-pod-0030,8000,30720,0,0,,BE,Succeeded,9437600,9437700,9437601
@@ -37,9 +38,9 @@ SWF = """; Version: 2.2
 
 def test_philly_rows_read_with_times_from_the_traces_start():
     jobs = philly(io.StringIO(PHILLY))
-    start = datetime(2017, 9, 29, 7, 58, 32)
+    start = datetime(2017, 9, 29, 7, 58, 32, tzinfo=UTC)
     assert jobs[2] == TraceJob("philly-4", "6c71a0", 0.0, 860662.0, 8)
-    assert jobs[0].submit_s == (datetime(2017, 10, 9, 7, 1, 55) - start).total_seconds()
+    assert jobs[0].submit_s == (datetime(2017, 10, 9, 7, 1, 55, tzinfo=UTC) - start).total_seconds()
     assert (jobs[0].user, jobs[0].runtime_s, jobs[0].gpus) == ("11cb48", 66.0, 1)
 
 
@@ -190,7 +191,7 @@ def test_policies_replayed_side_by_side_give_what_each_gives_alone():
     policies = ["public-only", "continuum", "carbon"]
     seen: dict[str, int] = {}
     apart = replay_policies(jobs, catalog(HOUR), policies, START, {"team": "lab"}, workers=2,
-                            progress=lambda name, done: seen.__setitem__(name, done))
+                            progress=seen.__setitem__)
     assert list(apart) == policies
     for name in policies:
         assert apart[name] == replay(jobs, catalog(HOUR), FixedCarbon(), name, START, {"team": "lab"}), name

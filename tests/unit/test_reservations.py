@@ -86,7 +86,8 @@ def test_reserve_is_idempotent():
 
 
 def test_release_frees_the_gpus():
-    doc = reserve(reserve(None, "j1", Reservation("acme", "H100", 3), TOTAL), "j2", Reservation("acme", "H100", 2), TOTAL)
+    doc = reserve(None, "j1", Reservation("acme", "H100", 3), TOTAL)
+    doc = reserve(doc, "j2", Reservation("acme", "H100", 2), TOTAL)
     after = release(doc, "j1")
     assert not holds(after, "j1")
     assert holds(after, "j2")

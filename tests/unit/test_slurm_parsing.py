@@ -85,10 +85,10 @@ def test_gres_types_and_qos_follow_the_sites_slurm_names():
 
 @pytest.mark.parametrize(("said", "transient"), [
     # as Slurm 22.05's sbatch said them on this machine
-    ("sbatch: error: Memory specification can not be satisfied\n"
-     "sbatch: error: Batch job submission failed: Requested node configuration is not available", False),
-    ("sbatch: error: invalid partition specified: nope\n"
-     "sbatch: error: Batch job submission failed: Invalid partition name specified", False),
+    (("sbatch: error: Memory specification can not be satisfied\n"
+      "sbatch: error: Batch job submission failed: Requested node configuration is not available"), False),
+    (("sbatch: error: invalid partition specified: nope\n"
+      "sbatch: error: Batch job submission failed: Invalid partition name specified"), False),
     ("sbatch: error: Batch job submission failed: Invalid account or account/partition combination specified", False),
     ("sbatch: error: Batch job submission failed: Unable to contact slurm controller (connect failure)", True),
     ("sbatch: error: Batch job submission failed: Socket timed out on send/recv operation", True),

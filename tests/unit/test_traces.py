@@ -26,9 +26,11 @@ def test_a_jobs_trace_is_laid_out_parent_first_in_time_order_without_other_jobs(
         submitted = trace.get_current_span()
     # the next hops, in other processes, continue from the traceparent in the message header
     header = traceparent_of(submitted)
-    with tracer.start_as_current_span("routing.place", context=context_of(header), attributes={Attr.JOB_ID: "j1"}):
-        with tracer.start_as_current_span("agent.dispatch", attributes={Attr.JOB_ID: "j1"}):
-            pass
+    with (
+        tracer.start_as_current_span("routing.place", context=context_of(header), attributes={Attr.JOB_ID: "j1"}),
+        tracer.start_as_current_span("agent.dispatch", attributes={Attr.JOB_ID: "j1"}),
+    ):
+        pass
     # another job in the same submitter's trace, and a job of its own trace
     with tracer.start_as_current_span("intake.submit", context=context_of(header), attributes={Attr.JOB_ID: "j2"}):
         pass

@@ -67,7 +67,8 @@ def test_bad_json_on_a_tenant_subject_is_charged_to_that_tenant(catalog):
     assert reject(b"nope", catalog, subject_tenant="media-fr").tenant == "media-fr"
 
 
-@pytest.mark.parametrize(("raw", "kind"), [(b"[1, 2]", "list"), (b'"text"', "str"), (b"42", "int"), (b"null", "NoneType")])
+@pytest.mark.parametrize(("raw", "kind"),
+                         [(b"[1, 2]", "list"), (b'"text"', "str"), (b"42", "int"), (b"null", "NoneType")])
 def test_json_that_is_not_an_object_is_rejected(catalog, raw, kind):
     rejection = reject(raw, catalog)
     assert locs(rejection) == [[]]

@@ -118,7 +118,7 @@ class SlotBackend(ABC):
         """Run the job on these GPU slots until it ends; cancelling the task stops the job (its clean-up
         must then finish before the cancellation propagates)."""
 
-    async def start(self) -> None:
+    async def start(self) -> None:  # noqa: B027 - a hook that does nothing unless a backend needs it
         """Called once the agent is connected (a backend whose jobs outlive the agent takes them back)."""
 
     def queued(self) -> int:
@@ -164,8 +164,8 @@ class SlotBackend(ABC):
         wanted: dict[str, int] = {}
         for order in self.queue:
             wanted[order.gpu_type] = wanted.get(order.gpu_type, 0) + order.spec.resources.total_gpus
-        return {t: GpuCount(total=self.site.gpus[t], free=len(s), reserved=wanted.get(t, 0))
-                for t, s in self.free_slots.items()}
+        return {t: GpuCount(total=n, free=len(self.free_slots[t]), reserved=wanted.get(t, 0))
+                for t, n in self.site.gpus.items()}
 
     def jobs(self) -> list[SiteJob]:
         """Every job here: the queue in start order, then the running ones."""

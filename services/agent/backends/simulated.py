@@ -30,7 +30,7 @@ async def last(seconds: float) -> None:
     """Take at least `seconds` of the clock the run is billed by: uvloop's timers count from the time its loop
     last read the clock, and a busy loop's sleep can end a few milliseconds early."""
     end = time.monotonic() + seconds
-    while (left := end - time.monotonic()) > 0:
+    while (left := end - time.monotonic()) > 0:  # noqa: ASYNC110 - waits for a time, not for another task
         await asyncio.sleep(left)
 
 

@@ -20,8 +20,8 @@ The parsing is pure; the class only runs commands.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import base64
+import contextvars
 import shlex
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -308,7 +308,7 @@ class SlurmBackend:
         return True
 
     def capacity(self) -> dict[str, GpuCount]:
-        counts = {}
+        counts: dict[str, GpuCount] = {}
         for t, n in self.site.gpus.items():
             gres = self._gres[t]
             total = self.view.total.get(gres, n) if self.view.total else n
@@ -445,4 +445,5 @@ async def _run(*command: str, stdin: str | None = None) -> tuple[int, str, str]:
         *command, stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await process.communicate(stdin.encode() if stdin is not None else None)
+    assert process.returncode is not None  # communicate() waited for it to exit
     return process.returncode, out.decode(errors="replace"), err.decode(errors="replace")
