@@ -23,7 +23,7 @@ def rate(site: SiteEntry, *, job_id: str, tenant: str, gpu_type: str, gpus: int,
         job_id=job_id, tenant=tenant, site=site.id, gpu_type=gpu_type, gpus=gpus, started_at=started_at,
         ended_at=ended_at, state=state, seconds=round(seconds, 3), gpu_hours=round(gpu_hours, 6),
         amount_eur=round(gpu_hours * site.price(gpu_type), 6) if offered else 0.0,
-        allocation_hours=round(gpu_hours * site.allocation_factor.get(gpu_type, 1.0), 6) if site.public else 0.0,  # type: ignore[call-overload]  # the catalog keys GPU types by the GpuType literal, this code by str
+        allocation_hours=round(gpu_hours * site.allocation_factor.get(gpu_type, 1.0), 6) if site.public else 0.0,
         energy_kwh=round(kw * seconds / 3600, 6), co2e_kg=round(co2e_g / 1000, 6),
     )
 

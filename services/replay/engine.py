@@ -367,7 +367,7 @@ class Replay:
                 # the least it could cost there (or use of the allocation), of the GPU types it may take
                 site = self.catalog.sites[site_id]
                 kind, need_of = ("hours", worst_case_allocation_h) if site.public else ("eur", worst_case_cost)
-                least = min(need_of(spec, site, t) for t in gpu_types(spec, site.gpus))  # type: ignore[arg-type]  # the catalog keys GPU types by the GpuType literal, this code by str
+                least = min(need_of(spec, site, t) for t in gpu_types(spec, site.gpus))
                 heapq.heappush(self.budget_watch[spec.tenant][kind], (least, waiting.seq, job_id, ticket))
             else:
                 key = (Hold.SHARE if Hold.SHARE in holds else Hold.GPUS, site_id, need)

@@ -31,9 +31,10 @@ def create_routing_app(settings: Settings):
     # sites, reservations, the line and metered budgets are kept in memory by watches: a placement reads no bucket
     mirrored = [BusDocuments(bus, bucket) for bucket in (topology.reservations_bucket, topology.waiting_bucket,
                                                          topology.sites_bucket, topology.budgets_bucket)]
-    routing = bootstrap(catalog, default_carbon(), Stores(*mirrored, jobs=BusDocuments(bus, topology.jobs_bucket,
-                                                                                       mirrored=False)),
-                        bus, subjects, settings.placement_retry_s, settings.lost_job_grace_s)
+    reservations, waiting, sites, budgets = mirrored
+    stores = Stores(reservations, waiting, sites, budgets, jobs=BusDocuments(bus, topology.jobs_bucket, mirrored=False))
+    routing = bootstrap(catalog, default_carbon(), stores, bus, subjects, settings.placement_retry_s,
+                        settings.lost_job_grace_s)
     placement, line, store, outages = routing.placement, routing.line, routing.reservations, routing.outages
     gate = ReportGate(bus)
     bus.document_events(subjects.job_event(kind="placed"), "A job was placed; data.decision explains why there.")
@@ -110,5 +111,5 @@ def create_routing_app(settings: Settings):
         return store.overflow()
 
     telemetry.observe(telemetry.JOBS_WAITING, "Jobs waiting for capacity (the waiting board)", "{job}",
-                      lambda: [(len(line), {})] if mirrored[1].mirror is not None else [])
+                      lambda: [(len(line), {})] if waiting.mirror is not None else [])
     return create_app(bus, on_startup=(start,), on_shutdown=(stop,))

@@ -28,7 +28,7 @@ def site_views(catalog: Catalog, statuses: dict[str, dict], held: dict[str, dict
     views = []
     for site in catalog.sites.values():
         status, doc = statuses.get(site.id), held.get(site.id)
-        free = reservations.free(doc, site.gpus)  # type: ignore[arg-type]  # the catalog keys GPU types by the GpuType literal, this code by str
+        free = reservations.free(doc, site.gpus)
         if give_back and give_back[0] == site.id:
             free[give_back[1].gpu_type] = free.get(give_back[1].gpu_type, 0) + give_back[1].gpus
         short = {t for t, n in free.items() if n < need}

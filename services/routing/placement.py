@@ -16,6 +16,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from datetime import datetime
+from typing import NoReturn
 
 import structlog
 from faststream.exceptions import NackMessage
@@ -96,7 +97,7 @@ class Placement:
             # a job that waits may be placed by its own event and, woken, by a release at the same time
             contended = woken or tries > 1 or self.line.waits(job_id)
             record = known or await self._record(job_id)
-            if await self._settled(record, attempt, span):
+            if (spec := await self._to_place(record, attempt, span)) is None:
                 return
             left = departures(record.history, self.clock())
             if left.give_up:
@@ -107,12 +108,12 @@ class Placement:
                 # moment are not the job's): that placement stands
                 span.set_attribute(telemetry.Attr.OUTCOME, f"placed by another try at {winner['site']}")
                 if int(winner.get("attempt", 0)) == attempt:  # its order may not be out yet: one is kept
-                    await self.send_order(record, winner["site"], winner["gpu_type"], attempt)
+                    await self.send_order(record, spec, winner["site"], winner["gpu_type"], attempt)
                 await self.line.leave(job_id)
             elif holding := reservations.holder(self.store.held(), job_id, attempt):
-                await self._announce_again(record, attempt, left, holding, span)
+                await self._announce_again(record, spec, attempt, left, holding, span)
             else:
-                await self._place_anew(record, attempt, left, tries, span)
+                await self._place_anew(record, spec, attempt, left, tries, span)
 
     async def _record(self, job_id: str) -> JobRecord:
         current = await self.jobs.read(job_id)
@@ -120,23 +121,24 @@ class Placement:
             raise LookupError(f"job {job_id} is not in the registry yet")
         return JobRecord.model_validate(current)
 
-    async def _settled(self, record: JobRecord, attempt: int, span) -> bool:
-        """Whether there is nothing to place: the job ended (its GPUs go back), or a newer attempt owns it. A
-        try ahead of the registry is retried: the sites the job left must be known before it is placed again."""
+    async def _to_place(self, record: JobRecord, attempt: int, span) -> JobSpec | None:
+        """The job's spec, or None when there is nothing to place: the job ended (its GPUs go back), or a newer
+        attempt owns it. A try ahead of the registry is retried: the sites the job left must be known before it
+        is placed again."""
         if record.state.terminal:
             span.set_attribute(telemetry.Attr.OUTCOME, f"already {record.state.value}")
             await self.store.release(record.job_id)  # cancelled while waiting: nothing to place
             await self.line.leave(record.job_id)
-            return True
+            return None
         if record.attempt > attempt or record.spec is None:
             span.set_attribute(telemetry.Attr.OUTCOME, "superseded")
-            return True
+            return None
         if record.attempt < attempt:
             raise LookupError(f"the registry has not seen attempt {attempt} of job {record.job_id} yet")
-        return False
+        return record.spec
 
-    async def _announce_again(self, record: JobRecord, attempt: int, left, holding: tuple[str, Reservation],
-                              span) -> None:
+    async def _announce_again(self, record: JobRecord, spec: JobSpec, attempt: int, left,
+                              holding: tuple[str, Reservation], span) -> None:
         """The job holds GPUs for this attempt already: reserved by a try that crashed before announcing it, or
         that is still at work. Announce that placement, explained again. The stream keeps the first
         announcement; if another try's came first, only its order goes out, for the job may hold GPUs at two
@@ -145,19 +147,17 @@ class Placement:
         span.set_attribute(telemetry.Attr.OUTCOME, f"already {record.state.value}")
         if record.state not in (JobState.dispatched, JobState.started):
             held = self.store.held()
-            spec = record.spec
             decision = place(spec, self.catalog.tenants[record.tenant],
                              self.views(held, spec.resources.total_gpus, give_back=holding),
                              self.budget(record.tenant, held), self.clock(), left.avoid, left.refused)
             decision = decision.model_copy(update={"site": site_id, "gpu_type": r.gpu_type, "overflow": r.overflow})
-            if not await self.dispatch(record, decision, attempt, span, r.token):
-                await self.follow_winner(record, attempt, span, site_id, r.token)
+            if not await self.dispatch(record, spec, decision, site_id, r.gpu_type, attempt, span, r.token):
+                await self.follow_winner(record, spec, attempt, span, site_id, r.token)
         await self.line.leave(record.job_id)
 
-    async def _place_anew(self, record: JobRecord, attempt: int, left, tries: int, span) -> None:
+    async def _place_anew(self, record: JobRecord, spec: JobSpec, attempt: int, left, tries: int, span) -> None:
         """Decide, and reserve what was decided; another replica that took those GPUs first makes it decide
         again. A job that fits nowhere now waits (NackMessage), one that never can is rejected."""
-        spec: JobSpec = record.spec
         token = uuid.uuid4().hex  # this try's reservations are its own
         ahead = self.line.ahead(record.job_id, spec.priority)
         held = self.store.held()
@@ -167,22 +167,26 @@ class Placement:
             decision = place(spec, self.catalog.tenants[record.tenant], views, room, self.clock(), left.avoid,
                              left.refused, forecast=self.forecast)
             if decision.impossible:
-                return await self._never(record, attempt, decision, left.refused, span)
+                await self._never(record, attempt, decision, left.refused, span)
+                return
             decision = await self._yield_to_higher(spec, decision, views, held)
-            if decision.site is None:
-                await self._wait(record, attempt, decision, tries, span)
+            site_id, gpu_type = decision.site, decision.gpu_type
+            if site_id is None or gpu_type is None:
+                await self._wait(record, spec, attempt, decision, tries, span)
             try:
-                holding_token = await self._reserve(record, attempt, decision, room, held, token)
+                holding_token = await self._reserve(record, spec, attempt, self.catalog.site(site_id), gpu_type,
+                                                    decision.overflow, room, held, token)
                 break
             except NoCapacity:
                 held = self.store.held()  # another replica took those GPUs first: decide again
         latest = await self.jobs.read(record.job_id)
         if latest and JobState(latest["state"]).terminal:  # cancelled while we placed it
             await self.store.release(record.job_id)
-        elif not await self.dispatch(record, decision, attempt, span, holding_token):
+        elif not await self.dispatch(record, spec, decision, site_id, gpu_type, attempt, span, holding_token):
             # if two tries got this far, the stream kept the first `placed` event: the other gives back what it
             # reserved, unless the winner uses those very GPUs
-            return await self.follow_winner(record, attempt, span, decision.site, token)
+            await self.follow_winner(record, spec, attempt, span, site_id, token)
+            return
         await self.line.leave(record.job_id)
 
     async def _never(self, record: JobRecord, attempt: int, decision: Decision, refused: dict[str, str],
@@ -227,25 +231,24 @@ class Placement:
             await self.line.forget(job_id)
         return None
 
-    async def _wait(self, record: JobRecord, attempt: int, decision: Decision, tries: int, span) -> None:
+    async def _wait(self, record: JobRecord, spec: JobSpec, attempt: int, decision: Decision, tries: int,
+                    span) -> NoReturn:
         """The job fits nowhere now: it says why (once), joins the line, and is tried again later."""
         _trace_decision(span, decision, JobState.queued)
         if record.state != JobState.queued:
             await self.publish(record, JobState.queued, attempt, decision=decision, reasons=decision.reasons)
-        await self.line.join(record.job_id, record.spec, decision)
-        raise NackMessage(delay=retry_delay_s(self.retry_s, record.spec.priority, tries, self.clock(),
-                                              decision.wait_until))
+        await self.line.join(record.job_id, spec, decision)
+        raise NackMessage(delay=retry_delay_s(self.retry_s, spec.priority, tries, self.clock(), decision.wait_until))
 
-    async def _reserve(self, record: JobRecord, attempt: int, decision: Decision, room: TenantBudget,
-                       held: dict[str, dict], token: str) -> str:
+    async def _reserve(self, record: JobRecord, spec: JobSpec, attempt: int, site: SiteEntry, gpu_type: str,
+                       overflow: bool, room: TenantBudget, held: dict[str, dict], token: str) -> str:
         """Hold the decided GPUs; the token of the reservation the job now holds there (this try's, or that of
         another try at this attempt that got there first). NoCapacity if they are gone."""
-        spec, site = record.spec, self.catalog.site(decision.site)
         reservation = Reservation(
-            tenant=record.tenant, gpu_type=decision.gpu_type, gpus=spec.resources.total_gpus, attempt=attempt,
-            overflow=decision.overflow, placed_at=self.clock().timestamp(), walltime_s=spec.walltime_s,
-            cost_eur=0.0 if site.public else worst_case_cost(spec, site, decision.gpu_type),
-            allocation_h=worst_case_allocation_h(spec, site, decision.gpu_type) if site.public else 0.0,
+            tenant=record.tenant, gpu_type=gpu_type, gpus=spec.resources.total_gpus, attempt=attempt,
+            overflow=overflow, placed_at=self.clock().timestamp(), walltime_s=spec.walltime_s,
+            cost_eur=0.0 if site.public else worst_case_cost(spec, site, gpu_type),
+            allocation_h=worst_case_allocation_h(spec, site, gpu_type) if site.public else 0.0,
             token=token)
         # the most the tenant's jobs at this site may commit, this one included: the room the decision saw, so
         # that tries placing the same tenant's jobs at once cannot each spend it (checked in the write)
@@ -254,15 +257,17 @@ class Placement:
         holding = [token]
 
         def hold(doc: dict | None) -> dict | None:
+            earlier = reservations.job(doc, record.job_id)
             new = reservations.reserve(doc, record.job_id, reservation, site.gpus, limit, site.overflow_share)
             # None: the job holds GPUs here for this attempt already (another try's): this try uses them
-            holding[0] = token if new is not None else reservations.job(doc, record.job_id).token
+            holding[0] = earlier.token if new is None and earlier is not None else token
             return new
 
         await self.store.change(site.id, hold)
         return holding[0]
 
-    async def follow_winner(self, record: JobRecord, attempt: int, span, site_id: str, token: str) -> None:
+    async def follow_winner(self, record: JobRecord, spec: JobSpec, attempt: int, span, site_id: str,
+                            token: str) -> None:
         """Another try's `placed` event for this attempt came first, and it stands: the reservation made with
         `token` at the site goes back unless the winner uses it, and the winner's order goes out (again, if
         the winner sent it: one id, JetStream keeps one)."""
@@ -271,37 +276,38 @@ class Placement:
         if winner.get("reservation") != token:
             await self.store.give_back(site_id, record.job_id, token)
         if int(winner.get("attempt", 0)) == attempt:
-            await self.send_order(record, winner["site"], winner["gpu_type"], attempt)
+            await self.send_order(record, spec, winner["site"], winner["gpu_type"], attempt)
 
     async def placed_by_another(self, record: JobRecord, attempt: int) -> dict | None:
         """This attempt's `placed` event data if the event stream has it already (another try made it)."""
         data = await self.events.last_job_event(record.tenant, record.job_id, JobState.placed.value)
         return data if data and int(data.get("attempt", 0)) >= attempt else None
 
-    async def dispatch(self, record: JobRecord, decision: Decision, attempt: int, span, reservation: str) -> bool:
+    async def dispatch(self, record: JobRecord, spec: JobSpec, decision: Decision, site_id: str, gpu_type: str,
+                       attempt: int, span, reservation: str) -> bool:
         """Announce the placement (with the token of the reservation it uses) and send the site its order.
         False if the stream had this attempt's `placed` event already (another try placed it first): the
         order is not this try's to send, since the two may have chosen different sites."""
         _trace_decision(span, decision, JobState.placed)
-        ack = await self.publish(record, JobState.placed, attempt, site=decision.site, gpu_type=decision.gpu_type,
+        ack = await self.publish(record, JobState.placed, attempt, site=site_id, gpu_type=gpu_type,
                                  overflow=decision.overflow, reservation=reservation, decision=decision)
         if ack is not None and ack.duplicate:
             return False
-        await self.send_order(record, decision.site, decision.gpu_type, attempt)
+        await self.send_order(record, spec, site_id, gpu_type, attempt)
         entered = next((h.time for h in reversed(record.history)
                         if h.state in (JobState.accepted, JobState.requeued)), None)
         if entered is not None:
             telemetry.placement_latency.record((self.clock() - entered).total_seconds(),
-                                               {"site": decision.site, "overflow": decision.overflow})
+                                               {"site": site_id, "overflow": decision.overflow})
         if decision.overflow:
-            telemetry.overflow_jobs.add(1, {"site": decision.site, "tenant": record.tenant})
-        log.info("job.placed", job_id=record.job_id, tenant=record.tenant, site=decision.site,
-                 gpu_type=decision.gpu_type, overflow=decision.overflow)
+            telemetry.overflow_jobs.add(1, {"site": site_id, "tenant": record.tenant})
+        log.info("job.placed", job_id=record.job_id, tenant=record.tenant, site=site_id, gpu_type=gpu_type,
+                 overflow=decision.overflow)
         return True
 
-    async def send_order(self, record: JobRecord, site_id: str, gpu_type: str, attempt: int) -> None:
+    async def send_order(self, record: JobRecord, spec: JobSpec, site_id: str, gpu_type: str, attempt: int) -> None:
         order = Dispatch(job_id=record.job_id, tenant=record.tenant, site=site_id, gpu_type=gpu_type, attempt=attempt,
-                         spec=record.spec)
+                         spec=spec)
         await self.events.publish_command(self.subjects.dispatch(site_id), order,
                                           msg_id=f"{record.job_id}.dispatch.{attempt}")
 

@@ -500,7 +500,8 @@ def _best_type(spec: JobSpec, site: SiteView) -> str:
         return NO_GPU
     if wanted != "any":
         return wanted
-    best, most = wanted, None  # a loop rather than max(key=...): asked of every site at every question
+    best: str = wanted
+    most = None  # a loop rather than max(key=...): asked of every site at every question
     for gpu_type, total in site.entry.gpus.items():
         key = (site.free.get(gpu_type, 0), total, gpu_type)
         if most is None or key > most:

@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -23,7 +24,16 @@ from .jobs import GPU_TYPES, TENANT_PATTERN
 
 SiteId = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9-]*$", max_length=63)]
 Country = Annotated[str, StringConstraints(pattern=r"^[A-Z]{2}$")]
-GpuType = Literal["H100", "A100", "L40S", "L4"]
+
+
+def _known_gpu_type(name: str) -> str:
+    if name not in GPU_TYPES:
+        raise ValueError(f"unknown GPU type {name!r}: one of {', '.join(GPU_TYPES)}")
+    return name
+
+
+# a GPU type the catalog may name, kept a str: the code meets it with a job's `any` and a trace's types
+GpuType = Annotated[str, AfterValidator(_known_gpu_type)]
 
 
 class SlurmOptions(BaseModel):

@@ -131,3 +131,10 @@ def test_slurm_options_must_fit_the_site(tmp_path):
     assert "slurm.gres_type_map names GPU types the site does not offer: ['A100']" in load_error(sites_file=path)
     path = sites_file(tmp_path, GOOD_SITE | {"backend": "slurm", "slurm": {"mem_per_gpu_gb": 0}})
     assert load_error(sites_file=path).startswith(f"{path}: entry 1 (site-a): slurm.mem_per_gpu_gb: ")
+
+
+def test_a_gpu_type_the_catalog_does_not_know_is_named_in_the_error(tmp_path):
+    path = sites_file(tmp_path, GOOD_SITE | {"gpus": {"H100": 8, "B200": 8}})
+    error = load_error(sites_file=path)
+    assert error.startswith(f"{path}: entry 1 (site-a): gpus.B200")
+    assert "unknown GPU type 'B200': one of H100, A100, L40S, L4" in error

@@ -303,9 +303,10 @@ def catalogs(draw) -> list[SiteView]:
     return [draw(site_views(i)) for i in ids]
 
 
-tenants = st.builds(tenant, allocation=st.sampled_from((0.0, 100.0)), overflow=st.sampled_from(("allowed", "forbidden")),
+tenants = st.builds(tenant, allocation=st.sampled_from((0.0, 100.0)),
+                    overflow=st.sampled_from(("allowed", "forbidden")),
                     residency=st.sampled_from(("EU", "any", "FR", "DE")))
-specs = st.builds(job, gpus=st.integers(0, 6), gpu_type=st.sampled_from(("any",) + TYPES), nodes=st.integers(1, 2),
+specs = st.builds(job, gpus=st.integers(0, 6), gpu_type=st.sampled_from(("any", *TYPES)), nodes=st.integers(1, 2),
                   residency=st.sampled_from((None, "EU", "any", "FR", "NL")),
                   certifications=st.lists(st.sampled_from(CERTS), max_size=2, unique=True),
                   overflow=st.sampled_from(("allowed", "forbidden")))
@@ -491,7 +492,8 @@ def test_a_refusal_for_good_is_kept_and_the_attempts_are_bounded():
     left = departures(history, T0 + timedelta(days=1))
     assert left.refused == {"a": "site refused: sbatch: Invalid account"} and left.avoid == {}
     lost = [requeued(s, i, f"site {s} went down", n=i) for i, s in enumerate("abcd"[:MAX_ATTEMPTS])]
-    assert departures(lost, T0).give_up == f"placed {MAX_ATTEMPTS} times, refused or lost every time; last: site d went down"
+    assert departures(lost, T0).give_up == (f"placed {MAX_ATTEMPTS} times, refused or lost every time; "
+                                            "last: site d went down")
     assert departures(lost[:-1], T0).give_up is None
 
 
@@ -536,9 +538,10 @@ def loaded_catalogs(draw) -> list[SiteView]:
 budgets = st.builds(TenantBudget, allocation_left_h=st.floats(-10, 50), budget_left_eur=st.floats(-10, 50))
 thresholds = st.builds(lab, threshold=st.sampled_from((0.0, 600.0, 1800.0, 10_000.0)),
                        overflow=st.sampled_from(("allowed", "forbidden")))
-priced_specs = st.builds(job, gpus=st.integers(1, 6), gpu_type=st.sampled_from(("any",) + TYPES),
+priced_specs = st.builds(job, gpus=st.integers(1, 6), gpu_type=st.sampled_from(("any", *TYPES)),
                          walltime_s=st.sampled_from((600, 3600, 14_400)),
-                         residency=st.sampled_from((None, "EU", "FR")), overflow=st.sampled_from(("allowed", "forbidden")),
+                         residency=st.sampled_from((None, "EU", "FR")),
+                         overflow=st.sampled_from(("allowed", "forbidden")),
                          budget_eur=st.one_of(st.none(), st.floats(0, 40)))
 
 
@@ -573,7 +576,8 @@ def test_a_job_larger_than_the_tenants_whole_budget_or_grant_is_impossible():
     poor = TenantEntry(id="acme", allocation_gpu_hours=10, monthly_budget_eur=5)
     decision = place(job(gpus=2, gpu_type="H100", walltime_s=7200), poor, [view(paid), view(public)])
     assert decision.impossible
-    assert candidate(decision, "paid").reasons == ["worst-case cost 8.00 EUR exceeds the tenant's monthly budget 5.00 EUR"]
+    assert candidate(decision, "paid").reasons == [
+        "worst-case cost 8.00 EUR exceeds the tenant's monthly budget 5.00 EUR"]
     assert candidate(decision, "public").reasons == ["may use 16.0 allocation hours, the tenant's grant is 10.0"]
     unfunded = TenantEntry(id="acme", monthly_budget_eur=0)
     assert candidate(place(job(), unfunded, [view(paid)]), "paid").reasons == ["tenant has no budget for paid capacity"]
