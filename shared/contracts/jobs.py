@@ -18,7 +18,19 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, PrivateAttr, StringConstraints
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SerializerFunctionWrapHandler,
+    StringConstraints,
+    field_serializer,
+    model_serializer,
+)
+
+from shared.contracts.events import CloudEvent
 
 TENANT_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 TenantId = Annotated[str, StringConstraints(pattern=TENANT_PATTERN)]
@@ -221,6 +233,63 @@ class StopJob(BaseModel):
     superseded: bool = False
     # the placement attempt to stop (None: whichever the site has): a late stop never hits a newer attempt
     attempt: int | None = None
+
+
+class JobEventData(BaseModel):
+    """The `data` of a job event (CONTRACT.md, Events and "Job event data"): job_id, tenant, state, and what
+    the step that made it has to say. Which fields each kind carries:
+
+    - accepted (intake): spec, traceparent; rejected by intake: errors, reason
+    - queued, and rejected by routing: decision, reasons (and reason); placed: site, gpu_type, overflow,
+      reservation, decision
+    - dispatched, started and the ends, from the site's agent: site, gpu_type, gpus (all GPUs of the job);
+      started_at and ended_at; exit_code and reason; requeued: site, reason, refusal (a site's own words)
+    - every step of a placement carries its attempt (an event without one is of the first, 0)
+
+    In the JSON a field is there only if its producer gave it, and gave it a value: none is ever `null` (a
+    job that never started has no `started_at`), and `attempt` is absent from an event that names none (the
+    registry tells those apart: `gives`). Keys this code does not know (a newer producer's) are kept, so
+    that routing passes a site's report on whole."""
+
+    model_config = ConfigDict(extra="allow")
+
+    job_id: str
+    tenant: str
+    state: JobState
+    site: str | None = None
+    attempt: int = 0
+    spec: JobSpec | None = None
+    traceparent: str | None = None
+    errors: list[FieldError] | None = None
+    decision: Decision | None = None
+    reasons: list[str] = Field(default_factory=list)
+    reason: str | None = None
+    gpu_type: str | None = None
+    overflow: bool = False
+    reservation: str | None = None
+    gpus: int | None = None
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+    exit_code: int | None = None
+    refusal: Literal["permanent", "transient"] | None = None
+
+    def gives(self, field: str) -> bool:
+        """Whether the event carries this field (with a value): `attempt` and `reasons` read 0 and [] either way."""
+        return field in self.model_fields_set and getattr(self, field, None) is not None
+
+    @field_serializer("started_at", "ended_at", when_used="json-unless-none")
+    def _as_the_agent_writes_it(self, at: datetime) -> str:
+        # as isoformat() writes it (an offset, +00:00, where the envelope's time has Z), as it always was
+        return at.isoformat()
+
+    @model_serializer(mode="wrap")
+    def _what_was_given(self, handler: SerializerFunctionWrapHandler):  # unannotated: the schema keeps the fields
+        given = self.model_fields_set
+        return {k: v for k, v in handler(self).items() if v is not None and k in given}
+
+
+class JobEvent(CloudEvent[JobEventData]):
+    """An event on `continuum.events.job.<tenant>.<job_id>.<kind>`: its kind is the state the job entered."""
 
 
 def job_event_data(job_id: str, tenant: str, state: JobState, site: str | None = None, **extra: Any) -> dict[str, Any]:
