@@ -345,13 +345,13 @@ class Bus:
         """Declare, for the AsyncAPI document, events this service publishes (subjects with wildcards)."""
         self.broker.publisher(subject, schema=CloudEvent, title=subject, description=description)
 
-    async def publish_event(self, subject: str, event: CloudEvent, traceparent: str | None = None):
+    async def publish_event(self, subject: str, event: CloudEvent[Any], traceparent: str | None = None):
         """Publish to the event stream; the event id is the Nats-Msg-Id, so a redone step is not doubled (the
         ack returned says `duplicate`)."""
         return await self.js.publish(subject, event.model_dump_json().encode(), stream=self.topology.events_stream,
                                      headers=_headers(event.id, traceparent))
 
-    async def publish_report(self, subject: str, event: CloudEvent, attempt: int, after: str | None) -> None:
+    async def publish_report(self, subject: str, event: CloudEvent[Any], attempt: int, after: str | None) -> None:
         """A site's report on a job it was dispatched, at the dispatch's attempt, and the kind of its report
         before this one on that attempt: routing makes it the event, after that one. A report has no
         Nats-Msg-Id: the stream of reports is shared by sites, and a site that named its report with another

@@ -39,7 +39,7 @@ class Documents(Protocol):
 
 
 class EventLog(Protocol):
-    async def publish_event(self, subject: str, event: CloudEvent, traceparent: str | None = None) -> PubAck:
+    async def publish_event(self, subject: str, event: CloudEvent[Any], traceparent: str | None = None) -> PubAck:
         """Store the event; the ack says `duplicate` if the stream had an event of that id already."""
 
     async def last_job_event(self, tenant: str, job_id: str, kind: str) -> dict | None:

@@ -23,8 +23,8 @@ from shared.contracts.billing import (
     UsageLine,
 )
 from shared.contracts.catalog import Catalog
-from shared.contracts.events import CloudEvent, make_event, utcnow
-from shared.contracts.jobs import JobState
+from shared.contracts.events import make_event, utcnow
+from shared.contracts.jobs import JobEvent, JobState
 from shared.settings import Settings
 
 log = structlog.get_logger()
@@ -42,31 +42,31 @@ class Billing:
         self._next_account: dict[str, asyncio.Future] = {}
         self._accounting: set[str] = set()
 
-    def usage(self, event: CloudEvent) -> UsageLine | None:
+    def usage(self, event: JobEvent) -> UsageLine | None:
         """The usage line of a job's final event; None for a job that never started (nothing ran)."""
         data = event.data
-        if not data.get("started_at") or data.get("site") not in self.catalog.sites:
+        if data.started_at is None or data.site not in self.catalog.sites:
             return None
-        site = self.catalog.site(data["site"])
+        site = self.catalog.site(data.site)
 
         def intensity(at: datetime) -> float:
             return site_intensity(site, at, self.carbon)
-        return rate(site, job_id=data["job_id"], tenant=data["tenant"], gpu_type=data.get("gpu_type", "none"),
-                    gpus=int(data.get("gpus", 0)), started_at=datetime.fromisoformat(data["started_at"]),
-                    ended_at=datetime.fromisoformat(data.get("ended_at") or event.time.isoformat()),
-                    state=event.kind, intensity=intensity)
+        return rate(site, job_id=data.job_id, tenant=data.tenant,
+                    gpu_type="none" if data.gpu_type is None else data.gpu_type, gpus=data.gpus or 0,
+                    started_at=data.started_at, ended_at=data.ended_at or event.time, state=event.kind,
+                    intensity=intensity)
 
-    async def meter(self, event: CloudEvent, traceparent: str | None) -> None:
+    async def meter(self, event: JobEvent, traceparent: str | None) -> None:
         line = self.usage(event)
         if line is None:
             return
         with telemetry.job_span(telemetry.SpanName.RATE, traceparent, line.job_id, line.tenant,
                                 **{telemetry.Attr.SITE: line.site}) as span:
             record, _ = await self.bus.get_json(self.bus.topology.jobs_bucket, line.job_id)
-            if record and int(event.data.get("attempt", 0)) < record.get("attempt", 0):
+            if record and event.data.attempt < record.get("attempt", 0):
                 # a lost site's late report of a run the job left: its current attempt is the one billed
                 span.set_attribute(telemetry.Attr.OUTCOME, "superseded")
-                log.warning("usage.superseded", site=line.site, attempt=event.data.get("attempt"))
+                log.warning("usage.superseded", site=line.site, attempt=event.data.attempt)
                 return
             if self.ledger.add(line):
                 attributes = {"tenant": line.tenant, "site": line.site}
@@ -160,7 +160,7 @@ def create_billing_app(settings: Settings):
                         "A tenant used 80 % of its monthly paid budget or of its allocation (data: BudgetStatus).")
     bus.document_events(subjects.billing_event(kind="budget_exhausted"),
                         "A tenant used all of its monthly paid budget or of its allocation (data: BudgetStatus).")
-    async def meter(event: CloudEvent) -> None:
+    async def meter(event: JobEvent) -> None:
         await billing.meter(event, bus.traceparent())
 
     for kind in _FINAL:

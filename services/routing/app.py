@@ -15,7 +15,7 @@ from shared.bus import AFTER_HEADER, ATTEMPT_HEADER, create_app, create_bus
 from shared.carbon import default_carbon
 from shared.contracts.catalog import Catalog
 from shared.contracts.events import CloudEvent
-from shared.contracts.jobs import JobState
+from shared.contracts.jobs import JobEvent, JobState
 from shared.contracts.sites import SiteStatus
 from shared.settings import Settings
 from shared.stores import BusDocuments
@@ -53,7 +53,7 @@ def create_routing_app(settings: Settings):
         for documents in mirrored:
             await documents.stop()
 
-    async def place(event: CloudEvent) -> None:
+    async def place(event: JobEvent) -> None:
         await placement.place(event, bus.traceparent(), bus.message().metadata.num_delivered)
 
     for kind in (JobState.accepted, JobState.requeued):
@@ -62,13 +62,13 @@ def create_routing_app(settings: Settings):
         bus.consumer(subjects.job_event(kind=kind.value), topology.events_stream, kind.value, dead_letter=False,
                      max_ack_pending=100_000)(place)
 
-    async def release(event: CloudEvent) -> None:
+    async def release(event: JobEvent) -> None:
         """A job that ended, was cancelled or goes back to placement frees the GPUs it held."""
         if event.kind == JobState.requeued:
-            await store.release(event.data["job_id"], before_attempt=int(event.data.get("attempt", 0)))
+            await store.release(event.data.job_id, before_attempt=event.data.attempt)
         else:  # a run that started is metered: until then its cost stays committed
-            await store.release(event.data["job_id"], until_metered=bool(event.data.get("started_at")))
-            await line.leave(event.data["job_id"])
+            await store.release(event.data.job_id, until_metered=event.data.started_at is not None)
+            await line.leave(event.data.job_id)
         await placement.wake()
 
     for kind in (*sorted(_RELEASING), JobState.requeued):  # only these: most of a job's events concern it not
@@ -82,7 +82,7 @@ def create_routing_app(settings: Settings):
     # a report waiting for the one before it counts its rounds as deliveries: never dead-lettered for that
     # (one that fails the check is, at once: Unacceptable)
     @bus.consumer(subjects.report(), topology.reports_stream, "reports", batch=128, dead_letter=False)
-    async def vouch(event: CloudEvent) -> None:
+    async def vouch(event: JobEvent) -> None:
         """A site's report on a job: the job's event once routing has checked the job was dispatched there."""
         msg = bus.message()
         headers = msg.headers or {}

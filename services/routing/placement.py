@@ -37,8 +37,8 @@ from services.routing.store import ReservationStore
 from shared import telemetry
 from shared.carbon import CarbonProvider, site_intensity
 from shared.contracts.catalog import Catalog, SiteEntry
-from shared.contracts.events import CloudEvent, make_event, utcnow
-from shared.contracts.jobs import Decision, Dispatch, JobRecord, JobSpec, JobState, job_event_data
+from shared.contracts.events import utcnow
+from shared.contracts.jobs import Decision, Dispatch, JobEvent, JobEventData, JobRecord, JobSpec, JobState
 from shared.contracts.subjects import Subjects
 from shared.registry import apply_event
 from shared.stores import Documents, EventLog
@@ -78,14 +78,14 @@ class Placement:
 
     # A try
 
-    async def place(self, event: CloudEvent, traceparent: str | None, tries: int = 1) -> None:
+    async def place(self, event: JobEvent, traceparent: str | None, tries: int = 1) -> None:
         """A try at the job of an accepted or requeued event (its `tries`-th delivery)."""
         # a job's first try: its accepted event is all the registry holds of it (intake writes it there with the
         # event), so the try needs no read; a cancel meanwhile is seen by the read after the reservation
         first = JobRecord.model_validate(apply_event(None, event, 0)) \
             if event.kind == JobState.accepted and tries == 1 else None
-        await self.place_job(event.data["job_id"], event.data["tenant"], int(event.data.get("attempt", 0)),
-                             traceparent, tries, known=first)
+        await self.place_job(event.data.job_id, event.data.tenant, event.data.attempt, traceparent, tries,
+                             known=first)
 
     async def place_job(self, job_id: str, tenant_id: str, attempt: int, traceparent: str | None,
                         tries: int = 1, woken: bool = False, known: JobRecord | None = None) -> None:
@@ -307,9 +307,9 @@ class Placement:
                       **data):
         """A job event, in the trace of the placement span in progress; JetStream's ack (`duplicate` if the
         stream had this event already)."""
-        body = job_event_data(record.job_id, record.tenant, state, attempt=attempt,
-                              decision=decision.model_dump(mode="json") if decision else None, **data)
-        event = make_event(SERVICE, "job", state.value, record.job_id, body, record.job_id, attempt)
+        body = JobEventData(job_id=record.job_id, tenant=record.tenant, state=state, attempt=attempt,
+                            decision=decision, **data)
+        event = JobEvent.make(SERVICE, "job", state.value, record.job_id, body, record.job_id, attempt)
         return await self.events.publish_event(self.subjects.job_event(record.tenant, record.job_id, state.value),
                                                event)
 

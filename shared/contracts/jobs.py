@@ -290,12 +290,3 @@ class JobEventData(BaseModel):
 
 class JobEvent(CloudEvent[JobEventData]):
     """An event on `continuum.events.job.<tenant>.<job_id>.<kind>`: its kind is the state the job entered."""
-
-
-def job_event_data(job_id: str, tenant: str, state: JobState, site: str | None = None, **extra: Any) -> dict[str, Any]:
-    """The `data` of a job event: at least job_id, tenant, state, and site once placed."""
-    data: dict[str, Any] = {"job_id": job_id, "tenant": tenant, "state": state.value}
-    if site is not None:
-        data["site"] = site
-    data.update({k: v for k, v in extra.items() if v is not None})
-    return data
