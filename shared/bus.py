@@ -42,6 +42,7 @@ from nats.js.kv import KeyValue
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from shared.contracts.events import CloudEvent
+from shared.contracts.jobs import JobEvent, JobEventData
 from shared.contracts.streams import Topology, consumer_config
 from shared.contracts.subjects import Subjects, inbox_prefix
 from shared.settings import Settings
@@ -369,14 +370,14 @@ class Bus:
         await self.js.publish(subject, dumps(body), stream=self.topology.dispatch_stream,
                               headers=_headers(msg_id, None))
 
-    async def last_job_event(self, tenant: str, job_id: str, kind: str) -> dict | None:
+    async def last_job_event(self, tenant: str, job_id: str, kind: str) -> JobEventData | None:
         """The data of the job's last event of `kind` in the event stream (the registry may not show it yet)."""
         try:
             msg = await self.js.get_last_msg(self.topology.events_stream,
                                              self.subjects.job_event(tenant, job_id, kind))
         except NotFoundError:
             return None
-        return orjson.loads(msg.data)["data"]
+        return JobEvent.model_validate_json(msg.data).data
 
     async def read_events(self, filters: list[str], after_seq: int, limit: int) -> tuple[list[dict], int]:
         """Up to `limit` stored events on `filters` after a stream sequence, in order, as {"seq", "subject",

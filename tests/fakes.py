@@ -10,7 +10,7 @@ from typing import Any
 
 from nats.js.api import PubAck
 
-from shared.contracts.jobs import JobEvent
+from shared.contracts.jobs import JobEvent, JobEventData
 from shared.contracts.subjects import Subjects
 from shared.registry import apply_event
 from shared.stores import Change
@@ -93,10 +93,9 @@ class MemoryEventLog:
                 self.registry.values[job_id] = new
         return PubAck(stream="events", seq=len(self.events))
 
-    async def last_job_event(self, tenant: str, job_id: str, kind: str) -> dict | None:
+    async def last_job_event(self, tenant: str, job_id: str, kind: str) -> JobEventData | None:
         subject = self.subjects.job_event(tenant, job_id, kind)
-        # as the bus reads it from the stream, for now: the event's data as JSON
-        return next((event.data.model_dump(mode="json") for s, event in reversed(self.events) if s == subject), None)
+        return next((event.data for s, event in reversed(self.events) if s == subject), None)
 
     async def publish_command(self, subject: str, body: Any, msg_id: str) -> None:
         if msg_id not in self._command_ids:

@@ -114,9 +114,10 @@ class Intake:
 
     async def placed_at(self, record: JobRecord) -> tuple[str | None, int]:
         """The site of the job's current placement if the event stream has it, and its attempt."""
-        placed = await self.bus.last_job_event(record.tenant, record.job_id, JobState.placed.value) or {}
-        attempt = int(placed.get("attempt", 0))
-        return (placed["site"], attempt) if placed and attempt >= record.attempt else (None, record.attempt)
+        placed = await self.bus.last_job_event(record.tenant, record.job_id, JobState.placed.value)
+        if placed is None or placed.attempt < record.attempt:
+            return None, record.attempt
+        return placed.site, placed.attempt
 
     async def get(self, job_id: str, requester: str | None = None) -> JobRecord | None:
         """The job's record; None if there is none, or it is another tenant's than the requester's (the same

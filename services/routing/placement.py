@@ -104,9 +104,9 @@ class Placement:
             elif contended and (winner := await self.placed_by_another(record, attempt)):
                 # the try that made it may have run and freed the job's GPUs since (the GPUs a losing try held a
                 # moment are not the job's): that placement stands
-                span.set_attribute(telemetry.Attr.OUTCOME, f"placed by another try at {winner['site']}")
-                if int(winner.get("attempt", 0)) == attempt:  # its order may not be out yet: one is kept
-                    await self.send_order(record, winner["site"], winner["gpu_type"], attempt)
+                span.set_attribute(telemetry.Attr.OUTCOME, f"placed by another try at {winner.site}")
+                if winner.attempt == attempt:  # its order may not be out yet: one is kept
+                    await self.send_order(record, winner.site, winner.gpu_type, attempt)
                 await self.line.leave(job_id)
             elif holding := reservations.holder(self.store.held(), job_id, attempt):
                 await self._announce_again(record, attempt, left, holding, span)
@@ -264,17 +264,17 @@ class Placement:
         """Another try's `placed` event for this attempt came first, and it stands: the reservation made with
         `token` at the site goes back unless the winner uses it, and the winner's order goes out (again, if
         the winner sent it: one id, JetStream keeps one)."""
-        winner = await self.placed_by_another(record, attempt) or {}
-        span.set_attribute(telemetry.Attr.OUTCOME, f"placed by another try at {winner.get('site')}")
-        if winner.get("reservation") != token:
+        winner = await self.placed_by_another(record, attempt)
+        span.set_attribute(telemetry.Attr.OUTCOME, f"placed by another try at {winner and winner.site}")
+        if winner is None or winner.reservation != token:
             await self.store.give_back(site_id, record.job_id, token)
-        if int(winner.get("attempt", 0)) == attempt:
-            await self.send_order(record, winner["site"], winner["gpu_type"], attempt)
+        if winner is not None and winner.attempt == attempt:
+            await self.send_order(record, winner.site, winner.gpu_type, attempt)
 
-    async def placed_by_another(self, record: JobRecord, attempt: int) -> dict | None:
+    async def placed_by_another(self, record: JobRecord, attempt: int) -> JobEventData | None:
         """This attempt's `placed` event data if the event stream has it already (another try made it)."""
         data = await self.events.last_job_event(record.tenant, record.job_id, JobState.placed.value)
-        return data if data and int(data.get("attempt", 0)) >= attempt else None
+        return data if data and data.attempt >= attempt else None
 
     async def dispatch(self, record: JobRecord, decision: Decision, attempt: int, span, reservation: str) -> bool:
         """Announce the placement (with the token of the reservation it uses) and send the site its order.

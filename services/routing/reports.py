@@ -84,7 +84,7 @@ class ReportGate:
                     raise Unacceptable(f"report refused: {problem}")
                 if after and (job_id, attempt, after) not in self.vouched and tries < REPORT_WAIT_TRIES:
                     earlier = await self.bus.last_job_event(tenant, job_id, after)
-                    if not earlier or int(earlier.get("attempt", 0)) < attempt:
+                    if not earlier or earlier.attempt < attempt:
                         raise NackMessage(delay=min(1.0, REPORT_WAIT_S * tries))
                 await self.bus.publish_event(self.bus.subjects.job_event(tenant, job_id, kind), event,
                                              self.bus.traceparent())
@@ -99,7 +99,7 @@ class ReportGate:
         """Where the job was dispatched, at which attempts: its latest placement from the event stream, and its
         earlier ones from the registry when the report is not about the latest."""
         placed = await self.bus.last_job_event(tenant, job_id, JobState.placed.value)
-        found = [(placed["site"], int(placed.get("attempt", 0)))] if placed else []
+        found = [(placed.site, placed.attempt)] if placed else []
         if (site, attempt) not in found:
             current, _ = await self.bus.get_json(self.bus.topology.jobs_bucket, job_id)
             if current and current["tenant"] == tenant:
