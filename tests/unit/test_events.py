@@ -192,7 +192,7 @@ async def _takes_any_event(event: CloudEvent) -> None: ...
 
 def test_an_event_whose_data_is_not_its_kinds_is_refused_where_it_comes_in():
     """The bus decodes a consumer's message as its handler's parameter: a malformed one never reaches it (and
-    is dead-lettered at once: tests/integration/test_bus.py)."""
+    is dead-lettered after its tries: tests/integration/test_bus.py)."""
     def raw(data: dict, area: str = "job") -> bytes:
         return orjson.dumps(wire(CloudEvent.make("a", area, "succeeded", "j1", data, "j1")))
     no_job = raw({"tenant": "lab", "state": "succeeded", "site": "cloud-nl"})
