@@ -16,7 +16,7 @@ from shared.carbon import default_carbon
 from shared.contracts.catalog import Catalog
 from shared.contracts.events import CloudEvent
 from shared.contracts.jobs import JobEvent, JobState
-from shared.contracts.sites import SiteStatus
+from shared.contracts.sites import SiteEvent
 from shared.settings import Settings
 from shared.stores import BusDocuments
 
@@ -93,15 +93,15 @@ def create_routing_app(settings: Settings):
     # its waits for a grace period count as deliveries too: never dead-lettered
     @bus.consumer(subjects.site_event(kind="down"), topology.events_stream, "site-down", batch=8, dead_letter=False,
                   deliver_policy=DeliverPolicy.NEW)
-    async def site_down(event: CloudEvent) -> None:
-        status = SiteStatus.model_validate(event.data)
+    async def site_down(event: SiteEvent) -> None:
+        status = event.data
         first_look = bus.message().metadata.num_delivered == 1
         await outages.site_down(status.site_id, status.down_since or event.time, first_look=first_look)
 
     @bus.consumer(subjects.site_event(kind="up"), topology.events_stream, "site-up", batch=8,
                   deliver_policy=DeliverPolicy.NEW)
-    async def site_up(event: CloudEvent) -> None:
-        status = SiteStatus.model_validate(event.data)
+    async def site_up(event: SiteEvent) -> None:
+        status = event.data
         await outages.site_up(status.site_id, status.since, set(status.jobs))
 
     @bus.responder(subjects.routing_overflow, "routing.overflow")
