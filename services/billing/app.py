@@ -15,15 +15,17 @@ from shared import telemetry
 from shared.bus import Bus, create_app, create_bus
 from shared.carbon import CarbonProvider, default_carbon, site_intensity
 from shared.contracts.billing import (
+    BudgetEvent,
     BudgetStatus,
     Statement,
     StatementRequest,
     Topup,
     TopupRequest,
+    UsageEvent,
     UsageLine,
 )
 from shared.contracts.catalog import Catalog
-from shared.contracts.events import make_event, utcnow
+from shared.contracts.events import utcnow
 from shared.contracts.jobs import JobEvent, JobState
 from shared.settings import Settings
 
@@ -81,7 +83,7 @@ class Billing:
                                  telemetry.Attr.BILLED_CO2E_KG: line.co2e_kg})
             await self.account_after(line.tenant)
             # publishing again after a crash is harmless: the usage event's id is the job's
-            usage = make_event(SERVICE, "billing", "usage", line.tenant, line.model_dump(mode="json"), line.job_id)
+            usage = UsageEvent.make(SERVICE, "billing", "usage", line.tenant, line, line.job_id)
             await self.bus.publish_event(self.bus.subjects.billing_event(line.tenant, "usage"), usage)
             log.info("job.billed", site=line.site, amount_eur=line.amount_eur, co2e_kg=line.co2e_kg)
 
@@ -135,7 +137,7 @@ class Billing:
                 if self.ledger.announced(*key):
                     continue
                 # published before it is recorded: a crash in between publishes it again, with the same id
-                event = make_event(SERVICE, "billing", kind, tenant, budget.model_dump(mode="json"), *key[1:])
+                event = BudgetEvent.make(SERVICE, "billing", kind, tenant, budget, *key[1:])
                 await self.bus.publish_event(self.bus.subjects.billing_event(tenant, kind), event)
                 self.ledger.announce(*key)
                 log.warning(f"tenant.{kind}", tenant=tenant, budget=budget.budget, used=budget.used,

@@ -13,8 +13,8 @@ from services.routing.reports import ReportGate
 from shared import telemetry
 from shared.bus import AFTER_HEADER, ATTEMPT_HEADER, create_app, create_bus
 from shared.carbon import default_carbon
+from shared.contracts.billing import UsageEvent
 from shared.contracts.catalog import Catalog
-from shared.contracts.events import CloudEvent
 from shared.contracts.jobs import JobEvent, JobState
 from shared.contracts.sites import SiteEvent
 from shared.settings import Settings
@@ -76,8 +76,8 @@ def create_routing_app(settings: Settings):
                      batch=128)(release)
 
     @bus.consumer(subjects.billing_event(kind="usage"), topology.events_stream, "metered", batch=128)
-    async def metered(event: CloudEvent) -> None:
-        await store.metered(event.data["job_id"])
+    async def metered(event: UsageEvent) -> None:
+        await store.metered(event.data.job_id)
 
     # a report waiting for the one before it counts its rounds as deliveries: never dead-lettered for that
     # (one that fails the check is, at once: Unacceptable)
