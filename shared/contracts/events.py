@@ -62,8 +62,3 @@ class CloudEvent(BaseModel, Generic[DataT]):
             data=data,
         )
 
-
-def make_event(service: str, area: str, kind: str, subject: str, data: dict[str, Any], *id_parts: object,
-               time: datetime | None = None) -> CloudEvent:
-    """An event whose data is a plain JSON object (`CloudEvent.make` of the untyped envelope)."""
-    return CloudEvent.make(service, area, kind, subject, data, *id_parts, time=time)

@@ -15,7 +15,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from structlog.testing import capture_logs
 
 from shared.bus import create_bus, request_json
-from shared.contracts.events import CloudEvent, make_event
+from shared.contracts.events import CloudEvent
 from shared.contracts.jobs import JobEvent, JobEventData, JobRef, JobState
 from shared.settings import Settings
 
@@ -97,7 +97,7 @@ async def test_each_message_of_a_fetch_has_its_own_outcome(nats_server):
     await bus.ensure_topology()
     dead = await bus.js.pull_subscribe(subjects.dead_letter("test"), durable=None, stream=topology.dead_letter_stream)
     for name in [*(f"ok{i}" for i in range(8)), "fails", "waits"]:
-        event = make_event("test", "job", "succeeded", name, {"job_id": name, "tenant": "t"}, name)
+        event = CloudEvent.make("test", "job", "succeeded", name, {"job_id": name, "tenant": "t"}, name)
         await bus.publish_event(subjects.job_event("t", name, "succeeded"), event)
     await bus.broker.publish(b"{not json", subjects.job_event("t", "garbled", "succeeded"),
                              stream=topology.events_stream)
@@ -178,7 +178,7 @@ async def test_a_consumer_without_dead_letters_retries_until_the_message_is_hand
 
     await bus.broker.connect()
     await bus.ensure_topology()
-    event = make_event("test", "job", "accepted", "j1", {"job_id": "j1", "tenant": "t"}, "j1")
+    event = CloudEvent.make("test", "job", "accepted", "j1", {"job_id": "j1", "tenant": "t"}, "j1")
     await bus.publish_event(subjects.job_event("t", "j1", "accepted"), event)
     await bus.start_handling()
     try:
@@ -223,7 +223,7 @@ async def test_a_durable_an_older_version_made_takes_this_versions_filter(nats_s
         assert (await bus.js.consumer_info(topology.events_stream, newer)).config.deliver_policy == DeliverPolicy.NEW
         for kind in ("accepted", "succeeded"):  # kinds the older filters did not take
             await bus.publish_event(subjects.job_event("t", "j1", kind),
-                                    make_event("test", "job", kind, "j1", {"job_id": "j1", "tenant": "t"}, "j1"))
+                                    CloudEvent.make("test", "job", kind, "j1", {"job_id": "j1", "tenant": "t"}, "j1"))
         await asyncio.wait_for(both.wait(), 10)
         assert seen == ["accepted", "succeeded"]
     finally:

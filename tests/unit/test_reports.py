@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from services.routing.reports import unacceptable
-from shared.contracts.events import make_event
+from shared.contracts.events import event_id
 from shared.contracts.jobs import JobEvent, JobEventData, JobState
 
 AT_NL = [("cloud-nl", 0)]
@@ -34,10 +34,10 @@ def test_the_attempt_the_registry_reads_must_be_the_one_reported_on():
     assert unacceptable("cloud-nl", "lab", "j1", "succeeded", 0, lying, AT_NL) == (
         "the report's attempt is not the one it reports on")
     # only a cancellation may take the id without an attempt (intake's own has it)
-    no_attempt = report().model_copy(update={"id": make_event("x", "job", "succeeded", "j1", {}, "j1").id})
+    no_attempt = report().model_copy(update={"id": event_id("job", "j1", "succeeded", "j1")})
     assert unacceptable("cloud-nl", "lab", "j1", "succeeded", 0, no_attempt, AT_NL) == (
         "the report's id is not that of this job, kind and attempt")
-    cancel = report("cancelled").model_copy(update={"id": make_event("x", "job", "cancelled", "j1", {}, "j1").id})
+    cancel = report("cancelled").model_copy(update={"id": event_id("job", "j1", "cancelled", "j1")})
     assert unacceptable("cloud-nl", "lab", "j1", "cancelled", 0, cancel, AT_NL) is None
 
 
