@@ -342,9 +342,10 @@ class Bus:
         if msg.reply:
             await msg.respond(dumps(reply))
 
-    def document_events(self, subject: str, description: str) -> None:
-        """Declare, for the AsyncAPI document, events this service publishes (subjects with wildcards)."""
-        self.broker.publisher(subject, schema=CloudEvent, title=subject, description=description)
+    def document_events(self, subject: str, envelope: type[CloudEvent[Any]], description: str) -> None:
+        """Declare, for the AsyncAPI document, events this service publishes (subjects with wildcards), in their
+        typed envelope (JobEvent, say)."""
+        self.broker.publisher(subject, schema=envelope, title=subject, description=description)
 
     async def publish_event(self, subject: str, event: CloudEvent[Any], traceparent: str | None = None):
         """Publish to the event stream; the event id is the Nats-Msg-Id, so a redone step is not doubled (the

@@ -216,7 +216,7 @@ def create_agent_app(settings: Settings, site_ids: list[str] | None = None):
     agents = [SiteAgent(bus, catalog.site(s)) for s in (site_ids or sorted(catalog.sites))]
     broker, subjects, topology = bus.broker, bus.subjects, bus.topology
     for kind in ("dispatched", "started", "succeeded", "failed", "cancelled"):
-        bus.document_events(subjects.job_event(kind=kind), f"A site agent reports that a job {kind}.")
+        bus.document_events(subjects.job_event(kind=kind), JobEvent, f"A site agent reports that a job {kind}.")
     for agent in agents:
         def bind(agent: SiteAgent) -> None:
             site = agent.site.id

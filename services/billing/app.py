@@ -157,10 +157,11 @@ def create_billing_app(settings: Settings):
     bus = create_bus(settings, SERVICE)
     billing = Billing(bus, Catalog.load(settings.sites_file, settings.tenants_file), default_carbon())
     subjects, topology = bus.subjects, bus.topology
-    bus.document_events(subjects.billing_event(kind="usage"), "The usage line of one finished job (data).")
-    bus.document_events(subjects.billing_event(kind="budget_warning"),
+    bus.document_events(subjects.billing_event(kind="usage"), UsageEvent,
+                        "The usage line of one finished job (data).")
+    bus.document_events(subjects.billing_event(kind="budget_warning"), BudgetEvent,
                         "A tenant used 80 % of its monthly paid budget or of its allocation (data: BudgetStatus).")
-    bus.document_events(subjects.billing_event(kind="budget_exhausted"),
+    bus.document_events(subjects.billing_event(kind="budget_exhausted"), BudgetEvent,
                         "A tenant used all of its monthly paid budget or of its allocation (data: BudgetStatus).")
     async def meter(event: JobEvent) -> None:
         await billing.meter(event, bus.traceparent())

@@ -131,7 +131,7 @@ def create_capacity_app(settings: Settings):
             ("saturated", f"At most {SATURATED_FREE_SHARE:.0%} of a site's GPUs are free; data is its SiteStatus."),
             ("unsaturated", f"A saturated site has {UNSATURATED_FREE_SHARE:.0%} of its GPUs free and nothing "
                             "queued again.")):
-        bus.document_events(subjects.site_event(kind=kind), meaning)
+        bus.document_events(subjects.site_event(kind=kind), SiteEvent, meaning)
 
     # every replica sees every heartbeat (no queue group): each keeps a whole tracker of every site, and
     # their writes of the same status meet in the compare-and-set, which lets one through

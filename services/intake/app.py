@@ -163,9 +163,11 @@ def create_intake_app(settings: Settings):
     bus = create_bus(settings, SERVICE)
     intake = Intake(bus, Catalog.load(settings.sites_file, settings.tenants_file))
     subjects, topology = bus.subjects, bus.topology
-    bus.document_events(subjects.job_event(kind="accepted"), "A job was accepted; data.spec is its JobSpec.")
-    bus.document_events(subjects.job_event(kind="rejected"), "A submission was refused; data.errors says why.")
-    bus.document_events(subjects.job_event(kind="cancelled"), "A job not yet at a site was cancelled.")
+    bus.document_events(subjects.job_event(kind="accepted"), JobEvent,
+                        "A job was accepted; data.spec is its JobSpec.")
+    bus.document_events(subjects.job_event(kind="rejected"), JobEvent,
+                        "A submission was refused; data.errors says why.")
+    bus.document_events(subjects.job_event(kind="cancelled"), JobEvent, "A job not yet at a site was cancelled.")
 
     @bus.responder(subjects.jobs_submit, "jobs.submit", tenants=True)
     async def submit() -> SubmitReply:

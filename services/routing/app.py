@@ -36,9 +36,11 @@ def create_routing_app(settings: Settings):
                         bus, subjects, settings.placement_retry_s, settings.lost_job_grace_s)
     placement, line, store, outages = routing.placement, routing.line, routing.reservations, routing.outages
     gate = ReportGate(bus)
-    bus.document_events(subjects.job_event(kind="placed"), "A job was placed; data.decision explains why there.")
-    bus.document_events(subjects.job_event(kind="queued"), "A job waits; data.reasons and data.decision say why.")
-    bus.document_events(subjects.job_event(kind="rejected"), "No site in the catalog can ever run the job.")
+    bus.document_events(subjects.job_event(kind="placed"), JobEvent,
+                        "A job was placed; data.decision explains why there.")
+    bus.document_events(subjects.job_event(kind="queued"), JobEvent,
+                        "A job waits; data.reasons and data.decision say why.")
+    bus.document_events(subjects.job_event(kind="rejected"), JobEvent, "No site in the catalog can ever run the job.")
 
     async def start() -> None:
         for documents in mirrored:
