@@ -236,15 +236,16 @@ class StopJob(BaseModel):
 
 
 class JobEventData(BaseModel):
-    """The `data` of a job event (CONTRACT.md, Events and "Job event data"): job_id, tenant, state, and what
-    the step that made it has to say. Which fields each kind carries:
+    """The `data` of a job event (CONTRACT.md, Events and "Job event data"): job_id, tenant and state always,
+    and what the step that made it has to say:
 
-    - accepted (intake): spec, traceparent; rejected by intake: errors, reason
-    - queued, and rejected by routing: decision, reasons (and reason); placed: site, gpu_type, overflow,
-      reservation, decision
-    - dispatched, started and the ends, from the site's agent: site, gpu_type, gpus (all GPUs of the job);
-      started_at and ended_at; exit_code and reason; requeued: site, reason, refusal (a site's own words)
-    - every step of a placement carries its attempt (an event without one is of the first, 0)
+    - intake: accepted, spec and traceparent; rejected, errors and reason; cancelled, reason (and site)
+    - routing: placed, site, gpu_type, overflow, reservation and decision; queued, decision and reasons;
+      rejected or failed, reasons and reason (and decision); requeued off a site that went down, site, reason
+    - a site's agent: site, gpu_type and gpus (all the job's GPUs) on a run's events; started_at on started
+      and, if it started, on its end; ended_at, exit_code and reason on its end; requeued, reason and, if the
+      site refused the job, refusal
+    - every step of a placement carries its attempt; intake's events carry none (read as 0)
 
     In the JSON a field is there only if its producer gave it, and gave it a value: none is ever `null` (a
     job that never started has no `started_at`), and `attempt` is absent from an event that names none (the
