@@ -42,6 +42,7 @@ from nats.js.kv import KeyValue
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from shared.contracts.events import CloudEvent
+from shared.contracts.jobs import JobEvent, JobEventData
 from shared.contracts.streams import Topology, consumer_config
 from shared.contracts.subjects import Subjects, inbox_prefix
 from shared.settings import Settings
@@ -341,17 +342,18 @@ class Bus:
         if msg.reply:
             await msg.respond(dumps(reply))
 
-    def document_events(self, subject: str, description: str) -> None:
-        """Declare, for the AsyncAPI document, events this service publishes (subjects with wildcards)."""
-        self.broker.publisher(subject, schema=CloudEvent, title=subject, description=description)
+    def document_events(self, subject: str, envelope: type[CloudEvent[Any]], description: str) -> None:
+        """Declare, for the AsyncAPI document, events this service publishes (subjects with wildcards), in their
+        typed envelope (JobEvent, say)."""
+        self.broker.publisher(subject, schema=envelope, title=subject, description=description)
 
-    async def publish_event(self, subject: str, event: CloudEvent, traceparent: str | None = None):
+    async def publish_event(self, subject: str, event: CloudEvent[Any], traceparent: str | None = None):
         """Publish to the event stream; the event id is the Nats-Msg-Id, so a redone step is not doubled (the
         ack returned says `duplicate`)."""
         return await self.js.publish(subject, event.model_dump_json().encode(), stream=self.topology.events_stream,
                                      headers=_headers(event.id, traceparent))
 
-    async def publish_report(self, subject: str, event: CloudEvent, attempt: int, after: str | None) -> None:
+    async def publish_report(self, subject: str, event: CloudEvent[Any], attempt: int, after: str | None) -> None:
         """A site's report on a job it was dispatched, at the dispatch's attempt, and the kind of its report
         before this one on that attempt: routing makes it the event, after that one. A report has no
         Nats-Msg-Id: the stream of reports is shared by sites, and a site that named its report with another
@@ -369,14 +371,14 @@ class Bus:
         await self.js.publish(subject, dumps(body), stream=self.topology.dispatch_stream,
                               headers=_headers(msg_id, None))
 
-    async def last_job_event(self, tenant: str, job_id: str, kind: str) -> dict | None:
+    async def last_job_event(self, tenant: str, job_id: str, kind: str) -> JobEventData | None:
         """The data of the job's last event of `kind` in the event stream (the registry may not show it yet)."""
         try:
             msg = await self.js.get_last_msg(self.topology.events_stream,
                                              self.subjects.job_event(tenant, job_id, kind))
         except NotFoundError:
             return None
-        return orjson.loads(msg.data)["data"]
+        return JobEvent.model_validate_json(msg.data).data
 
     async def read_events(self, filters: list[str], after_seq: int, limit: int) -> tuple[list[dict], int]:
         """Up to `limit` stored events on `filters` after a stream sequence, in order, as {"seq", "subject",

@@ -12,36 +12,36 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from shared.contracts.events import CloudEvent
-from shared.contracts.jobs import Decision, HistoryEntry, JobRecord, JobSpec, JobState
+from shared.contracts.jobs import HistoryEntry, JobEvent, JobRecord, JobState
 
 # what a history entry keeps of an event's data, besides its state and time
 _HISTORY_FIELDS = ("site", "reason", "exit_code", "attempt", "reasons", "refusal")
 
 
-def apply_event(current: dict | None, event: CloudEvent, seq: int) -> dict | None:
+def apply_event(current: dict | None, event: JobEvent, seq: int) -> dict | None:
     """The record after `event` (as JSON-ready dict), or None when the event is already in it.
 
-    It works on the stored JSON itself: only what the event brings is validated (its history entry, a spec, a
-    decision), so that a job's fifth event does not validate and serialise its whole record again. `current`
-    is never changed (it may be a cache's copy): what changes is replaced."""
+    It works on the stored JSON itself: only what the event brings is written (its history entry, a spec, a
+    decision, all validated with the event), so that a job's fifth event does not validate and serialise its
+    whole record again. `current` is never changed (it may be a cache's copy): what changes is replaced."""
     data = event.data
     record = dict(current) if current else JobRecord(
-        job_id=data["job_id"], tenant=data["tenant"], state=JobState(event.kind)).model_dump(mode="json")
+        job_id=data.job_id, tenant=data.tenant, state=JobState(event.kind)).model_dump(mode="json")
     if any(h["event_id"] == event.id for h in record["history"]):
         return None
 
     state = JobState(event.kind)
+    # an entry without an attempt (an event that named none, intake's) belongs to whichever attempt is current
     entry = HistoryEntry(state=state, time=event.time, event_id=event.id, seq=seq,
-                         **{k: data[k] for k in _HISTORY_FIELDS if data.get(k) is not None}).model_dump(mode="json")
+                         **{k: getattr(data, k) for k in _HISTORY_FIELDS if data.gives(k)}).model_dump(mode="json")
     history = record["history"] = sorted([*record["history"], entry], key=_in_order)
 
-    if "spec" in data and record.get("spec") is None and data["spec"] is not None:
-        record["spec"] = JobSpec.model_validate(data["spec"]).model_dump(mode="json")
-    if data.get("traceparent") and not record.get("traceparent"):
-        record["traceparent"] = data["traceparent"]
+    if data.spec is not None and record.get("spec") is None:
+        record["spec"] = data.spec.model_dump(mode="json")
+    if data.traceparent and not record.get("traceparent"):
+        record["traceparent"] = data.traceparent
 
-    attempt = record["attempt"] = max(record.get("attempt", 0), int(data.get("attempt", 0)))
+    attempt = record["attempt"] = max(record.get("attempt", 0), data.attempt)
     # an event of an attempt the job has left (a site that was lost and reports late) changes nothing
     live = [h for h in history if h.get("attempt", attempt) >= attempt]
     terminal = next((h for h in live if JobState(h["state"]).terminal), None)
@@ -49,16 +49,16 @@ def apply_event(current: dict | None, event: CloudEvent, seq: int) -> dict | Non
     if not any(h is entry for h in live) or terminal is not None and entry["seq"] > terminal["seq"]:
         return record  # kept in the history, but the job is over or moved on
 
-    if state in (JobState.placed, JobState.queued, JobState.rejected) and data.get("decision") \
+    if state in (JobState.placed, JobState.queued, JobState.rejected) and data.decision is not None \
             and seq >= record.get("decision_seq", -1):
-        record["decision"] = Decision.model_validate(data["decision"]).model_dump(mode="json")
+        record["decision"] = data.decision.model_dump(mode="json")
         record["decision_seq"] = seq
     record["site"] = _current_site(live)
     if entry is (terminal or live[-1]):  # the outcome and its reasons come from the newest event
-        if state in (JobState.succeeded, JobState.failed) and data.get("exit_code") is not None:
-            record["exit_code"] = int(data["exit_code"])
+        if state in (JobState.succeeded, JobState.failed) and data.exit_code is not None:
+            record["exit_code"] = data.exit_code
         # reasons say why the job waits, failed or was refused: a newer event without any clears them
-        record["reasons"] = [str(r) for r in data.get("reasons") or ([data["reason"]] if data.get("reason") else [])]
+        record["reasons"] = list(data.reasons) or ([data.reason] if data.reason else [])
     return record
 
 

@@ -15,6 +15,7 @@ from nats.js.api import PubAck
 
 from shared.bus import Bus, KvMirror
 from shared.contracts.events import CloudEvent
+from shared.contracts.jobs import JobEventData
 
 Change = Callable[[dict | None], dict | None]
 
@@ -39,10 +40,10 @@ class Documents(Protocol):
 
 
 class EventLog(Protocol):
-    async def publish_event(self, subject: str, event: CloudEvent, traceparent: str | None = None) -> PubAck:
+    async def publish_event(self, subject: str, event: CloudEvent[Any], traceparent: str | None = None) -> PubAck:
         """Store the event; the ack says `duplicate` if the stream had an event of that id already."""
 
-    async def last_job_event(self, tenant: str, job_id: str, kind: str) -> dict | None:
+    async def last_job_event(self, tenant: str, job_id: str, kind: str) -> JobEventData | None:
         """The data of the job's last event of `kind` in the stream."""
 
     async def publish_command(self, subject: str, body: Any, msg_id: str) -> None:

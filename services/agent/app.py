@@ -12,8 +12,8 @@ from services.agent.backends import Outcome, SiteBackend, SubmitError, backend_f
 from shared import telemetry
 from shared.bus import Bus, create_app, create_bus, dumps, request_json
 from shared.contracts.catalog import Catalog, SiteEntry
-from shared.contracts.events import CloudEvent, make_event, utcnow
-from shared.contracts.jobs import Dispatch, JobState, StopJob, job_event_data
+from shared.contracts.events import utcnow
+from shared.contracts.jobs import Dispatch, JobEvent, JobEventData, JobState, StopJob
 from shared.contracts.sites import Heartbeat
 from shared.settings import Settings
 
@@ -107,9 +107,9 @@ class SiteAgent:
         if record and not JobState(record["state"]).terminal:
             # the id intake's own cancellation has: one event, whichever comes first
             attempt = record.get("attempt", 0)
-            event = make_event(f"agent/{self.site.id}", "job", "cancelled", command.job_id, job_event_data(
-                command.job_id, record["tenant"], JobState.cancelled, self.site.id, reason=command.reason,
-                attempt=attempt), command.job_id)
+            event = JobEvent.make(f"agent/{self.site.id}", "job", "cancelled", command.job_id, JobEventData(
+                job_id=command.job_id, tenant=record["tenant"], state=JobState.cancelled, site=self.site.id,
+                reason=command.reason, attempt=attempt), command.job_id)
             with telemetry.in_trace(traceparent, command.job_id, record["tenant"]):
                 await self.report(record["tenant"], command.job_id, event, attempt)
 
@@ -124,7 +124,7 @@ class SiteAgent:
                                             telemetry.Attr.GPUS: order.spec.resources.total_gpus})
         self.runs[order.job_id] = run
         self.traces[order.job_id] = telemetry.traceparent_of(run)
-        await self.publish(order, JobState.started, started_at=at.isoformat())
+        await self.publish(order, JobState.started, started_at=at)
 
     async def ended(self, order: Dispatch, started_at: datetime | None, at: datetime, outcome: Outcome) -> None:
         try:
@@ -145,7 +145,7 @@ class SiteAgent:
             else:
                 state = JobState.failed
             await self.publish(order, state, exit_code=outcome.exit_code, reason=outcome.reason,
-                               started_at=started_at.isoformat() if started_at else None, ended_at=at.isoformat())
+                               started_at=started_at, ended_at=at)
         self.left(order, at, state.value, outcome, failed=state == JobState.failed)
 
     def left(self, order: Dispatch, at: datetime, outcome: str, how: Outcome | None = None,
@@ -166,10 +166,10 @@ class SiteAgent:
 
     async def publish(self, order: Dispatch, state: JobState, **data) -> None:
         data.setdefault("attempt", order.attempt)
-        body = job_event_data(order.job_id, order.tenant, state, self.site.id, gpu_type=order.gpu_type,
-                              gpus=order.spec.resources.total_gpus, **data)
-        event = make_event(f"agent/{self.site.id}", "job", state.value, order.job_id, body, order.job_id,
-                           order.attempt)
+        body = JobEventData(job_id=order.job_id, tenant=order.tenant, state=state, site=self.site.id,
+                            gpu_type=order.gpu_type, gpus=order.spec.resources.total_gpus, **data)
+        event = JobEvent.make(f"agent/{self.site.id}", "job", state.value, order.job_id, body, order.job_id,
+                              order.attempt)
         # the child of the job's dispatch here, or of its run once it started
         with telemetry.in_trace(self.traces.get(order.job_id), order.job_id, order.tenant):
             await self.report(order.tenant, order.job_id, event, order.attempt)
@@ -183,7 +183,7 @@ class SiteAgent:
         reply = await request_json(self.bus.nc, self.bus.subjects.site_job(self.site.id), {"job_id": job_id})
         return None if "error" in reply else reply
 
-    async def report(self, tenant: str, job_id: str, event: CloudEvent, attempt: int) -> None:
+    async def report(self, tenant: str, job_id: str, event: JobEvent, attempt: int) -> None:
         """To routing, which makes it the job's event if the job was dispatched here at `attempt` (a site reports
         only on its own jobs: services/routing/reports.py), and after this attempt's report before it: the
         event stream has a job's steps in the order they happened, whichever routing replica vouches for each."""
@@ -216,7 +216,7 @@ def create_agent_app(settings: Settings, site_ids: list[str] | None = None):
     agents = [SiteAgent(bus, catalog.site(s)) for s in (site_ids or sorted(catalog.sites))]
     broker, subjects, topology = bus.broker, bus.subjects, bus.topology
     for kind in ("dispatched", "started", "succeeded", "failed", "cancelled"):
-        bus.document_events(subjects.job_event(kind=kind), f"A site agent reports that a job {kind}.")
+        bus.document_events(subjects.job_event(kind=kind), JobEvent, f"A site agent reports that a job {kind}.")
     for agent in agents:
         def bind(agent: SiteAgent) -> None:
             site = agent.site.id

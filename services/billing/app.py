@@ -15,16 +15,18 @@ from shared import telemetry
 from shared.bus import Bus, create_app, create_bus
 from shared.carbon import CarbonProvider, default_carbon, site_intensity
 from shared.contracts.billing import (
+    BudgetEvent,
     BudgetStatus,
     Statement,
     StatementRequest,
     Topup,
     TopupRequest,
+    UsageEvent,
     UsageLine,
 )
 from shared.contracts.catalog import Catalog
-from shared.contracts.events import CloudEvent, make_event, utcnow
-from shared.contracts.jobs import JobState
+from shared.contracts.events import utcnow
+from shared.contracts.jobs import JobEvent, JobState
 from shared.settings import Settings
 
 log = structlog.get_logger()
@@ -42,31 +44,31 @@ class Billing:
         self._next_account: dict[str, asyncio.Future] = {}
         self._accounting: set[str] = set()
 
-    def usage(self, event: CloudEvent) -> UsageLine | None:
+    def usage(self, event: JobEvent) -> UsageLine | None:
         """The usage line of a job's final event; None for a job that never started (nothing ran)."""
         data = event.data
-        if not data.get("started_at") or data.get("site") not in self.catalog.sites:
+        if data.started_at is None or data.site not in self.catalog.sites:
             return None
-        site = self.catalog.site(data["site"])
+        site = self.catalog.site(data.site)
 
         def intensity(at: datetime) -> float:
             return site_intensity(site, at, self.carbon)
-        return rate(site, job_id=data["job_id"], tenant=data["tenant"], gpu_type=data.get("gpu_type", "none"),
-                    gpus=int(data.get("gpus", 0)), started_at=datetime.fromisoformat(data["started_at"]),
-                    ended_at=datetime.fromisoformat(data.get("ended_at") or event.time.isoformat()),
-                    state=event.kind, intensity=intensity)
+        return rate(site, job_id=data.job_id, tenant=data.tenant,
+                    gpu_type="none" if data.gpu_type is None else data.gpu_type, gpus=data.gpus or 0,
+                    started_at=data.started_at, ended_at=data.ended_at or event.time, state=event.kind,
+                    intensity=intensity)
 
-    async def meter(self, event: CloudEvent, traceparent: str | None) -> None:
+    async def meter(self, event: JobEvent, traceparent: str | None) -> None:
         line = self.usage(event)
         if line is None:
             return
         with telemetry.job_span(telemetry.SpanName.RATE, traceparent, line.job_id, line.tenant,
                                 **{telemetry.Attr.SITE: line.site}) as span:
             record, _ = await self.bus.get_json(self.bus.topology.jobs_bucket, line.job_id)
-            if record and int(event.data.get("attempt", 0)) < record.get("attempt", 0):
+            if record and event.data.attempt < record.get("attempt", 0):
                 # a lost site's late report of a run the job left: its current attempt is the one billed
                 span.set_attribute(telemetry.Attr.OUTCOME, "superseded")
-                log.warning("usage.superseded", site=line.site, attempt=event.data.get("attempt"))
+                log.warning("usage.superseded", site=line.site, attempt=event.data.attempt)
                 return
             if self.ledger.add(line):
                 attributes = {"tenant": line.tenant, "site": line.site}
@@ -81,7 +83,7 @@ class Billing:
                                  telemetry.Attr.BILLED_CO2E_KG: line.co2e_kg})
             await self.account_after(line.tenant)
             # publishing again after a crash is harmless: the usage event's id is the job's
-            usage = make_event(SERVICE, "billing", "usage", line.tenant, line.model_dump(mode="json"), line.job_id)
+            usage = UsageEvent.make(SERVICE, "billing", "usage", line.tenant, line, line.job_id)
             await self.bus.publish_event(self.bus.subjects.billing_event(line.tenant, "usage"), usage)
             log.info("job.billed", site=line.site, amount_eur=line.amount_eur, co2e_kg=line.co2e_kg)
 
@@ -135,7 +137,7 @@ class Billing:
                 if self.ledger.announced(*key):
                     continue
                 # published before it is recorded: a crash in between publishes it again, with the same id
-                event = make_event(SERVICE, "billing", kind, tenant, budget.model_dump(mode="json"), *key[1:])
+                event = BudgetEvent.make(SERVICE, "billing", kind, tenant, budget, *key[1:])
                 await self.bus.publish_event(self.bus.subjects.billing_event(tenant, kind), event)
                 self.ledger.announce(*key)
                 log.warning(f"tenant.{kind}", tenant=tenant, budget=budget.budget, used=budget.used,
@@ -155,12 +157,13 @@ def create_billing_app(settings: Settings):
     bus = create_bus(settings, SERVICE)
     billing = Billing(bus, Catalog.load(settings.sites_file, settings.tenants_file), default_carbon())
     subjects, topology = bus.subjects, bus.topology
-    bus.document_events(subjects.billing_event(kind="usage"), "The usage line of one finished job (data).")
-    bus.document_events(subjects.billing_event(kind="budget_warning"),
+    bus.document_events(subjects.billing_event(kind="usage"), UsageEvent,
+                        "The usage line of one finished job (data).")
+    bus.document_events(subjects.billing_event(kind="budget_warning"), BudgetEvent,
                         "A tenant used 80 % of its monthly paid budget or of its allocation (data: BudgetStatus).")
-    bus.document_events(subjects.billing_event(kind="budget_exhausted"),
+    bus.document_events(subjects.billing_event(kind="budget_exhausted"), BudgetEvent,
                         "A tenant used all of its monthly paid budget or of its allocation (data: BudgetStatus).")
-    async def meter(event: CloudEvent) -> None:
+    async def meter(event: JobEvent) -> None:
         await billing.meter(event, bus.traceparent())
 
     for kind in _FINAL:

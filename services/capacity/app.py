@@ -21,8 +21,8 @@ from shared import telemetry
 from shared.bus import Bus, create_app, create_bus
 from shared.carbon import CarbonProvider, default_carbon, site_intensity
 from shared.contracts.catalog import Catalog, SiteEntry
-from shared.contracts.events import make_event, utcnow
-from shared.contracts.sites import Heartbeat, SitesReply, SiteStatus
+from shared.contracts.events import utcnow
+from shared.contracts.sites import Heartbeat, SiteEvent, SitesReply, SiteStatus
 from shared.settings import Settings
 
 log = structlog.get_logger()
@@ -100,7 +100,7 @@ class CapacityView:
         # the event's id comes from the site, the kind and the time of the heartbeat (or of the outage) it
         # follows, so a replica or a retry that sees the same change publishes it once
         at = status.down_since if kind == "down" else status.last_seen
-        event = make_event(SERVICE, "site", kind, site_id, status.model_dump(mode="json"), at)
+        event = SiteEvent.make(SERVICE, "site", kind, site_id, status, at)
         await self.bus.publish_event(self.bus.subjects.site_event(site_id, kind), event)
         log.info(f"site.{kind}", site=site_id, free={t: g.free for t, g in status.gpus.items()},
                  queued=status.queued, est_wait_s=status.est_wait_s)
@@ -131,7 +131,7 @@ def create_capacity_app(settings: Settings):
             ("saturated", f"At most {SATURATED_FREE_SHARE:.0%} of a site's GPUs are free; data is its SiteStatus."),
             ("unsaturated", f"A saturated site has {UNSATURATED_FREE_SHARE:.0%} of its GPUs free and nothing "
                             "queued again.")):
-        bus.document_events(subjects.site_event(kind=kind), meaning)
+        bus.document_events(subjects.site_event(kind=kind), SiteEvent, meaning)
 
     # every replica sees every heartbeat (no queue group): each keeps a whole tracker of every site, and
     # their writes of the same status meet in the compare-and-set, which lets one through

@@ -11,18 +11,18 @@ from services.intake.validation import Rejection, check_submission
 from shared import telemetry
 from shared.bus import Bus, RecentWrites, create_app, create_bus
 from shared.contracts.catalog import Catalog
-from shared.contracts.events import CloudEvent, make_event
 from shared.contracts.jobs import (
     CancelReply,
     CancelRequest,
     HistoryReply,
     HistoryRequest,
+    JobEvent,
+    JobEventData,
     JobRecord,
     JobRef,
     JobState,
     StopJob,
     SubmitReply,
-    job_event_data,
 )
 from shared.registry import apply_event
 from shared.settings import Settings
@@ -57,9 +57,9 @@ class Intake:
         except Rejection as rejection:
             telemetry.name_job(span, job_id, rejection.tenant)
             span.set_attribute(telemetry.Attr.REASON, str(rejection))
-            errors = [e.model_dump() for e in rejection.errors]
-            await self.record(make_event(SERVICE, "job", "rejected", job_id, job_event_data(
-                job_id, rejection.tenant, JobState.rejected, errors=errors, reason=str(rejection)), job_id))
+            await self.record(JobEvent.make(SERVICE, "job", "rejected", job_id, JobEventData(
+                job_id=job_id, tenant=rejection.tenant, state=JobState.rejected, errors=rejection.errors,
+                reason=str(rejection)), job_id))
             log.info("job.rejected", job_id=job_id, tenant=rejection.tenant, reason=str(rejection))
             return SubmitReply(job_id=job_id, state="rejected", errors=rejection.errors)
 
@@ -83,8 +83,8 @@ class Intake:
         telemetry.name_job(span, job_id, spec.tenant)
         # the job's own trace context, kept in its record for the hops that start without a message
         traceparent = kept_context or telemetry.current_traceparent() or traceparent or telemetry.new_traceparent()
-        event = make_event(SERVICE, "job", "accepted", job_id, job_event_data(
-            job_id, spec.tenant, JobState.accepted, spec=spec.model_dump(mode="json"), traceparent=traceparent), job_id)
+        event = JobEvent.make(SERVICE, "job", "accepted", job_id, JobEventData(
+            job_id=job_id, tenant=spec.tenant, state=JobState.accepted, spec=spec, traceparent=traceparent), job_id)
         await self.record(event, traceparent)
         log.info("job.accepted", job_id=job_id, tenant=spec.tenant)
         return SubmitReply(job_id=job_id, state="accepted")
@@ -93,30 +93,31 @@ class Intake:
         """Is the job's accepted event in the stream?"""
         return await self.bus.last_job_event(tenant, job_id, JobState.accepted.value) is not None
 
-    async def apply(self, event: CloudEvent, seq: int) -> None:
+    async def apply(self, event: JobEvent, seq: int) -> None:
         """Fold the event into the job's record."""
         applied: list[dict | None] = []
 
         def change(current: dict | None) -> dict | None:
             applied.append(apply_event(current, event, seq))
             return applied[-1]
-        record = await self.bus.update_json(self.jobs, event.data["job_id"], change, self.written)
+        record = await self.bus.update_json(self.jobs, event.data.job_id, change, self.written)
         # counted once (not on a redelivery), and only when the job entered that state (not a late report)
         if applied[-1] is not None and record is applied[-1] and record["state"] == event.kind:
-            telemetry.job_transitions.add(1, {"state": event.kind, "site": event.data.get("site") or "none"})
+            telemetry.job_transitions.add(1, {"state": event.kind, "site": event.data.site or "none"})
 
-    async def record(self, event: CloudEvent, traceparent: str | None = None) -> None:
+    async def record(self, event: JobEvent, traceparent: str | None = None) -> None:
         """Write the event into the registry, then publish it: a `jobs.get` right after the reply finds the job."""
         data = event.data
         await self.apply(event, seq=0)
-        await self.bus.publish_event(self.bus.subjects.job_event(data["tenant"], data["job_id"], event.kind), event,
+        await self.bus.publish_event(self.bus.subjects.job_event(data.tenant, data.job_id, event.kind), event,
                                      traceparent)
 
     async def placed_at(self, record: JobRecord) -> tuple[str | None, int]:
         """The site of the job's current placement if the event stream has it, and its attempt."""
-        placed = await self.bus.last_job_event(record.tenant, record.job_id, JobState.placed.value) or {}
-        attempt = int(placed.get("attempt", 0))
-        return (placed["site"], attempt) if placed and attempt >= record.attempt else (None, record.attempt)
+        placed = await self.bus.last_job_event(record.tenant, record.job_id, JobState.placed.value)
+        if placed is None or placed.attempt < record.attempt:
+            return None, record.attempt
+        return placed.site, placed.attempt
 
     async def get(self, job_id: str, requester: str | None = None) -> JobRecord | None:
         """The job's record; None if there is none, or it is another tenant's than the requester's (the same
@@ -151,8 +152,8 @@ class Intake:
             site_down = not status or status["state"] != "up"
         if site is None or site_down:
             # not at a working site: cancelled now, so routing neither places it nor moves it elsewhere
-            await self.record(make_event(SERVICE, "job", "cancelled", record.job_id, job_event_data(
-                record.job_id, record.tenant, JobState.cancelled, site, reason=reason),
+            await self.record(JobEvent.make(SERVICE, "job", "cancelled", record.job_id, JobEventData(
+                job_id=record.job_id, tenant=record.tenant, state=JobState.cancelled, site=site, reason=reason),
                 record.job_id))
             return CancelReply(job_id=record.job_id, state=JobState.cancelled.value)
         return CancelReply(job_id=record.job_id, state="cancelling")
@@ -162,9 +163,11 @@ def create_intake_app(settings: Settings):
     bus = create_bus(settings, SERVICE)
     intake = Intake(bus, Catalog.load(settings.sites_file, settings.tenants_file))
     subjects, topology = bus.subjects, bus.topology
-    bus.document_events(subjects.job_event(kind="accepted"), "A job was accepted; data.spec is its JobSpec.")
-    bus.document_events(subjects.job_event(kind="rejected"), "A submission was refused; data.errors says why.")
-    bus.document_events(subjects.job_event(kind="cancelled"), "A job not yet at a site was cancelled.")
+    bus.document_events(subjects.job_event(kind="accepted"), JobEvent,
+                        "A job was accepted; data.spec is its JobSpec.")
+    bus.document_events(subjects.job_event(kind="rejected"), JobEvent,
+                        "A submission was refused; data.errors says why.")
+    bus.document_events(subjects.job_event(kind="cancelled"), JobEvent, "A job not yet at a site was cancelled.")
 
     @bus.responder(subjects.jobs_submit, "jobs.submit", tenants=True)
     async def submit() -> SubmitReply:
@@ -191,7 +194,7 @@ def create_intake_app(settings: Settings):
     # one filter for every kind: a consumer of several filters (every kind but `accepted`) had nats-server search
     # the subjects of the stream (six a job) at each fetch, more than half of its time
     @bus.consumer(subjects.job_events_all, topology.events_stream, "registry", batch=128)
-    async def registry(event: CloudEvent) -> None:
+    async def registry(event: JobEvent) -> None:
         """Fold every job event into the job's record; intake folded `accepted` itself, before publishing it."""
         if event.kind != JobState.accepted:
             await intake.apply(event, bus.message().metadata.sequence.stream)

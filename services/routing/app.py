@@ -13,10 +13,10 @@ from services.routing.reports import ReportGate
 from shared import telemetry
 from shared.bus import AFTER_HEADER, ATTEMPT_HEADER, create_app, create_bus
 from shared.carbon import default_carbon
+from shared.contracts.billing import UsageEvent
 from shared.contracts.catalog import Catalog
-from shared.contracts.events import CloudEvent
-from shared.contracts.jobs import JobState
-from shared.contracts.sites import SiteStatus
+from shared.contracts.jobs import JobEvent, JobState
+from shared.contracts.sites import SiteEvent
 from shared.settings import Settings
 from shared.stores import BusDocuments
 
@@ -37,9 +37,11 @@ def create_routing_app(settings: Settings):
                         settings.lost_job_grace_s)
     placement, line, store, outages = routing.placement, routing.line, routing.reservations, routing.outages
     gate = ReportGate(bus)
-    bus.document_events(subjects.job_event(kind="placed"), "A job was placed; data.decision explains why there.")
-    bus.document_events(subjects.job_event(kind="queued"), "A job waits; data.reasons and data.decision say why.")
-    bus.document_events(subjects.job_event(kind="rejected"), "No site in the catalog can ever run the job.")
+    bus.document_events(subjects.job_event(kind="placed"), JobEvent,
+                        "A job was placed; data.decision explains why there.")
+    bus.document_events(subjects.job_event(kind="queued"), JobEvent,
+                        "A job waits; data.reasons and data.decision say why.")
+    bus.document_events(subjects.job_event(kind="rejected"), JobEvent, "No site in the catalog can ever run the job.")
 
     async def start() -> None:
         for documents in mirrored:
@@ -54,7 +56,7 @@ def create_routing_app(settings: Settings):
         for documents in mirrored:
             await documents.stop()
 
-    async def place(event: CloudEvent) -> None:
+    async def place(event: JobEvent) -> None:
         await placement.place(event, bus.traceparent(), bus.message().metadata.num_delivered)
 
     for kind in (JobState.accepted, JobState.requeued):
@@ -63,13 +65,13 @@ def create_routing_app(settings: Settings):
         bus.consumer(subjects.job_event(kind=kind.value), topology.events_stream, kind.value, dead_letter=False,
                      max_ack_pending=100_000)(place)
 
-    async def release(event: CloudEvent) -> None:
+    async def release(event: JobEvent) -> None:
         """A job that ended, was cancelled or goes back to placement frees the GPUs it held."""
         if event.kind == JobState.requeued:
-            await store.release(event.data["job_id"], before_attempt=int(event.data.get("attempt", 0)))
+            await store.release(event.data.job_id, before_attempt=event.data.attempt)
         else:  # a run that started is metered: until then its cost stays committed
-            await store.release(event.data["job_id"], until_metered=bool(event.data.get("started_at")))
-            await line.leave(event.data["job_id"])
+            await store.release(event.data.job_id, until_metered=event.data.started_at is not None)
+            await line.leave(event.data.job_id)
         await placement.wake()
 
     for kind in (*sorted(_RELEASING), JobState.requeued):  # only these: most of a job's events concern it not
@@ -77,13 +79,13 @@ def create_routing_app(settings: Settings):
                      batch=128)(release)
 
     @bus.consumer(subjects.billing_event(kind="usage"), topology.events_stream, "metered", batch=128)
-    async def metered(event: CloudEvent) -> None:
-        await store.metered(event.data["job_id"])
+    async def metered(event: UsageEvent) -> None:
+        await store.metered(event.data.job_id)
 
     # a report waiting for the one before it counts its rounds as deliveries: never dead-lettered for that
     # (one that fails the check is, at once: Unacceptable)
     @bus.consumer(subjects.report(), topology.reports_stream, "reports", batch=128, dead_letter=False)
-    async def vouch(event: CloudEvent) -> None:
+    async def vouch(event: JobEvent) -> None:
         """A site's report on a job: the job's event once routing has checked the job was dispatched there."""
         msg = bus.message()
         headers = msg.headers or {}
@@ -94,15 +96,15 @@ def create_routing_app(settings: Settings):
     # its waits for a grace period count as deliveries too: never dead-lettered
     @bus.consumer(subjects.site_event(kind="down"), topology.events_stream, "site-down", batch=8, dead_letter=False,
                   deliver_policy=DeliverPolicy.NEW)
-    async def site_down(event: CloudEvent) -> None:
-        status = SiteStatus.model_validate(event.data)
+    async def site_down(event: SiteEvent) -> None:
+        status = event.data
         first_look = bus.message().metadata.num_delivered == 1
         await outages.site_down(status.site_id, status.down_since or event.time, first_look=first_look)
 
     @bus.consumer(subjects.site_event(kind="up"), topology.events_stream, "site-up", batch=8,
                   deliver_policy=DeliverPolicy.NEW)
-    async def site_up(event: CloudEvent) -> None:
-        status = SiteStatus.model_validate(event.data)
+    async def site_up(event: SiteEvent) -> None:
+        status = event.data
         await outages.site_up(status.site_id, status.since, set(status.jobs))
 
     @bus.responder(subjects.routing_overflow, "routing.overflow")

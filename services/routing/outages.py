@@ -13,8 +13,8 @@ from faststream.exceptions import NackMessage
 from services.routing import reservations
 from services.routing.store import ReservationStore
 from shared import telemetry
-from shared.contracts.events import make_event, utcnow
-from shared.contracts.jobs import JobRecord, JobState, StopJob, job_event_data
+from shared.contracts.events import utcnow
+from shared.contracts.jobs import JobEvent, JobEventData, JobRecord, JobState, StopJob
 from shared.contracts.subjects import Subjects
 from shared.stores import Documents, EventLog
 
@@ -86,8 +86,8 @@ class Outages:
                                                       attempt=record.attempt),
                                               msg_id=f"{record.job_id}.superseded.{record.attempt}")
             # the id is the attempt being left, as an agent's requeue has: one event whoever sends it
-            event = make_event(SERVICE, "job", JobState.requeued.value, record.job_id, job_event_data(
-                record.job_id, record.tenant, JobState.requeued, site_id, attempt=record.attempt + 1, reason=reason),
-                record.job_id, record.attempt)
+            event = JobEvent.make(SERVICE, "job", JobState.requeued.value, record.job_id, JobEventData(
+                job_id=record.job_id, tenant=record.tenant, state=JobState.requeued, site=site_id,
+                attempt=record.attempt + 1, reason=reason), record.job_id, record.attempt)
             await self.events.publish_event(self.subjects.job_event(record.tenant, record.job_id, "requeued"), event)
         log.warning("job.requeued", job_id=record.job_id, tenant=record.tenant, site=site_id, reason=reason)

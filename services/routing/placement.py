@@ -39,8 +39,8 @@ from services.routing.store import ReservationStore
 from shared import telemetry
 from shared.carbon import CarbonProvider, site_intensity
 from shared.contracts.catalog import Catalog, SiteEntry
-from shared.contracts.events import CloudEvent, make_event, utcnow
-from shared.contracts.jobs import Decision, Dispatch, JobRecord, JobSpec, JobState, job_event_data
+from shared.contracts.events import utcnow
+from shared.contracts.jobs import Decision, Dispatch, JobEvent, JobEventData, JobRecord, JobSpec, JobState
 from shared.contracts.subjects import Subjects
 from shared.registry import apply_event
 from shared.stores import Documents, EventLog
@@ -80,14 +80,14 @@ class Placement:
 
     # A try
 
-    async def place(self, event: CloudEvent, traceparent: str | None, tries: int = 1) -> None:
+    async def place(self, event: JobEvent, traceparent: str | None, tries: int = 1) -> None:
         """A try at the job of an accepted or requeued event (its `tries`-th delivery)."""
         # a job's first try: its accepted event is all the registry holds of it (intake writes it there with the
         # event), so the try needs no read; a cancel meanwhile is seen by the read after the reservation
         first = JobRecord.model_validate(apply_event(None, event, 0)) \
             if event.kind == JobState.accepted and tries == 1 else None
-        await self.place_job(event.data["job_id"], event.data["tenant"], int(event.data.get("attempt", 0)),
-                             traceparent, tries, known=first)
+        await self.place_job(event.data.job_id, event.data.tenant, event.data.attempt, traceparent, tries,
+                             known=first)
 
     async def place_job(self, job_id: str, tenant_id: str, attempt: int, traceparent: str | None,
                         tries: int = 1, woken: bool = False, known: JobRecord | None = None) -> None:
@@ -106,9 +106,9 @@ class Placement:
             elif contended and (winner := await self.placed_by_another(record, attempt)):
                 # the try that made it may have run and freed the job's GPUs since (the GPUs a losing try held a
                 # moment are not the job's): that placement stands
-                span.set_attribute(telemetry.Attr.OUTCOME, f"placed by another try at {winner['site']}")
-                if int(winner.get("attempt", 0)) == attempt:  # its order may not be out yet: one is kept
-                    await self.send_order(record, spec, winner["site"], winner["gpu_type"], attempt)
+                span.set_attribute(telemetry.Attr.OUTCOME, f"placed by another try at {winner.site}")
+                if winner.attempt == attempt:  # its order may not be out yet: one is kept
+                    await self.send_order(record, spec, winner.site, winner.gpu_type, attempt)
                 await self.line.leave(job_id)
             elif holding := reservations.holder(self.store.held(), job_id, attempt):
                 await self._announce_again(record, spec, attempt, left, holding, span)
@@ -271,17 +271,17 @@ class Placement:
         """Another try's `placed` event for this attempt came first, and it stands: the reservation made with
         `token` at the site goes back unless the winner uses it, and the winner's order goes out (again, if
         the winner sent it: one id, JetStream keeps one)."""
-        winner = await self.placed_by_another(record, attempt) or {}
-        span.set_attribute(telemetry.Attr.OUTCOME, f"placed by another try at {winner.get('site')}")
-        if winner.get("reservation") != token:
+        winner = await self.placed_by_another(record, attempt)
+        span.set_attribute(telemetry.Attr.OUTCOME, f"placed by another try at {winner and winner.site}")
+        if winner is None or winner.reservation != token:
             await self.store.give_back(site_id, record.job_id, token)
-        if int(winner.get("attempt", 0)) == attempt:
-            await self.send_order(record, spec, winner["site"], winner["gpu_type"], attempt)
+        if winner is not None and winner.attempt == attempt:
+            await self.send_order(record, spec, winner.site, winner.gpu_type, attempt)
 
-    async def placed_by_another(self, record: JobRecord, attempt: int) -> dict | None:
+    async def placed_by_another(self, record: JobRecord, attempt: int) -> JobEventData | None:
         """This attempt's `placed` event data if the event stream has it already (another try made it)."""
         data = await self.events.last_job_event(record.tenant, record.job_id, JobState.placed.value)
-        return data if data and int(data.get("attempt", 0)) >= attempt else None
+        return data if data and data.attempt >= attempt else None
 
     async def dispatch(self, record: JobRecord, spec: JobSpec, decision: Decision, site_id: str, gpu_type: str,
                        attempt: int, span, reservation: str) -> bool:
@@ -315,9 +315,9 @@ class Placement:
                       **data):
         """A job event, in the trace of the placement span in progress; JetStream's ack (`duplicate` if the
         stream had this event already)."""
-        body = job_event_data(record.job_id, record.tenant, state, attempt=attempt,
-                              decision=decision.model_dump(mode="json") if decision else None, **data)
-        event = make_event(SERVICE, "job", state.value, record.job_id, body, record.job_id, attempt)
+        body = JobEventData(job_id=record.job_id, tenant=record.tenant, state=state, attempt=attempt,
+                            decision=decision, **data)
+        event = JobEvent.make(SERVICE, "job", state.value, record.job_id, body, record.job_id, attempt)
         return await self.events.publish_event(self.subjects.job_event(record.tenant, record.job_id, state.value),
                                                event)
 

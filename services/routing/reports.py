@@ -16,8 +16,8 @@ import structlog
 from faststream.exceptions import NackMessage
 
 from shared.bus import Bus, Unacceptable
-from shared.contracts.events import CloudEvent, event_id
-from shared.contracts.jobs import JobState
+from shared.contracts.events import event_id
+from shared.contracts.jobs import JobEvent, JobState
 
 log = structlog.get_logger()
 # a site's report whose previous report is not an event yet is handed back, for 50 ms, then longer, up to 1 s,
@@ -32,18 +32,17 @@ SITE_KINDS = frozenset({JobState.dispatched, JobState.started, JobState.succeede
 STEPS = frozenset({JobState.dispatched, JobState.started})
 
 
-def unacceptable(site: str, tenant: str, job_id: str, kind: str, attempt: int, event: CloudEvent,
+def unacceptable(site: str, tenant: str, job_id: str, kind: str, attempt: int, event: JobEvent,
                  placements: list[tuple[str, int]]) -> str | None:
     """Why the site's report must not become an event; `placements` are the job's (site, attempt), its latest
     first (from the event stream), then its earlier ones (from the registry)."""
     if kind not in SITE_KINDS:
         return f"a site does not report {kind!r}"
     data = event.data
-    if (event.subject, event.kind, data.get("job_id"), data.get("tenant"), data.get("site")) != \
-            (job_id, kind, job_id, tenant, site):
+    if (event.subject, event.kind, data.job_id, data.tenant, data.site) != (job_id, kind, job_id, tenant, site):
         return "the report's body does not match its subject (job, tenant, kind and site)"
-    # the attempt the registry will read is the one reported on (a requeue names the next)
-    if data.get("attempt") != attempt + (1 if kind == JobState.requeued else 0):
+    # the attempt the registry will read is the one reported on (a requeue names the next): named, not implied
+    if not data.gives("attempt") or data.attempt != attempt + (1 if kind == JobState.requeued else 0):
         return "the report's attempt is not the one it reports on"
     # the id a report of this job, kind and attempt has; a cancel the site records for a job it never had has
     # the id intake's own would have, so that the two are one event
@@ -70,7 +69,7 @@ class ReportGate:
         self.lines: dict[str, _Line] = {}  # reports being vouched for, a line per job
         self.vouched: dict[tuple[str, int, str], None] = {}  # the last ones vouched for: (job, attempt, kind)
 
-    async def vouch(self, subject: str, event: CloudEvent, attempt: int, after: str | None, tries: int) -> None:
+    async def vouch(self, subject: str, event: JobEvent, attempt: int, after: str | None, tries: int) -> None:
         """A site's report becomes the job's event if the job was dispatched to that site at that attempt; any
         other is dead-lettered with the reason, and changes nothing. A report comes out after the one the site
         sent before it (a replica's reports of a job wait in line here; one whose predecessor another replica
@@ -87,7 +86,7 @@ class ReportGate:
                     raise Unacceptable(f"report refused: {problem}")
                 if after and (job_id, attempt, after) not in self.vouched and tries < REPORT_WAIT_TRIES:
                     earlier = await self.bus.last_job_event(tenant, job_id, after)
-                    if not earlier or int(earlier.get("attempt", 0)) < attempt:
+                    if not earlier or earlier.attempt < attempt:
                         raise NackMessage(delay=min(1.0, REPORT_WAIT_S * tries))
                 await self.bus.publish_event(self.bus.subjects.job_event(tenant, job_id, kind), event,
                                              self.bus.traceparent())
@@ -102,7 +101,7 @@ class ReportGate:
         """Where the job was dispatched, at which attempts: its latest placement from the event stream, and its
         earlier ones from the registry when the report is not about the latest."""
         placed = await self.bus.last_job_event(tenant, job_id, JobState.placed.value)
-        found = [(placed["site"], int(placed.get("attempt", 0)))] if placed else []
+        found = [(placed.site, placed.attempt)] if placed else []
         if (site, attempt) not in found:
             current, _ = await self.bus.get_json(self.bus.topology.jobs_bucket, job_id)
             if current and current["tenant"] == tenant:

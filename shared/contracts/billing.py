@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from shared.contracts.events import CloudEvent
+
 
 class UsageLine(BaseModel):
     job_id: str
@@ -82,3 +84,11 @@ class BudgetStatus(BaseModel):
     used: float
     limit: float
     share: float
+
+
+class UsageEvent(CloudEvent[UsageLine]):
+    """`continuum.events.billing.<tenant>.usage`: the usage line of one finished job."""
+
+
+class BudgetEvent(CloudEvent[BudgetStatus]):
+    """`continuum.events.billing.<tenant>.budget_warning` or `.budget_exhausted`: where the budget stands."""

@@ -18,7 +18,18 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    StringConstraints,
+    field_serializer,
+    model_serializer,
+)
+
+from shared.contracts.events import CloudEvent
 
 TENANT_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 TenantId = Annotated[str, StringConstraints(pattern=TENANT_PATTERN)]
@@ -224,10 +235,59 @@ class StopJob(BaseModel):
     attempt: int | None = None
 
 
-def job_event_data(job_id: str, tenant: str, state: JobState, site: str | None = None, **extra: Any) -> dict[str, Any]:
-    """The `data` of a job event: at least job_id, tenant, state, and site once placed."""
-    data: dict[str, Any] = {"job_id": job_id, "tenant": tenant, "state": state.value}
-    if site is not None:
-        data["site"] = site
-    data.update({k: v for k, v in extra.items() if v is not None})
-    return data
+class JobEventData(BaseModel):
+    """The `data` of a job event (CONTRACT.md, Events and "Job event data"): job_id, tenant and state always,
+    and what the step that made it has to say:
+
+    - intake: accepted, spec and traceparent; rejected, errors and reason; cancelled, reason (and site)
+    - routing: placed, site, gpu_type, overflow, reservation and decision; queued, decision and reasons;
+      rejected or failed, reasons and reason (and decision); requeued off a site that went down, site, reason
+    - a site's agent: site, gpu_type and gpus (all the job's GPUs) on a run's events; started_at on started
+      and, if it started, on its end; ended_at, exit_code and reason on its end; requeued, reason and, if the
+      site refused the job, refusal
+    - every step of a placement carries its attempt; intake's events carry none (read as 0)
+
+    In the JSON a field is there only if its producer gave it, and gave it a value: none is ever `null` (a
+    job that never started has no `started_at`), and `attempt` is absent from an event that names none (the
+    registry tells those apart: `gives`). Keys this code does not know (a newer producer's) are kept, so
+    that routing passes a site's report on whole."""
+
+    model_config = ConfigDict(extra="allow")
+
+    job_id: str
+    tenant: str
+    state: JobState
+    site: str | None = None
+    attempt: int = 0
+    spec: JobSpec | None = None
+    traceparent: str | None = None
+    errors: list[FieldError] | None = None
+    decision: Decision | None = None
+    reasons: list[str] = Field(default_factory=list)
+    reason: str | None = None
+    gpu_type: str | None = None
+    overflow: bool = False
+    reservation: str | None = None
+    gpus: int | None = None
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+    exit_code: int | None = None
+    refusal: Literal["permanent", "transient"] | None = None
+
+    def gives(self, field: str) -> bool:
+        """Whether the event carries this field (with a value): `attempt` and `reasons` read 0 and [] either way."""
+        return field in self.model_fields_set and getattr(self, field, None) is not None
+
+    @field_serializer("started_at", "ended_at", when_used="json-unless-none")
+    def _as_the_agent_writes_it(self, at: datetime) -> str:
+        # as isoformat() writes it (an offset, +00:00, where the envelope's time has Z), as it always was
+        return at.isoformat()
+
+    @model_serializer(mode="wrap")
+    def _what_was_given(self, handler: SerializerFunctionWrapHandler):  # unannotated: the schema keeps the fields
+        given = self.model_fields_set
+        return {k: v for k, v in handler(self).items() if v is not None and k in given}
+
+
+class JobEvent(CloudEvent[JobEventData]):
+    """An event on `continuum.events.job.<tenant>.<job_id>.<kind>`: its kind is the state the job entered."""

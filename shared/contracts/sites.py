@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from shared.contracts.events import CloudEvent
+
 
 class GpuCount(BaseModel):
     total: int
@@ -75,6 +77,11 @@ class SiteStatus(BaseModel):
     since: datetime | None = None  # when the site's agent started
     down_since: datetime | None = None
     jobs: list[str] = Field(default_factory=list)  # the jobs the agent reports it really has
+
+
+class SiteEvent(CloudEvent[SiteStatus]):
+    """An event on `continuum.events.site.<site_id>.<kind>` (up, down, saturated, unsaturated): the site's
+    status when it happened."""
 
 
 class SitesReply(BaseModel):

@@ -13,7 +13,7 @@ from services.billing.ledger import Ledger
 from shared.bus import create_bus, request_json
 from shared.carbon import default_carbon
 from shared.contracts.catalog import Catalog
-from shared.contracts.events import CloudEvent
+from shared.contracts.jobs import JobEvent
 from tests.conftest import SUBJECTS, listen, read_stream
 from tests.e2e.harness import CATALOG, connect_when_up, start_system
 
@@ -104,7 +104,7 @@ async def test_replaying_the_event_stream_twice_rebuilds_the_same_ledger(system,
     live = (await request_json(nc, SUBJECTS.billing_statement, {"tenant": "pocket-lab"}))["lines"]
 
     # a fresh billing service (its own ledger) fed every stored event, twice, as a redelivery storm would
-    stored = [CloudEvent.model_validate(e) for s, e in await read_stream(nc) if s.rsplit(".", 1)[-1] in FINAL]
+    stored = [JobEvent.model_validate(e) for s, e in await read_stream(nc) if s.rsplit(".", 1)[-1] in FINAL]
     assert len(stored) == len(jobs)
     settings = system.client(sites_file=CATALOG / "billing_sites.yaml", tenants_file=CATALOG / "billing_tenants.yaml")
     bus = create_bus(settings, "billing")

@@ -20,8 +20,7 @@ from nats.js.api import ConsumerConfig
 from services.auth import credentials, site_principal, tenant_principal
 from services.runtime import EmbeddedNats
 from shared.bus import connect, request_json
-from shared.contracts.events import make_event
-from shared.contracts.jobs import JobState, job_event_data
+from shared.contracts.jobs import JobEvent, JobEventData, JobState
 from shared.settings import Settings
 from tests.conftest import SUBJECTS, TOPOLOGY, listen
 from tests.e2e.harness import CATALOG, FAST, connect_when_up, start_system
@@ -192,8 +191,9 @@ async def test_a_site_takes_only_its_own_orders_and_reports_only_on_its_own_jobs
     # a forged end of the Dutch job: straight into the event stream, on the Dutch site's report subject, or as
     # its own report, which passes the server (its subject) but not routing's check
     tenant = "startup"
-    forged = make_event("agent/cloud-nl", "job", "succeeded", placed_at_nl, job_event_data(
-        placed_at_nl, tenant, JobState.succeeded, "cloud-se", exit_code=0, attempt=0), placed_at_nl, 0)
+    forged = JobEvent.make("agent/cloud-nl", "job", "succeeded", placed_at_nl, JobEventData(
+        job_id=placed_at_nl, tenant=tenant, state=JobState.succeeded, site="cloud-se", exit_code=0, attempt=0),
+        placed_at_nl, 0)
     await se.publish(SUBJECTS.job_event(tenant, placed_at_nl, "succeeded"), forged.model_dump_json().encode())
     await refusals.wait_for("Permissions Violation for Publish to \"continuum.events.job.")
     await se.publish(SUBJECTS.job_report("cloud-nl", tenant, placed_at_nl, "succeeded"), b"{}")

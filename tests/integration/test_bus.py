@@ -15,8 +15,8 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from structlog.testing import capture_logs
 
 from shared.bus import create_bus, request_json
-from shared.contracts.events import CloudEvent, make_event
-from shared.contracts.jobs import JobRef
+from shared.contracts.events import CloudEvent
+from shared.contracts.jobs import JobEvent, JobEventData, JobRef, JobState
 from shared.settings import Settings
 
 BUCKET = "test_counters"
@@ -97,7 +97,7 @@ async def test_each_message_of_a_fetch_has_its_own_outcome(nats_server):
     await bus.ensure_topology()
     dead = await bus.js.pull_subscribe(subjects.dead_letter("test"), durable=None, stream=topology.dead_letter_stream)
     for name in [*(f"ok{i}" for i in range(8)), "fails", "waits"]:
-        event = make_event("test", "job", "succeeded", name, {"job_id": name, "tenant": "t"}, name)
+        event = CloudEvent.make("test", "job", "succeeded", name, {"job_id": name, "tenant": "t"}, name)
         await bus.publish_event(subjects.job_event("t", name, "succeeded"), event)
     await bus.broker.publish(b"{not json", subjects.job_event("t", "garbled", "succeeded"),
                              stream=topology.events_stream)
@@ -127,6 +127,42 @@ async def test_each_message_of_a_fetch_has_its_own_outcome(nats_server):
         await bus.broker.stop()
 
 
+async def test_an_event_whose_data_is_not_its_kinds_is_dead_lettered_and_never_handled(nats_server):
+    """A consumer that takes a typed event has the bus validate its data where it comes in: a job event without
+    a job_id never reaches the handler, and goes to the dead-letter stream with the reason (as a body that is
+    no JSON does: after its tries, even from a consumer whose messages are otherwise never dead-lettered)."""
+    bus = create_bus(Settings(nats_url=nats_server.url, max_deliveries=2, retry_backoff_s=0.05), "test")
+    subjects, topology = bus.subjects, bus.topology
+    seen: list[str] = []
+    handled = asyncio.Event()
+
+    @bus.consumer(subjects.job_event(kind="succeeded"), topology.events_stream, "typed", dead_letter=False)
+    async def typed(event: JobEvent) -> None:
+        seen.append(event.data.job_id)
+        handled.set()
+
+    await bus.broker.connect()
+    await bus.ensure_topology()
+    dead = await bus.js.pull_subscribe(subjects.dead_letter("test"), durable=None, stream=topology.dead_letter_stream)
+    no_job = CloudEvent.make("test", "job", "succeeded", "j0", {"tenant": "t", "state": "succeeded"}, "j0")
+    await bus.publish_event(subjects.job_event("t", "j0", "succeeded"), no_job)
+    good = JobEvent.make("test", "job", "succeeded", "j1",
+                         JobEventData(job_id="j1", tenant="t", state=JobState.succeeded), "j1")
+    await bus.publish_event(subjects.job_event("t", "j1", "succeeded"), good)
+    await bus.start_handling()
+    try:
+        (letter,) = await dead.fetch(1, timeout=10)
+        await asyncio.wait_for(handled.wait(), 10)
+        assert letter.headers["Continuum-Tries"] == "2"
+        assert letter.headers["Continuum-Reason"].startswith("ValidationError")
+        assert "data.job_id" in letter.headers["Continuum-Reason"]
+        assert orjson.loads(letter.data) == orjson.loads(no_job.model_dump_json())  # the original body
+        assert seen == ["j1"]
+    finally:
+        await bus.stop_handling()
+        await bus.broker.stop()
+
+
 async def test_a_consumer_without_dead_letters_retries_until_the_message_is_handled(nats_server):
     bus = create_bus(Settings(nats_url=nats_server.url, max_deliveries=2, retry_backoff_s=0.05), "test")
     subjects, topology = bus.subjects, bus.topology
@@ -142,7 +178,7 @@ async def test_a_consumer_without_dead_letters_retries_until_the_message_is_hand
 
     await bus.broker.connect()
     await bus.ensure_topology()
-    event = make_event("test", "job", "accepted", "j1", {"job_id": "j1", "tenant": "t"}, "j1")
+    event = CloudEvent.make("test", "job", "accepted", "j1", {"job_id": "j1", "tenant": "t"}, "j1")
     await bus.publish_event(subjects.job_event("t", "j1", "accepted"), event)
     await bus.start_handling()
     try:
@@ -187,7 +223,7 @@ async def test_a_durable_an_older_version_made_takes_this_versions_filter(nats_s
         assert (await bus.js.consumer_info(topology.events_stream, newer)).config.deliver_policy == DeliverPolicy.NEW
         for kind in ("accepted", "succeeded"):  # kinds the older filters did not take
             await bus.publish_event(subjects.job_event("t", "j1", kind),
-                                    make_event("test", "job", kind, "j1", {"job_id": "j1", "tenant": "t"}, "j1"))
+                                    CloudEvent.make("test", "job", kind, "j1", {"job_id": "j1", "tenant": "t"}, "j1"))
         await asyncio.wait_for(both.wait(), 10)
         assert seen == ["accepted", "succeeded"]
     finally:

@@ -13,8 +13,7 @@ from faststream.exceptions import NackMessage
 from services.routing import reservations
 from services.routing.bootstrap import Stores, bootstrap
 from shared.contracts.catalog import Catalog, SiteEntry, TenantEntry
-from shared.contracts.events import CloudEvent, make_event
-from shared.contracts.jobs import JobSpec, JobState, Resources, job_event_data
+from shared.contracts.jobs import JobEvent, JobEventData, JobSpec, JobState, Resources
 from shared.contracts.subjects import Subjects
 from tests.fakes import Gate, MemoryDocuments, MemoryEventLog
 
@@ -42,11 +41,11 @@ def world():
     return routing, stores, log
 
 
-async def submit(log: MemoryEventLog, job_id: str, gpus: int = 1, priority: int = 4) -> CloudEvent:
+async def submit(log: MemoryEventLog, job_id: str, gpus: int = 1, priority: int = 4) -> JobEvent:
     spec = JobSpec(tenant="acme", command=["train"], resources=Resources(gpus=gpus, gpu_type="H100"),
                    priority=priority, walltime_s=3600)
-    event = make_event("intake", "job", "accepted", job_id, job_event_data(
-        job_id, "acme", JobState.accepted, spec=spec.model_dump(mode="json")), job_id, time=NOW)
+    event = JobEvent.make("intake", "job", "accepted", job_id, JobEventData(
+        job_id=job_id, tenant="acme", state=JobState.accepted, spec=spec), job_id, time=NOW)
     await log.publish_event(SUBJECTS.job_event("acme", job_id, "accepted"), event)
     return event
 
@@ -107,10 +106,10 @@ async def test_a_lower_priority_yields_the_freed_gpus_to_a_waiting_higher_one(wo
         await routing.placement.place(await submit(log, "small", gpus=1, priority=1), None)
 
     assert not holds(stores, "small")
-    (queued,) = [e for e in log.of_kind("queued") if e.data["job_id"] == "small"]
-    assert any("yields to job urgent" in reason for reason in queued.data["reasons"])
-    (cloud,) = queued.data["decision"]["candidates"]
-    assert cloud["holds"] == ["line"]  # it waits, and for what: not a site that never could
+    (queued,) = [e for e in log.of_kind("queued") if e.data.job_id == "small"]
+    assert any("yields to job urgent" in reason for reason in queued.data.reasons)
+    (cloud,) = queued.data.decision.candidates
+    assert cloud.holds == ["line"]  # it waits, and for what: not a site that never could
     await routing.placement.place_job("urgent", "acme", 0, None, woken=True)
     assert holds(stores, "urgent")
 
@@ -118,8 +117,8 @@ async def test_a_lower_priority_yields_the_freed_gpus_to_a_waiting_higher_one(wo
 async def test_a_line_entry_left_by_a_job_no_longer_waiting_holds_no_one_back(world):
     routing, stores, log = world
     await fill_then_wait(routing, log, stores)
-    cancelled = make_event("intake", "job", "cancelled", "urgent", job_event_data("urgent", "acme", JobState.cancelled),
-                           "urgent", time=NOW)
+    cancelled = JobEvent.make("intake", "job", "cancelled", "urgent",
+                              JobEventData(job_id="urgent", tenant="acme", state=JobState.cancelled), "urgent", time=NOW)
     await log.publish_event(SUBJECTS.job_event("acme", "urgent", "cancelled"), cancelled)  # its entry stays a moment
 
     await routing.placement.place(await submit(log, "small", gpus=1, priority=1), None)

@@ -8,13 +8,13 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from shared.registry import apply_event
-from shared.contracts.events import make_event
 from shared.contracts.jobs import (
     Candidate,
     Decision,
+    JobEvent,
+    JobEventData,
     JobRecord,
     JobState,
-    job_event_data,
 )
 
 JOB = "job-1"
@@ -24,8 +24,8 @@ SPEC = {"tenant": TENANT, "command": ["python", "train.py"], "residency": "EU"}
 
 
 def event(state: JobState, *id_parts, minute: int = 0, site: str | None = None, **extra):
-    data = job_event_data(JOB, TENANT, state, site=site, **extra)
-    return make_event("test", "job", state.value, JOB, data, JOB, *id_parts, time=T0 + timedelta(minutes=minute))
+    data = JobEventData(job_id=JOB, tenant=TENANT, state=state, site=site, **extra)
+    return JobEvent.make("test", "job", state.value, JOB, data, JOB, *id_parts, time=T0 + timedelta(minutes=minute))
 
 
 def decision(site: str) -> dict:
@@ -204,13 +204,11 @@ def test_events_applied_in_any_order_give_the_same_record():
     """A consumer may apply a batch concurrently: the record must not depend on the order."""
     import itertools
 
-    from shared.contracts.events import make_event
-
     decision = {"site": "s1", "gpu_type": "H100", "overflow": False,
                 "candidates": [{"site": "s1", "eligible": True, "reasons": [], "score": 1.0, "parts": {}}]}
     kinds = [("accepted", {"spec": None}), ("placed", {"site": "s1", "decision": decision}),
              ("dispatched", {"site": "s1"}), ("started", {"site": "s1"}), ("failed", {"site": "s1", "exit_code": 4})]
-    events = [(make_event("t", "job", k, "j1", {"job_id": "j1", "tenant": "t", "state": k, **d}, "j1"), seq)
+    events = [(JobEvent.make("t", "job", k, "j1", JobEventData(job_id="j1", tenant="t", state=k, **d), "j1"), seq)
               for seq, (k, d) in enumerate(kinds, start=1)]
     results = []
     for order in itertools.permutations(events):
@@ -225,10 +223,8 @@ def test_events_applied_in_any_order_give_the_same_record():
 
 
 def test_a_placement_clears_the_reasons_the_job_waited_for():
-    from shared.contracts.events import make_event
-
     def event(kind: str, seq: int, **data):
-        return make_event("t", "job", kind, "j1", {"job_id": "j1", "tenant": "t", "state": kind, **data}, "j1"), seq
+        return JobEvent.make("t", "job", kind, "j1", JobEventData(job_id="j1", tenant="t", state=kind, **data), "j1"), seq
 
     record = None
     for e, seq in (event("accepted", 1), event("queued", 2, reasons=["s1: busy"]), event("placed", 3, site="s1")):

@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 from services.routing.reports import unacceptable
-from shared.contracts.events import make_event
-from shared.contracts.jobs import JobState, job_event_data
+from shared.contracts.events import event_id
+from shared.contracts.jobs import JobEvent, JobEventData, JobState
 
 AT_NL = [("cloud-nl", 0)]
 
 
 def report(kind: str = "succeeded", site: str = "cloud-nl", tenant: str = "lab", job_id: str = "j1",
            attempt: int = 0, **data):
-    return make_event(f"agent/{site}", "job", kind, job_id, job_event_data(
-        job_id, tenant, JobState(kind), site, attempt=attempt, **data), job_id, attempt)
+    return JobEvent.make(f"agent/{site}", "job", kind, job_id, JobEventData(
+        job_id=job_id, tenant=tenant, state=JobState(kind), site=site, attempt=attempt, **data), job_id, attempt)
 
 
 def test_a_report_on_a_job_dispatched_to_that_site_at_that_attempt_passes():
     assert unacceptable("cloud-nl", "lab", "j1", "succeeded", 0, report(), AT_NL) is None
-    requeued = report("requeued").model_copy(update={"data": {**report("requeued").data, "attempt": 1}})
+    requeued = report("requeued", attempt=1).model_copy(update={"id": report("requeued").id})
     assert unacceptable("cloud-nl", "lab", "j1", "requeued", 0, requeued, AT_NL) is None
 
 
@@ -30,14 +30,14 @@ def test_a_site_the_job_left_may_tell_its_runs_steps_late_but_not_end_or_return_
 
 
 def test_the_attempt_the_registry_reads_must_be_the_one_reported_on():
-    lying = report().model_copy(update={"data": {**report().data, "attempt": 5}})
+    lying = report().model_copy(update={"data": report(attempt=5).data})
     assert unacceptable("cloud-nl", "lab", "j1", "succeeded", 0, lying, AT_NL) == (
         "the report's attempt is not the one it reports on")
     # only a cancellation may take the id without an attempt (intake's own has it)
-    no_attempt = report().model_copy(update={"id": make_event("x", "job", "succeeded", "j1", {}, "j1").id})
+    no_attempt = report().model_copy(update={"id": event_id("job", "j1", "succeeded", "j1")})
     assert unacceptable("cloud-nl", "lab", "j1", "succeeded", 0, no_attempt, AT_NL) == (
         "the report's id is not that of this job, kind and attempt")
-    cancel = report("cancelled").model_copy(update={"id": make_event("x", "job", "cancelled", "j1", {}, "j1").id})
+    cancel = report("cancelled").model_copy(update={"id": event_id("job", "j1", "cancelled", "j1")})
     assert unacceptable("cloud-nl", "lab", "j1", "cancelled", 0, cancel, AT_NL) is None
 
 
