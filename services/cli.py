@@ -4,6 +4,7 @@ sites, bill). Every user command talks to the system only through the public con
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import io
 import logging
@@ -241,7 +242,8 @@ def status(job_id: str, as_json: Annotated[bool, typer.Option("--json", help="pr
     for reason in ([] if decision else record.get("reasons") or []):
         console.print(f"  reason: {reason}")
     if decision:
-        title = "placement" if decision.get("site") else f"why it {'waits' if record['state'] == 'queued' else 'cannot run'}"
+        why = "waits" if record["state"] == "queued" else "cannot run"
+        title = "placement" if decision.get("site") else f"why it {why}"
         table = _table(title + (" (overflow)" if decision.get("overflow") else ""),
                        ("site", "eligible", "score", "cost EUR", "CO2e kg", "reasons"))
         for c in decision["candidates"]:
@@ -387,10 +389,8 @@ def watch(tenant: Annotated[str | None, typer.Option(help="only this tenant's jo
             console.print(f"{event.get('time', '')[11:23]} [bold]{event.get('type', '')}[/] "
                           f"{event.get('subject', '')} {what}")
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(stream())
-    except KeyboardInterrupt:
-        pass
 
 
 @app.command()
@@ -450,7 +450,7 @@ def replay(trace: Annotated[Path, typer.Argument(help="a job trace: Philly CSV, 
            policy: Annotated[list[str] | None, typer.Option("--policy", help="repeat for several; default: all")]
            = None,
            start: Annotated[datetime, typer.Option(help="the date the trace's time 0 falls on (carbon, months)",
-                                                  formats=["%Y-%m-%d"])] = datetime(2022, 3, 1),
+                                                  formats=["%Y-%m-%d"])] = datetime(2022, 3, 1),  # noqa: DTZ001  # a date: typer parses it naive, made UTC below
            jobs: Annotated[int | None, typer.Option(help="the first N jobs of the trace only")] = None,
            seed: Annotated[int, typer.Option(help="deals trace users out to tenants (same seed, same deal)")] = 0,
            users: Annotated[Path | None, typer.Option(help="YAML `users: {trace user: tenant}` overriding the "

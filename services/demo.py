@@ -9,6 +9,7 @@ French site has and is rejected with reasons, one is malformed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import tempfile
 import time
@@ -134,10 +135,8 @@ async def _drive(client: Settings, subjects: Subjects, console: Console, batch: 
                     console.print("[red]the batch did not finish within 3 minutes[/]")
                     return 1
                 changed.clear()
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(changed.wait(), 0.5)
-                except TimeoutError:
-                    pass
         console.print(_summary(ours, states, sites, overflow, billed))
         for name, why in rejected_at_submit:
             console.print(f"  rejected at submission: {name}: {why}")

@@ -73,6 +73,7 @@ class Bus:
     topology: Topology
     _buckets: dict[str, KeyValue] = field(default_factory=dict)
     _queued: dict[tuple[str, str], list[_Pending]] = field(default_factory=dict)  # changes waiting for a write
+    _writing: set[asyncio.Task] = field(default_factory=set)  # the writes on their way (the loop keeps weak refs)
     _consumers: list[_Consumer] = field(default_factory=list)
     _responders: list[_Responder] = field(default_factory=list)
     # set while the AsyncAPI document is built: consumers are then FastStream subscribers
@@ -414,7 +415,7 @@ class Bus:
             entry = await kv.get(key)
         except KeyNotFoundError:
             return None, None
-        if entry.value is None or entry.operation is not None and entry.operation != "PUT":
+        if entry.value is None or (entry.operation is not None and entry.operation != "PUT"):
             return None, entry.revision
         return orjson.loads(entry.value), entry.revision
 
@@ -445,7 +446,9 @@ class Bus:
         queue = self._queued.setdefault((bucket, key), [])
         queue.append(pending)
         if len(queue) == 1:  # no write of this key is on its way: start one, which takes what queues meanwhile
-            asyncio.create_task(self._write_queued(bucket, key, mirror), name=f"update-{bucket}-{key}")
+            task = asyncio.create_task(self._write_queued(bucket, key, mirror), name=f"update-{bucket}-{key}")
+            self._writing.add(task)
+            task.add_done_callback(self._writing.discard)
         return await pending.done
 
     async def _write_queued(self, bucket: str, key: str, mirror: KvMirror | RecentWrites | None) -> None:
@@ -492,7 +495,7 @@ class Bus:
                 # someone else wrote first: read again and redo
                 current, revision = await self.get_json(bucket, key)
                 continue
-            for p, (result, error) in zip(batch, outcomes):
+            for p, (result, error) in zip(batch, outcomes, strict=True):
                 if not p.done.done():
                     p.done.set_exception(error) if error else p.done.set_result(result)
             return

@@ -46,7 +46,7 @@ def apply_event(current: dict | None, event: JobEvent, seq: int) -> dict | None:
     live = [h for h in history if h.get("attempt", attempt) >= attempt]
     terminal = next((h for h in live if JobState(h["state"]).terminal), None)
     record["state"] = (terminal or live[-1])["state"]
-    if not any(h is entry for h in live) or terminal is not None and entry["seq"] > terminal["seq"]:
+    if not any(h is entry for h in live) or (terminal is not None and entry["seq"] > terminal["seq"]):
         return record  # kept in the history, but the job is over or moved on
 
     if state in (JobState.placed, JobState.queued, JobState.rejected) and data.decision is not None \

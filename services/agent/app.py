@@ -161,7 +161,7 @@ class SiteAgent:
         if how is not None and how.reason:
             run.set_attribute(telemetry.Attr.REASON, how.reason)
         if failed:
-            run.set_status(telemetry.Status(telemetry.StatusCode.ERROR, how and how.reason or "failed"))
+            run.set_status(telemetry.Status(telemetry.StatusCode.ERROR, (how and how.reason) or "failed"))
         run.end(end_time=_ns(at))
 
     async def publish(self, order: Dispatch, state: JobState, **data) -> None:

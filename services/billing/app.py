@@ -43,6 +43,7 @@ class Billing:
         # per tenant, the next accounting, shared by the jobs metered while the one before it runs
         self._next_account: dict[str, asyncio.Future] = {}
         self._accounting: set[str] = set()
+        self._tasks: set[asyncio.Task] = set()  # the accountings on their way (the loop keeps weak refs only)
 
     def usage(self, event: JobEvent) -> UsageLine | None:
         """The usage line of a job's final event; None for a job that never started (nothing ran)."""
@@ -107,7 +108,9 @@ class Billing:
         if waiting is None:
             waiting = self._next_account[tenant] = asyncio.get_running_loop().create_future()
             if tenant not in self._accounting:
-                asyncio.create_task(self._account_in_turn(tenant), name=f"account-{tenant}")
+                task = asyncio.create_task(self._account_in_turn(tenant), name=f"account-{tenant}")
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
         return await asyncio.shield(waiting)  # a caller that stops does not stop it for the others
 
     async def _account_in_turn(self, tenant: str) -> None:

@@ -129,8 +129,8 @@ def create_capacity_app(settings: Settings):
             ("up", "A site reports again, or its agent restarted; data is its SiteStatus."),
             ("down", f"A site missed {MISSED_BEATS_DOWN} heartbeats; data is its SiteStatus."),
             ("saturated", f"At most {SATURATED_FREE_SHARE:.0%} of a site's GPUs are free; data is its SiteStatus."),
-            ("unsaturated", f"A saturated site has {UNSATURATED_FREE_SHARE:.0%} of its GPUs free and nothing "
-                            "queued again.")):
+            ("unsaturated", (f"A saturated site has {UNSATURATED_FREE_SHARE:.0%} of its GPUs free and nothing "
+                             "queued again."))):
         bus.document_events(subjects.site_event(kind=kind), SiteEvent, meaning)
 
     # every replica sees every heartbeat (no queue group): each keeps a whole tracker of every site, and

@@ -33,6 +33,8 @@ from shared.contracts.events import CloudEvent
 
 TENANT_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 TenantId = Annotated[str, StringConstraints(pattern=TENANT_PATTERN)]
+LabelKey = Annotated[str, StringConstraints(max_length=128)]
+LabelValue = Annotated[str, StringConstraints(max_length=1024)]
 GpuType = Literal["H100", "A100", "L40S", "L4"]
 GPU_TYPES: tuple[str, ...] = ("H100", "A100", "L40S", "L4")
 
@@ -95,9 +97,7 @@ class JobSpec(BaseModel):
     deadline: AwareDatetime | None = None
     budget_eur: float | None = Field(None, ge=0)
     idempotency_key: str | None = Field(None, min_length=1, max_length=256)
-    labels: dict[Annotated[str, StringConstraints(max_length=128)], Annotated[str, StringConstraints(max_length=1024)]] = Field(
-        default_factory=dict, max_length=64
-    )
+    labels: dict[LabelKey, LabelValue] = Field(default_factory=dict, max_length=64)
 
 
 class FieldError(BaseModel):

@@ -104,7 +104,7 @@ class Subjects:
     def report_of(self, subject: str) -> tuple[str, str, str, str] | None:
         """(site, tenant, job_id, kind) of a report's subject; None for any other shape."""
         tokens = subject.split(".")
-        head = self.prefix.split(".") + ["reports"]
+        head = [*self.prefix.split("."), "reports"]
         if len(tokens) != len(head) + 4 or tokens[:len(head)] != head:
             return None
         site, tenant, job_id, kind = tokens[len(head):]

@@ -20,7 +20,7 @@ DEMO = ROOT / "shared" / "catalog"
 
 def continuum(system, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "services.cli", *args], env=dict(system.env, COLUMNS="200"),
-                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+                          capture_output=True, text=True, timeout=60, cwd=ROOT, check=False)
 
 
 @pytest.fixture
@@ -92,12 +92,14 @@ async def test_a_rejected_submission_says_why(tmp_path, system):
 
 def test_up_refuses_a_bad_catalog_naming_file_entry_and_problem(tmp_path):
     sites = tmp_path / "sites.yaml"
-    sites.write_text("sites:\n  - id: ok\n    kind: public_hpc\n    country: FR\n    jurisdiction: EU\n    carbon_zone: FR\n"
-                     "    gpus: {H100: 8}\n  - id: bad\n    kind: cloud\n    country: FR\n    jurisdiction: EU\n    carbon_zone: FR\n"
+    sites.write_text("sites:\n"
+                     "  - id: ok\n    kind: public_hpc\n    country: FR\n    jurisdiction: EU\n    carbon_zone: FR\n"
+                     "    gpus: {H100: 8}\n"
+                     "  - id: bad\n    kind: cloud\n    country: FR\n    jurisdiction: EU\n    carbon_zone: FR\n"
                      "    gpus: {H100: 8}\n    colour: blue\n")
     result = subprocess.run([sys.executable, "-m", "services.cli", "up", "--sites", str(sites)],
                             env=dict(os.environ, CONTINUUM_DATA_DIR=str(tmp_path / "data"), COLUMNS="200"),
-                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+                            capture_output=True, text=True, timeout=60, cwd=ROOT, check=False)
     assert result.returncode == 2
     assert f"{sites}: entry 2 (bad): kind:" in result.stderr
     assert f"{sites}: entry 2 (bad): colour: unknown key" in result.stderr

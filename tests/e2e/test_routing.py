@@ -73,7 +73,7 @@ async def test_overflow_stops_when_the_tenants_budget_is_spent(client):
     await saturate_public(client, "thrifty-lab")
     # each job may cost 1 H100 x 10 s x 2 EUR/h = 0.0056 EUR at cloud-fr and runs 7 s (0.0039 EUR);
     # the budget of 0.01 EUR holds one job's worst case at a time, and two jobs' real cost in all
-    cheap = dict(gpus=1, runtime=7, walltime=10, objective="cost")
+    cheap = {"gpus": 1, "runtime": 7, "walltime": 10, "objective": "cost"}
     jobs = [await submit(client, spec("thrifty-lab", **cheap)) for _ in range(3)]
     # placed at once and side by side (routing takes a batch of events together): one fits the budget
     _, events = client

@@ -32,7 +32,8 @@ ROOT = Path(__file__).parents[2]
 def auth_init(out: Path, tenants: Path = CATALOG / "tenants.yaml", *extra: str) -> subprocess.CompletedProcess:
     result = subprocess.run([sys.executable, "-m", "services.cli", "auth", "init", "--sites",
                              str(CATALOG / "sites.yaml"), "--tenants", str(tenants), "--out", str(out), *extra],
-                            capture_output=True, text=True, timeout=60, cwd=ROOT, env=dict(os.environ, COLUMNS="200"))
+                            capture_output=True, text=True, timeout=60, cwd=ROOT, env=dict(os.environ, COLUMNS="200"),
+                            check=False)
     assert result.returncode == 0, result.stderr
     secrets = [f.read_text().strip() for f in (*out.glob("creds/*.nk"), *out.glob("tokens/*.token"))]
     assert secrets and not any(s in result.stdout + result.stderr for s in secrets), "a secret was printed"
@@ -168,8 +169,9 @@ async def test_a_site_takes_only_its_own_orders_and_reports_only_on_its_own_jobs
     run_nl, _ = TOPOLOGY.site_durables("cloud-nl")
     with pytest.raises(nats.errors.Error):
         await js.consumer_info(TOPOLOGY.dispatch_stream, run_nl, timeout=1.0)
-    await se.publish(f"$JS.API.CONSUMER.MSG.NEXT.{TOPOLOGY.dispatch_stream}.{run_nl}", b"1", reply="_INBOX_site-cloud-se.x")
-    await refusals.wait_for(f"Permissions Violation for Publish to \"$JS.API.CONSUMER.MSG.NEXT.{TOPOLOGY.dispatch_stream}.{run_nl}\"")
+    next_msg = f"$JS.API.CONSUMER.MSG.NEXT.{TOPOLOGY.dispatch_stream}.{run_nl}"
+    await se.publish(next_msg, b"1", reply="_INBOX_site-cloud-se.x")
+    await refusals.wait_for(f"Permissions Violation for Publish to \"{next_msg}\"")
     with pytest.raises(nats.errors.Error):
         await js.add_consumer(TOPOLOGY.dispatch_stream, ConsumerConfig(
             durable_name="theft", filter_subject=SUBJECTS.dispatch("cloud-nl")), timeout=1.0)
@@ -202,7 +204,8 @@ async def test_a_site_takes_only_its_own_orders_and_reports_only_on_its_own_jobs
     await se.publish(f"continuum.reports.cloud-se.cloud-nl.{tenant}.{placed_at_nl}.succeeded",
                      forged.model_dump_json().encode())
     await refusals.wait_for("Permissions Violation for Publish to \"continuum.reports.cloud-se.cloud-nl.")
-    await js.publish(SUBJECTS.job_report("cloud-se", tenant, placed_at_nl, "succeeded"), forged.model_dump_json().encode(),
+    await js.publish(SUBJECTS.job_report("cloud-se", tenant, placed_at_nl, "succeeded"),
+                     forged.model_dump_json().encode(),
                      # the event's id, as a message id: it must not keep the real report out
                      headers={"Nats-Msg-Id": forged.id, "Continuum-Attempt": "0"})
 
@@ -226,9 +229,9 @@ async def test_no_credentials_plain_tcp_and_a_wrong_ca_are_refused(secure_server
     good = as_(secure_server, auth, "operator")
     nc = await connect(good)  # the right ones work
     await nc.close()
-    with pytest.raises(Exception, match="[Aa]uthorization"):
+    with pytest.raises(Exception, match=r"[Aa]uthorization"):
         await connect(good.model_copy(update={"nats_creds": None}), allow_reconnect=False, max_reconnect_attempts=0)
-    with pytest.raises(Exception):  # the same credentials, without TLS
+    with pytest.raises(Exception):  # noqa: B017  # the same credentials, without TLS: refused, however it fails
         await nats.connect(secure_server.url.replace("tls://", "nats://"), nkeys_seed=str(good.nats_creds),
                            allow_reconnect=False, max_reconnect_attempts=0)
     other = tmp_path / "other"
@@ -273,7 +276,7 @@ async def test_auth_init_again_follows_the_catalog_and_the_server_reloads_it(sec
     nc = await asyncio.wait_for(reloaded(), 10)
     await nc.close()
     assert secure_server.process.pid == pid and secure_server.process.poll() is None  # no restart
-    with pytest.raises(Exception, match="[Aa]uthorization"):  # the removed tenant's key is no longer the server's
+    with pytest.raises(Exception, match=r"[Aa]uthorization"):  # the removed tenant's key is no longer the server's
         await connect(newlab.model_copy(update={"nats_creds": media_seed}), allow_reconnect=False,
                       max_reconnect_attempts=0)
     lab = await connect(as_(secure_server, auth, tenant_principal("lab")))  # the kept ones still work
@@ -288,7 +291,7 @@ def test_the_embedded_default_is_secure_and_the_commands_work_as_before(tmp_path
 
     def continuum(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "services.cli", *args], env=env, capture_output=True, text=True,
-                              timeout=60, cwd=ROOT)
+                              timeout=60, cwd=ROOT, check=False)
     up = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--sites", str(CATALOG / "sites.yaml"),
                            "--tenants", str(CATALOG / "tenants.yaml")], env=env, stdin=subprocess.DEVNULL,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -79,7 +79,7 @@ async def check_batch(nc, job_ids: list[str], specs: list[dict]) -> None:
         statement = await request_json(nc, SUBJECTS.billing_statement, {"tenant": tenant})
         ids = [line["job_id"] for line in statement["lines"]]
         assert len(ids) == len(set(ids))
-        assert statement["totals"]["gpu_hours"] == pytest.approx(sum(l["gpu_hours"] for l in statement["lines"]),
+        assert statement["totals"]["gpu_hours"] == pytest.approx(sum(line["gpu_hours"] for line in statement["lines"]),
                                                                  abs=1e-5)
         lines_by_tenant.update({line["job_id"]: line for line in statement["lines"]})
 
@@ -190,7 +190,8 @@ async def test_sigkill_of_a_service_mid_batch_loses_nothing(system, victim):
 async def test_a_job_no_site_can_run_is_rejected_with_reasons(system):
     nc = await connect_when_up(system)
     events = await listen(nc)
-    reply = await request_json(nc, SUBJECTS.jobs_submit, job(1, tenant="media", resources={"gpus": 64, "gpu_type": "H100"}))
+    reply = await request_json(nc, SUBJECTS.jobs_submit,
+                               job(1, tenant="media", resources={"gpus": 64, "gpu_type": "H100"}))
     job_id = reply["job_id"]
     await events.wait_for(lambda: "rejected" in events.kinds(job_id), 30, "the rejection")
     record = await record_when(nc, job_id, "rejected")
@@ -244,7 +245,7 @@ async def test_three_routing_replicas_never_overcommit_a_site(system):
         beats[beat["site_id"]] = beat
 
     await nc.subscribe(SUBJECTS.heartbeat("*"), cb=on_beat)
-    specs = [job(i, runtime=0.05) for i in range(int(os.environ.get("REPLICA_TEST_JOBS", 2000)))]
+    specs = [job(i, runtime=0.05) for i in range(int(os.environ.get("REPLICA_TEST_JOBS", "2000")))]
     job_ids = []
     for chunk in range(0, len(specs), 200):
         job_ids += await submit_all(nc, specs[chunk:chunk + 200])

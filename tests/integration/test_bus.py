@@ -86,7 +86,7 @@ async def test_each_message_of_a_fetch_has_its_own_outcome(nats_server):
     @bus.consumer(subjects.job_event(kind="succeeded"), topology.events_stream, "probe", batch=32)
     async def probe(event: CloudEvent) -> None:
         handled[event.subject] += 1
-        if event.subject == "fails" or event.subject == "waits" and handled["waits"] == 1:
+        if event.subject == "fails" or (event.subject == "waits" and handled["waits"] == 1):
             if event.subject == "waits":
                 raise NackMessage(delay=0.05)  # not yet: again later, and not counted as a failure
             raise RuntimeError("this one cannot be handled")
@@ -271,7 +271,8 @@ async def test_a_body_that_is_not_the_request_is_answered_why_and_the_handler_is
         return orjson.loads((await bus.nc.request(subject, body, timeout=5)).data)
     assert await reply(b'{"job_id": "a b"}') == {
         "error": "bad request: job_id: String should match pattern '^[A-Za-z0-9_-]+$'"}
-    assert await reply(b'{"job_id": "j1", "site": "x"}') == {"error": "bad request: site: Extra inputs are not permitted"}
+    assert await reply(b'{"job_id": "j1", "site": "x"}') == {
+        "error": "bad request: site: Extra inputs are not permitted"}
     assert await reply(b"{}") == {"error": "bad request: job_id: Field required"}
     assert (await reply(b"{not json"))["error"].startswith("bad request: body: Invalid JSON: ")
     assert called == []

@@ -24,7 +24,7 @@ async def client(nats_server, tmp_path):
     settings = Settings(nats_url=nats_server.url, data_dir=tmp_path, sites_file=CATALOG / "sites.yaml",
                         tenants_file=CATALOG / "tenants.yaml", heartbeat_interval_s=0.2, placement_retry_s=0.1)
     async with AsyncExitStack() as stack:
-        for name, factory in _factories().items():
+        for factory in _factories().values():
             await stack.enter_async_context(factory(settings))
         nc = await nats.connect(nats_server.url)
         stack.push_async_callback(nc.close)

@@ -117,8 +117,8 @@ async def test_a_lower_priority_yields_the_freed_gpus_to_a_waiting_higher_one(wo
 async def test_a_line_entry_left_by_a_job_no_longer_waiting_holds_no_one_back(world):
     routing, stores, log = world
     await fill_then_wait(routing, log, stores)
-    cancelled = JobEvent.make("intake", "job", "cancelled", "urgent",
-                              JobEventData(job_id="urgent", tenant="acme", state=JobState.cancelled), "urgent", time=NOW)
+    gone = JobEventData(job_id="urgent", tenant="acme", state=JobState.cancelled)
+    cancelled = JobEvent.make("intake", "job", "cancelled", "urgent", gone, "urgent", time=NOW)
     await log.publish_event(SUBJECTS.job_event("acme", "urgent", "cancelled"), cancelled)  # its entry stays a moment
 
     await routing.placement.place(await submit(log, "small", gpus=1, priority=1), None)

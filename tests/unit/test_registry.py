@@ -7,7 +7,6 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from shared.registry import apply_event
 from shared.contracts.jobs import (
     Candidate,
     Decision,
@@ -16,6 +15,7 @@ from shared.contracts.jobs import (
     JobRecord,
     JobState,
 )
+from shared.registry import apply_event
 
 JOB = "job-1"
 TENANT = "cnrs-lab"
@@ -224,7 +224,8 @@ def test_events_applied_in_any_order_give_the_same_record():
 
 def test_a_placement_clears_the_reasons_the_job_waited_for():
     def event(kind: str, seq: int, **data):
-        return JobEvent.make("t", "job", kind, "j1", JobEventData(job_id="j1", tenant="t", state=kind, **data), "j1"), seq
+        payload = JobEventData(job_id="j1", tenant="t", state=kind, **data)
+        return JobEvent.make("t", "job", kind, "j1", payload, "j1"), seq
 
     record = None
     for e, seq in (event("accepted", 1), event("queued", 2, reasons=["s1: busy"]), event("placed", 3, site="s1")):

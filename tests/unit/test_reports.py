@@ -52,7 +52,8 @@ def test_a_report_on_another_sites_job_is_refused_naming_where_it_runs():
 
 
 def test_a_site_reports_only_what_sites_report():
-    assert unacceptable("cloud-nl", "lab", "j1", "placed", 0, report("placed"), AT_NL) == "a site does not report 'placed'"
+    assert unacceptable("cloud-nl", "lab", "j1", "placed", 0, report("placed"), AT_NL) == \
+        "a site does not report 'placed'"
     assert unacceptable("cloud-nl", "lab", "j1", "accepted", 0, report("accepted"), AT_NL).startswith("a site does not")
 
 
