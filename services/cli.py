@@ -179,7 +179,7 @@ def up(sites: SitesOpt = None, tenants: TenantsOpt = None,
             console.print(f"TLS and a principal for every tenant, site and the operator ({system.auth}); commands "
                           "act as the operator, `--as TENANT` as a tenant.")
         while not stop:
-            system.supervisor.check()
+            system.check()
             time.sleep(0.2)
     finally:
         system.stop()
@@ -206,8 +206,9 @@ def service(name: Annotated[str, typer.Argument(help="intake | capacity | routin
         settings = reach_running(settings, principal)
     except RuntimeError as e:
         raise _fail(str(e), 2) from None
-    if (settings.principal or "").startswith("site-") and site != [settings.principal.removeprefix("site-")]:
-        raise _fail(f"{settings.principal}'s credentials serve one site: --site {settings.principal[5:]}", 2)
+    who = settings.principal or ""
+    if who.startswith("site-") and site != [who.removeprefix("site-")]:
+        raise _fail(f"{who}'s credentials serve one site: --site {who.removeprefix('site-')}", 2)
     run_service(name, settings, site or None)
 
 
@@ -221,8 +222,8 @@ def submit(file: Annotated[Path, typer.Argument(help="a JobSpec, YAML or JSON", 
     reply = asyncio.run(_request(lambda s: s.jobs_submit, spec))
     if reply.get("state") != "accepted":
         err.print(f"[red]rejected[/] {reply.get('job_id', '')}")
-        for e in reply.get("errors", []):
-            err.print(f"  {'.'.join(map(str, e['loc'])) or '(body)'}: {e['msg']}")
+        for problem in reply.get("errors", []):
+            err.print(f"  {'.'.join(map(str, problem['loc'])) or '(body)'}: {problem['msg']}")
         raise typer.Exit(1)
     console.print(f"[green]accepted[/] {reply['job_id']}")
 

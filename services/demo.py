@@ -157,7 +157,7 @@ async def _drive(client: Settings, subjects: Subjects, console: Console, batch: 
             console.print(f"[bold]the system stays up[/] on {client.nats_url}: `CONTINUUM_DATA_DIR="
                           f"{system.settings.data_dir} continuum ...` talks to it; Ctrl-C stops it")
             while True:
-                system.supervisor.check()
+                system.check()
                 await asyncio.sleep(0.5)
         return 0
     finally:
@@ -167,7 +167,7 @@ async def _drive(client: Settings, subjects: Subjects, console: Console, batch: 
 async def _until_sites_up(nc, subjects: Subjects, system: System, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        system.supervisor.check()
+        system.check()
         try:
             reply = await request_json(nc, subjects.sites_list, {}, timeout=2.0)
             if reply.get("sites") and all(s["state"] == "up" for s in reply["sites"]):
@@ -200,10 +200,10 @@ def _summary(ours: set, states: dict, sites: dict, overflow: set, billed: dict) 
     for j in ours:
         if j in sites and states[j] != "rejected":
             by_site.setdefault(sites[j], []).append(j)
-    totals = Counter()
+    totals: Counter[str] = Counter()
     for site in sorted(by_site):
         js = by_site[site]
-        row = Counter()
+        row: Counter[str] = Counter()
         for j in js:
             line = billed.get(j, {})
             for key in ("gpu_hours", "amount_eur", "allocation_hours", "co2e_kg"):

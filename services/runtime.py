@@ -291,6 +291,11 @@ class System:
         self.supervisor.start()
         return url
 
+    def check(self) -> None:
+        """Restart a service that died (the supervisor's round)."""
+        if self.supervisor:
+            self.supervisor.check()
+
     def stop(self) -> None:
         if self.supervisor:
             self.supervisor.stop()

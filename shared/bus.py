@@ -327,7 +327,11 @@ class Bus:
         await responder.slots.acquire()
         task = asyncio.create_task(self._answer(responder, msg))
         responder.in_flight.add(task)
-        task.add_done_callback(lambda t: (responder.in_flight.discard(t), responder.slots.release()))
+        def done(task: asyncio.Task) -> None:
+            responder.in_flight.discard(task)
+            responder.slots.release()
+
+        task.add_done_callback(done)
 
     async def _answer(self, responder: _Responder, msg: Msg) -> None:
         handling = _handling.set(msg)
@@ -477,7 +481,8 @@ class Bus:
         if revision is None:
             current, revision = await self.get_json(bucket, key)
         while True:
-            value, outcomes = current, []
+            value = current
+            outcomes: list[tuple[dict | None, Exception | None]] = []
             for p in batch:
                 try:
                     new = p.change(value)
@@ -630,7 +635,8 @@ def connect_options(settings: Settings) -> dict[str, Any]:
             raise ValueError(f"CONTINUUM_NATS_CREDS: no file {settings.nats_creds}")
         key = "nkeys_seed" if settings.nats_creds.suffix == ".nk" else "user_credentials"
         options[key] = str(settings.nats_creds)
-        options["inbox_prefix"] = inbox_prefix(settings.principal)
+        if settings.principal:
+            options["inbox_prefix"] = inbox_prefix(settings.principal)
     if settings.nats_ca or any(url.startswith("tls://") for url in servers):
         options["tls"] = ssl.create_default_context(cafile=str(settings.nats_ca) if settings.nats_ca else None)
     return options

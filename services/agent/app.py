@@ -52,7 +52,7 @@ class SiteAgent:
             # routing requeues it too when it sees this agent's new start (the same event: one id)
             await self.publish(order, JobState.requeued, attempt=order.attempt + 1,
                                reason=f"site {self.site.id}'s agent restarted and lost the job")
-        if stale:
+        if stale and record is not None:
             log.info("job.skipped", job_id=order.job_id, site=self.site.id, state=record["state"], reason=stale)
             return f"skipped: {stale}"
         refusal = self.refusal(order)

@@ -77,7 +77,8 @@ class Billing:
                 telemetry.billed_co2e.add(line.co2e_kg, attributes)
                 telemetry.billed_gpu_hours.add(line.gpu_hours, attributes)
             else:
-                line = self.ledger.get(line.job_id)  # billed before (a redelivery or a replay): the first line stands
+                # billed before (a redelivery or a replay): the first line stands
+                line = self.ledger.get(line.job_id) or line
             span.set_attributes({telemetry.Attr.OUTCOME: "billed", telemetry.Attr.AMOUNT_EUR: line.amount_eur,
                                  telemetry.Attr.ALLOCATION_HOURS: line.allocation_hours,
                                  telemetry.Attr.GPU_HOURS: line.gpu_hours, telemetry.Attr.ENERGY_KWH: line.energy_kwh,

@@ -73,8 +73,9 @@ class CapacityView:
         stored = await self.bus.update_json(self.bus.topology.sites_bucket, site.id, change)
         if stored is not None:  # what the bucket holds now, this beat's status or a newer one
             self.latest[site.id] = SiteStatus.model_validate(stored)
-        for kind in changes:
-            await self.site_event(site.id, kind, new)
+        if new is not None:  # changes are of this beat's status
+            for kind in changes:
+                await self.site_event(site.id, kind, new)
 
     async def sweep(self) -> None:
         """Mark down every site that stopped sending heartbeats."""

@@ -70,7 +70,7 @@ class Intake:
             slot = f"{spec.tenant}.{hashlib.sha256(key.encode()).hexdigest()[:40]}"
             claimed = await self.bus.update_json(self.bus.topology.idempotency_bucket, slot,
                                                  lambda cur: None if cur else {"job_id": job_id})
-            if claimed["job_id"] != job_id:
+            if claimed is not None and claimed["job_id"] != job_id:
                 job_id = claimed["job_id"]
                 existing, _ = await self.bus.get_json(self.jobs, job_id)
                 telemetry.name_job(span, job_id, spec.tenant)

@@ -6,6 +6,7 @@ import re
 
 import orjson
 from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 
 from shared.contracts.catalog import Catalog
 from shared.contracts.jobs import TENANT_PATTERN, FieldError, JobSpec
@@ -40,7 +41,7 @@ def check_submission(body: bytes, catalog: Catalog, *, max_bytes: int, subject_t
     claimed = raw.get("tenant")
     valid_claim = isinstance(claimed, str) and _TENANT.fullmatch(claimed) is not None
     # a rejection is the submitter's event, never that of the tenant its body names
-    tenant = subject_tenant or (claimed if valid_claim else UNKNOWN_TENANT)
+    tenant = subject_tenant or (str(claimed) if valid_claim else UNKNOWN_TENANT)
 
     errors: list[FieldError] = []
     spec: JobSpec | None = None
@@ -61,5 +62,5 @@ def check_submission(body: bytes, catalog: Catalog, *, max_bytes: int, subject_t
     return spec
 
 
-def _message(err: dict) -> str:
+def _message(err: ErrorDetails) -> str:
     return "unknown field" if err["type"] == "extra_forbidden" else err["msg"]

@@ -107,8 +107,7 @@ class Placement:
                 # the try that made it may have run and freed the job's GPUs since (the GPUs a losing try held a
                 # moment are not the job's): that placement stands
                 span.set_attribute(telemetry.Attr.OUTCOME, f"placed by another try at {winner.site}")
-                if winner.attempt == attempt:  # its order may not be out yet: one is kept
-                    await self.send_order(record, spec, winner.site, winner.gpu_type, attempt)
+                await self._send_winners_order(record, spec, winner, attempt)
                 await self.line.leave(job_id)
             elif holding := reservations.holder(self.store.held(), job_id, attempt):
                 await self._announce_again(record, spec, attempt, left, holding, span)
@@ -275,7 +274,13 @@ class Placement:
         span.set_attribute(telemetry.Attr.OUTCOME, f"placed by another try at {winner and winner.site}")
         if winner is None or winner.reservation != token:
             await self.store.give_back(site_id, record.job_id, token)
-        if winner is not None and winner.attempt == attempt:
+        if winner is not None:
+            await self._send_winners_order(record, spec, winner, attempt)
+
+    async def _send_winners_order(self, record: JobRecord, spec: JobSpec, winner: JobEventData, attempt: int) -> None:
+        """The order of this attempt's placement the stream kept, made by another try: its order may not be out
+        yet (one id: JetStream keeps one)."""
+        if winner.attempt == attempt and winner.site and winner.gpu_type:
             await self.send_order(record, spec, winner.site, winner.gpu_type, attempt)
 
     async def placed_by_another(self, record: JobRecord, attempt: int) -> JobEventData | None:

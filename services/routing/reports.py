@@ -101,7 +101,7 @@ class ReportGate:
         """Where the job was dispatched, at which attempts: its latest placement from the event stream, and its
         earlier ones from the registry when the report is not about the latest."""
         placed = await self.bus.last_job_event(tenant, job_id, JobState.placed.value)
-        found = [(placed.site, placed.attempt)] if placed else []
+        found = [(placed.site, placed.attempt)] if placed and placed.site else []
         if (site, attempt) not in found:
             current, _ = await self.bus.get_json(self.bus.topology.jobs_bucket, job_id)
             if current and current["tenant"] == tenant:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from nats.js.api import ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
 
@@ -14,7 +15,7 @@ DEDUPE_WINDOW_S = 15 * 60
 ACK_WAIT_S = 10.0
 
 
-def consumer_config(**overrides: object) -> ConsumerConfig:
+def consumer_config(**overrides: Any) -> ConsumerConfig:
     return ConsumerConfig(ack_wait=ACK_WAIT_S, **overrides)
 
 
