@@ -14,6 +14,7 @@ import random
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
@@ -83,76 +84,94 @@ def run_demo(settings: Settings, console: Console, *, jobs: int = 36, keep: bool
             system.stop()
 
 
+@dataclass
+class _Batch:
+    """The demo's jobs as the event stream tells of them."""
+
+    states: dict[str, str] = field(default_factory=dict)
+    sites: dict[str, str] = field(default_factory=dict)
+    overflow: set[str] = field(default_factory=set)
+    billed: dict[str, dict] = field(default_factory=dict)
+    names: dict[str, str] = field(default_factory=dict)
+    rejected_at_submit: list[tuple[str, str]] = field(default_factory=list)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def on_event(self, msg) -> None:
+        event = orjson.loads(msg.data)
+        data = event["data"]
+        kind = event["type"].rsplit(".", 1)[-1]
+        if event["type"].startswith("continuum.billing."):
+            self.billed[data["job_id"]] = data
+        elif "job_id" in data and self.states.get(data["job_id"]) not in TERMINAL:
+            self.states[data["job_id"]] = kind
+            if data.get("site"):
+                self.sites[data["job_id"]] = data["site"]
+            if kind == "placed" and data.get("overflow"):
+                self.overflow.add(data["job_id"])
+        self.changed.set()
+
+    async def submit(self, nc, subjects: Subjects, specs: list[dict]) -> None:
+        for spec in specs:
+            reply = await request_json(nc, subjects.jobs_submit, spec)
+            self.names[reply["job_id"]] = spec.get("name", "")
+            if reply["state"] == "rejected":
+                self.rejected_at_submit.append((spec.get("name", ""), "; ".join(
+                    f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in reply["errors"])))
+                self.states[reply["job_id"]] = "rejected"
+            else:
+                self.states.setdefault(reply["job_id"], "accepted")
+
+    async def follow(self, console: Console, timeout_s: float = 180.0) -> bool:
+        """Show progress until every job ended and every run is billed; False if that takes too long."""
+        ours, start = set(self.names), time.monotonic()
+        with Live(console=console, refresh_per_second=4) as live:
+            while True:
+                counts = Counter(self.states[j] for j in ours)
+                done = sum(counts[s] for s in TERMINAL)
+                live.update(_progress(counts, done, len(ours), self.sites, ours, time.monotonic() - start))
+                finished = [j for j in ours if self.states[j] in ("succeeded", "failed", "cancelled")]
+                if done == len(ours) and all(j in self.billed for j in finished if j in self.sites):
+                    return True
+                if time.monotonic() - start > timeout_s:
+                    return False
+                self.changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.changed.wait(), 0.5)
+
+    def report(self, console: Console, system: System) -> None:
+        ours = set(self.names)
+        console.print(_summary(ours, self.states, self.sites, self.overflow, self.billed))
+        for name, why in self.rejected_at_submit:
+            console.print(f"  rejected at submission: {name}: {why}")
+        rejected = [j for j in ours if self.states[j] == "rejected"]
+        impossible = [j for j in rejected if j in self.sites] or \
+                     [j for j in rejected if self.names[j] == "too-big-for-france"]
+        for j in impossible:
+            console.print(f"  rejected by routing: {self.names[j]} (see `continuum status {j}`)")
+        console.print("\nNext: `continuum status JOB_ID` shows why a job went where it did; `continuum sites` "
+                      "each site's load, forecast wait and carbon now; `continuum watch` streams events (`--sites`: "
+                      "up, down, saturated); `continuum bill cnrs-lab` prints a statement; `continuum overflow` "
+                      "counts overflow.")
+        traced = sorted(j for j in ours if self.states[j] == "succeeded")
+        if traced:
+            console.print(f"Traces: every job is one OpenTelemetry trace, from submission to billing. "
+                          f"`CONTINUUM_DATA_DIR={system.settings.data_dir} continuum trace {traced[0]}` draws one "
+                          "as a waterfall; the README's operator section shows them in Jaeger.")
+
+
 async def _drive(client: Settings, subjects: Subjects, console: Console, batch: list[dict], system: System,
                  keep: bool) -> int:
     nc = await connect(client)
     try:
         with console.status("waiting for every site to report..."):
             await _until_sites_up(nc, subjects, system)
-        states: dict[str, str] = {}
-        sites: dict[str, str] = {}
-        overflow: set[str] = set()
-        billed: dict[str, dict] = {}
-        changed = asyncio.Event()
-
-        async def on_event(msg) -> None:
-            event = orjson.loads(msg.data)
-            data = event["data"]
-            kind = event["type"].rsplit(".", 1)[-1]
-            if event["type"].startswith("continuum.billing."):
-                billed[data["job_id"]] = data
-            elif "job_id" in data and states.get(data["job_id"]) not in TERMINAL:
-                states[data["job_id"]] = kind
-                if data.get("site"):
-                    sites[data["job_id"]] = data["site"]
-                if kind == "placed" and data.get("overflow"):
-                    overflow.add(data["job_id"])
-            changed.set()
-
-        await nc.subscribe(subjects.events_all, cb=on_event)
-        names: dict[str, str] = {}
-        rejected_at_submit = []
-        for spec in batch:
-            reply = await request_json(nc, subjects.jobs_submit, spec)
-            names[reply["job_id"]] = spec.get("name", "")
-            if reply["state"] == "rejected":
-                rejected_at_submit.append((spec.get("name"), "; ".join(
-                    f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in reply["errors"])))
-                states[reply["job_id"]] = "rejected"
-            else:
-                states.setdefault(reply["job_id"], "accepted")
-        ours = set(names)
-        start = time.monotonic()
-        with Live(console=console, refresh_per_second=4) as live:
-            while True:
-                counts = Counter(states[j] for j in ours)
-                done = sum(counts[s] for s in TERMINAL)
-                live.update(_progress(counts, done, len(ours), sites, ours, time.monotonic() - start))
-                finished = [j for j in ours if states[j] in ("succeeded", "failed", "cancelled")]
-                if done == len(ours) and all(j in billed for j in finished if j in sites):
-                    break
-                if time.monotonic() - start > 180:
-                    console.print("[red]the batch did not finish within 3 minutes[/]")
-                    return 1
-                changed.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), 0.5)
-        console.print(_summary(ours, states, sites, overflow, billed))
-        for name, why in rejected_at_submit:
-            console.print(f"  rejected at submission: {name}: {why}")
-        impossible = [j for j in ours if states[j] == "rejected" and j in sites] or \
-                     [j for j in ours if states[j] == "rejected" and names[j] == "too-big-for-france"]
-        for j in impossible:
-            console.print(f"  rejected by routing: {names[j]} (see `continuum status {j}`)")
-        console.print("\nNext: `continuum status JOB_ID` shows why a job went where it did; `continuum sites` "
-                      "each site's load, forecast wait and carbon now; `continuum watch` streams events (`--sites`: "
-                      "up, down, saturated); `continuum bill cnrs-lab` prints a statement; `continuum overflow` "
-                      "counts overflow.")
-        traced = sorted(j for j in ours if states[j] == "succeeded")
-        if traced:
-            console.print(f"Traces: every job is one OpenTelemetry trace, from submission to billing. "
-                          f"`CONTINUUM_DATA_DIR={system.settings.data_dir} continuum trace {traced[0]}` draws one "
-                          "as a waterfall; the README's operator section shows them in Jaeger.")
+        jobs = _Batch()
+        await nc.subscribe(subjects.events_all, cb=jobs.on_event)
+        await jobs.submit(nc, subjects, batch)
+        if not await jobs.follow(console):
+            console.print("[red]the batch did not finish within 3 minutes[/]")
+            return 1
+        jobs.report(console, system)
         if keep:
             console.print(f"[bold]the system stays up[/] on {client.nats_url}: `CONTINUUM_DATA_DIR="
                           f"{system.settings.data_dir} continuum ...` talks to it; Ctrl-C stops it")

@@ -162,6 +162,13 @@ class Intake:
 def create_intake_app(settings: Settings):
     bus = create_bus(settings, SERVICE)
     intake = Intake(bus, Catalog.load(settings.sites_file, settings.tenants_file))
+    _serve_submissions(bus, intake)
+    _serve_questions(bus, intake)
+    return create_app(bus)
+
+
+def _serve_submissions(bus: Bus, intake: Intake) -> None:
+    """Jobs submitted (by request, or fire and forget), and the registry that folds every job's events."""
     subjects, topology = bus.subjects, bus.topology
     bus.document_events(subjects.job_event(kind="accepted"), JobEvent,
                         "A job was accepted; data.spec is its JobSpec.")
@@ -199,6 +206,11 @@ def create_intake_app(settings: Settings):
         if event.kind != JobState.accepted:
             await intake.apply(event, bus.message().metadata.sequence.stream)
 
+
+def _serve_questions(bus: Bus, intake: Intake) -> None:
+    """What tenants, operators and sites ask of jobs, and cancelling one."""
+    subjects, topology = bus.subjects, bus.topology
+
     @bus.responder(subjects.jobs_get, "jobs.get", tenants=True)
     async def get(ref: JobRef) -> JobRecord | dict:
         record = await intake.get(ref.job_id, bus.tenant())
@@ -227,5 +239,3 @@ def create_intake_app(settings: Settings):
         filters = list(subjects.tenant_events(tenant)) if tenant else [subjects.events_all]
         events, last = await bus.read_events(filters, request.after_seq, request.limit)
         return HistoryReply(events=events, last_seq=last)
-
-    return create_app(bus)

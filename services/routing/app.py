@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from nats.js.api import DeliverPolicy
 
-from services.routing.bootstrap import Stores, bootstrap
+from services.routing.bootstrap import Routing, Stores, bootstrap
+from services.routing.outages import Outages
 from services.routing.reports import ReportGate
 from shared import telemetry
-from shared.bus import AFTER_HEADER, ATTEMPT_HEADER, create_app, create_bus
+from shared.bus import AFTER_HEADER, ATTEMPT_HEADER, Bus, create_app, create_bus
 from shared.carbon import default_carbon
 from shared.contracts.billing import UsageEvent
 from shared.contracts.catalog import Catalog
@@ -27,21 +28,19 @@ _RELEASING = {JobState.succeeded, JobState.failed, JobState.cancelled, JobState.
 def create_routing_app(settings: Settings):
     bus = create_bus(settings, SERVICE)
     catalog = Catalog.load(settings.sites_file, settings.tenants_file)
-    subjects, topology = bus.subjects, bus.topology
+    topology = bus.topology
     # sites, reservations, the line and metered budgets are kept in memory by watches: a placement reads no bucket
     mirrored = [BusDocuments(bus, bucket) for bucket in (topology.reservations_bucket, topology.waiting_bucket,
                                                          topology.sites_bucket, topology.budgets_bucket)]
     reservations, waiting, sites, budgets = mirrored
     stores = Stores(reservations, waiting, sites, budgets, jobs=BusDocuments(bus, topology.jobs_bucket, mirrored=False))
-    routing = bootstrap(catalog, default_carbon(), stores, bus, subjects, settings.placement_retry_s,
+    routing = bootstrap(catalog, default_carbon(), stores, bus, bus.subjects, settings.placement_retry_s,
                         settings.lost_job_grace_s)
-    placement, line, store, outages = routing.placement, routing.line, routing.reservations, routing.outages
-    gate = ReportGate(bus)
-    bus.document_events(subjects.job_event(kind="placed"), JobEvent,
-                        "A job was placed; data.decision explains why there.")
-    bus.document_events(subjects.job_event(kind="queued"), JobEvent,
-                        "A job waits; data.reasons and data.decision say why.")
-    bus.document_events(subjects.job_event(kind="rejected"), JobEvent, "No site in the catalog can ever run the job.")
+    _serve_placement(bus, routing)
+    _serve_outages(bus, routing.outages)
+    _serve_reports(bus, ReportGate(bus))
+    telemetry.observe(telemetry.JOBS_WAITING, "Jobs waiting for capacity (the waiting board)", "{job}",
+                      lambda: [(len(routing.line), {})] if waiting.mirror is not None else [])
 
     async def start() -> None:
         for documents in mirrored:
@@ -55,6 +54,19 @@ def create_routing_app(settings: Settings):
     async def stop() -> None:
         for documents in mirrored:
             await documents.stop()
+
+    return create_app(bus, on_startup=(start,), on_shutdown=(stop,))
+
+
+def _serve_placement(bus: Bus, routing: Routing) -> None:
+    """Jobs to place, and the events that free GPUs (which wake the waiting line)."""
+    subjects, topology = bus.subjects, bus.topology
+    placement, line, store = routing.placement, routing.line, routing.reservations
+    bus.document_events(subjects.job_event(kind="placed"), JobEvent,
+                        "A job was placed; data.decision explains why there.")
+    bus.document_events(subjects.job_event(kind="queued"), JobEvent,
+                        "A job waits; data.reasons and data.decision say why.")
+    bus.document_events(subjects.job_event(kind="rejected"), JobEvent, "No site in the catalog can ever run the job.")
 
     async def place(event: JobEvent) -> None:
         await placement.place(event, bus.traceparent(), bus.message().metadata.num_delivered)
@@ -82,18 +94,18 @@ def create_routing_app(settings: Settings):
     async def metered(event: UsageEvent) -> None:
         await store.metered(event.data.job_id)
 
-    # a report waiting for the one before it counts its rounds as deliveries: never dead-lettered for that
-    # (one that fails the check is, at once: Unacceptable)
-    @bus.consumer(subjects.report(), topology.reports_stream, "reports", batch=128, dead_letter=False)
-    async def vouch(event: JobEvent) -> None:
-        """A site's report on a job: the job's event once routing has checked the job was dispatched there."""
-        msg = bus.message()
-        headers = msg.headers or {}
-        await gate.vouch(msg.subject, event, int(headers.get(ATTEMPT_HEADER, -1)), headers.get(AFTER_HEADER),
-                         msg.metadata.num_delivered)
+    @bus.responder(subjects.routing_overflow, "routing.overflow")
+    async def overflow() -> dict:
+        """Overflow from public to paid capacity, per site and per tenant."""
+        return store.overflow()
 
-    # outages are acted on as they happen: a routing service deployed later does not replay old ones
-    # its waits for a grace period count as deliveries too: never dead-lettered
+
+def _serve_outages(bus: Bus, outages: Outages) -> None:
+    """Sites that go down or come back. Outages are acted on as they happen: a routing service deployed later
+    does not replay old ones."""
+    subjects, topology = bus.subjects, bus.topology
+
+    # its waits for a grace period count as deliveries: never dead-lettered
     @bus.consumer(subjects.site_event(kind="down"), topology.events_stream, "site-down", batch=8, dead_letter=False,
                   deliver_policy=DeliverPolicy.NEW)
     async def site_down(event: SiteEvent) -> None:
@@ -107,11 +119,14 @@ def create_routing_app(settings: Settings):
         status = event.data
         await outages.site_up(status.site_id, status.since, set(status.jobs))
 
-    @bus.responder(subjects.routing_overflow, "routing.overflow")
-    async def overflow() -> dict:
-        """Overflow from public to paid capacity, per site and per tenant."""
-        return store.overflow()
 
-    telemetry.observe(telemetry.JOBS_WAITING, "Jobs waiting for capacity (the waiting board)", "{job}",
-                      lambda: [(len(line), {})] if waiting.mirror is not None else [])
-    return create_app(bus, on_startup=(start,), on_shutdown=(stop,))
+def _serve_reports(bus: Bus, gate: ReportGate) -> None:
+    # a report waiting for the one before it counts its rounds as deliveries: never dead-lettered for that
+    # (one that fails the check is, at once: Unacceptable)
+    @bus.consumer(bus.subjects.report(), bus.topology.reports_stream, "reports", batch=128, dead_letter=False)
+    async def vouch(event: JobEvent) -> None:
+        """A site's report on a job: the job's event once routing has checked the job was dispatched there."""
+        msg = bus.message()
+        headers = msg.headers or {}
+        await gate.vouch(msg.subject, event, int(headers.get(ATTEMPT_HEADER, -1)), headers.get(AFTER_HEADER),
+                         msg.metadata.num_delivered)
