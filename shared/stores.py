@@ -32,7 +32,7 @@ class Documents(Protocol):
 
     async def change(self, key: str, change: Change) -> dict | None:
         """Compare-and-set: `change` applied to the current value until no other writer got in between; a None
-        from it leaves the key as it is; what it raises is raised here."""
+        from it leaves the key as it is; what it raises is raised here. The key's value after (None: none)."""
 
     async def put(self, key: str, value: dict) -> None: ...
 

@@ -57,7 +57,7 @@ class MemoryDocuments:
         if new is not None:
             self.values[key] = new
             self.writes[key] = self.writes.get(key, 0) + 1
-        return new
+        return self.values.get(key)
 
     async def put(self, key: str, value: dict) -> None:
         self.values[key] = value

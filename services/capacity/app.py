@@ -4,6 +4,8 @@ saturated, unsaturated) when a site's state changes."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from datetime import datetime
 
 import structlog
 from faststream import Path
@@ -18,12 +20,14 @@ from services.capacity.view import (
     site_changes,
 )
 from shared import telemetry
-from shared.bus import Bus, create_app, create_bus
+from shared.bus import create_app, create_bus
 from shared.carbon import CarbonProvider, default_carbon, site_intensity
 from shared.contracts.catalog import Catalog, SiteEntry
 from shared.contracts.events import utcnow
 from shared.contracts.sites import Heartbeat, SiteEvent, SitesReply, SiteStatus
+from shared.contracts.subjects import Subjects
 from shared.settings import Settings
+from shared.stores import BusDocuments, Documents, EventLog
 
 log = structlog.get_logger()
 SERVICE = "capacity"
@@ -33,19 +37,24 @@ SWEEPS_PER_INTERVAL = 4
 
 
 class CapacityView:
-    def __init__(self, bus: Bus, catalog: Catalog, carbon: CarbonProvider) -> None:
-        self.bus = bus
+    """The service's domain, given what it works against (a test gives it in-memory stores and a clock)."""
+
+    def __init__(self, catalog: Catalog, carbon: CarbonProvider, statuses: Documents, events: EventLog,
+                 subjects: Subjects, heartbeat_interval_s: float, clock: Callable[[], datetime] = utcnow) -> None:
         self.catalog = catalog
         self.carbon = carbon
+        self.statuses, self.events, self.subjects = statuses, events, subjects
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.clock = clock
         self.trackers: dict[str, SiteTracker] = {}
         self.latest: dict[str, SiteStatus] = {}  # each site as this replica last stored or found it, for metrics
 
     def intensity(self, site: SiteEntry) -> float:
-        return site_intensity(site, utcnow(), self.carbon)
+        return site_intensity(site, self.clock(), self.carbon)
 
     async def tracker(self, site: SiteEntry) -> SiteTracker:
         if site.id not in self.trackers:  # after a restart, the wait model starts from the stored one
-            stored, _ = await self.bus.get_json(self.bus.topology.sites_bucket, site.id)
+            stored = await self.statuses.read(site.id)
             self.trackers[site.id] = SiteTracker(site, SiteStatus.model_validate(stored) if stored else None)
         return self.trackers[site.id]
 
@@ -70,7 +79,7 @@ class CapacityView:
             changes = site_changes(stored, new)
             return new.model_dump(mode="json")
 
-        stored = await self.bus.update_json(self.bus.topology.sites_bucket, site.id, change)
+        stored = await self.statuses.change(site.id, change)
         if stored is not None:  # what the bucket holds now, this beat's status or a newer one
             self.latest[site.id] = SiteStatus.model_validate(stored)
         if new is not None:  # changes are of this beat's status
@@ -79,7 +88,7 @@ class CapacityView:
 
     async def sweep(self) -> None:
         """Mark down every site that stopped sending heartbeats."""
-        now = utcnow()
+        now = self.clock()
         for site in self.catalog.sites.values():
             went_down = False
 
@@ -88,12 +97,12 @@ class CapacityView:
                 if not current:
                     return None
                 status = SiteStatus.model_validate(current)
-                went_down = is_lost(status, now, self.bus.settings.heartbeat_interval_s)
+                went_down = is_lost(status, now, self.heartbeat_interval_s)
                 return status.model_copy(update={"state": "down", "down_since": now}).model_dump(mode="json") \
                     if went_down else None
 
-            stored = await self.bus.update_json(self.bus.topology.sites_bucket, site.id, change)
-            if went_down:
+            stored = await self.statuses.change(site.id, change)
+            if went_down and stored is not None:
                 self.latest[site.id] = SiteStatus.model_validate(stored)
                 await self.site_event(site.id, "down", self.latest[site.id])
 
@@ -102,7 +111,7 @@ class CapacityView:
         # follows, so a replica or a retry that sees the same change publishes it once
         at = status.down_since if kind == "down" else status.last_seen
         event = SiteEvent.make(SERVICE, "site", kind, site_id, status, at)
-        await self.bus.publish_event(self.bus.subjects.site_event(site_id, kind), event)
+        await self.events.publish_event(self.subjects.site_event(site_id, kind), event)
         log.info(f"site.{kind}", site=site_id, free={t: g.free for t, g in status.gpus.items()},
                  queued=status.queued, est_wait_s=status.est_wait_s)
 
@@ -115,17 +124,18 @@ class CapacityView:
         return [(status.queued, {"site": site_id}) for site_id, status in self.latest.items()]
 
     async def sites(self) -> SitesReply:
-        stored = await self.bus.get_many(self.bus.topology.sites_bucket, self.catalog.sites)
+        stored = {site_id: await self.statuses.read(site_id) for site_id in self.catalog.sites}
         return SitesReply(sites=[
-            SiteStatus.model_validate(stored[s.id]) if s.id in stored else never_seen(s, self.intensity(s))
+            SiteStatus.model_validate(status) if (status := stored[s.id]) else never_seen(s, self.intensity(s))
             for s in self.catalog.sites.values()])
 
 
 def create_capacity_app(settings: Settings):
     bus = create_bus(settings, SERVICE)
     catalog = Catalog.load(settings.sites_file, settings.tenants_file)
-    view = CapacityView(bus, catalog, default_carbon())
     subjects = bus.subjects
+    view = CapacityView(catalog, default_carbon(), BusDocuments(bus, bus.topology.sites_bucket, mirrored=False), bus,
+                        subjects, settings.heartbeat_interval_s)
     for kind, meaning in (
             ("up", "A site reports again, or its agent restarted; data is its SiteStatus."),
             ("down", f"A site missed {MISSED_BEATS_DOWN} heartbeats; data is its SiteStatus."),
