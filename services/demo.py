@@ -100,7 +100,7 @@ class _Batch:
         event = orjson.loads(msg.data)
         data = event["data"]
         kind = event["type"].rsplit(".", 1)[-1]
-        if event["type"].startswith("continuum.billing."):
+        if event["type"] == "continuum.billing.usage":
             self.billed[data["job_id"]] = data
         elif "job_id" in data and self.states.get(data["job_id"]) not in TERMINAL:
             self.states[data["job_id"]] = kind

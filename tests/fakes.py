@@ -10,6 +10,7 @@ from typing import Any
 
 from nats.js.api import PubAck
 
+from shared.contracts.events import CloudEvent
 from shared.contracts.jobs import JobEvent, JobEventData
 from shared.contracts.subjects import Subjects
 from shared.registry import apply_event
@@ -67,27 +68,28 @@ class MemoryDocuments:
 
 
 class MemoryEventLog:
-    """The event stream (of job events: routing publishes no other) and the dispatch stream. `registry`, if
-    given, folds each new job event at once (the registry service's part; leave it out to have the registry
-    lag the stream)."""
+    """The event stream and the dispatch stream. `registry`, if given, folds each new job event at once (the
+    registry service's part; leave it out to have the registry lag the stream)."""
 
     def __init__(self, subjects: Subjects, registry: MemoryDocuments | None = None) -> None:
         self.subjects = subjects
         self.registry = registry
-        self.events: list[tuple[str, JobEvent]] = []
+        self.events: list[tuple[str, CloudEvent]] = []
         self.commands: list[tuple[str, Any]] = []
         self._ids: set[str] = set()
+        self.duplicates: list[CloudEvent] = []  # kept out by their id (JetStream does so for 15 minutes only)
         self._command_ids: set[str] = set()
         self.gates: dict[str, Gate] = {}  # event kind -> a gate the next publisher of that kind waits at
 
-    async def publish_event(self, subject: str, event: JobEvent, traceparent: str | None = None) -> PubAck:
+    async def publish_event(self, subject: str, event: CloudEvent, traceparent: str | None = None) -> PubAck:
         if gate := self.gates.pop(event.kind, None):
             await gate.pass_()
         if event.id in self._ids:
+            self.duplicates.append(event)
             return PubAck(stream="events", seq=len(self.events), duplicate=True)
         self._ids.add(event.id)
         self.events.append((subject, event))
-        if self.registry is not None:
+        if self.registry is not None and isinstance(event, JobEvent):
             job_id = event.data.job_id
             if new := apply_event(self.registry.values.get(job_id), event, len(self.events)):
                 self.registry.values[job_id] = new
@@ -103,4 +105,5 @@ class MemoryEventLog:
             self.commands.append((subject, body))
 
     def of_kind(self, kind: str) -> list[JobEvent]:
-        return [event for _, event in self.events if event.kind == kind]
+        """The job events of a kind."""
+        return [event for _, event in self.events if event.kind == kind and isinstance(event, JobEvent)]

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from datetime import datetime
 
-import orjson
 import structlog
 
 from services.billing import budgets
@@ -27,7 +27,9 @@ from shared.contracts.billing import (
 from shared.contracts.catalog import Catalog
 from shared.contracts.events import utcnow
 from shared.contracts.jobs import JobEvent, JobState
+from shared.contracts.subjects import Subjects
 from shared.settings import Settings
+from shared.stores import BusDocuments, Documents, EventLog
 
 log = structlog.get_logger()
 SERVICE = "billing"
@@ -35,10 +37,16 @@ _FINAL = (JobState.succeeded, JobState.failed, JobState.cancelled)
 
 
 class Billing:
-    def __init__(self, bus: Bus, catalog: Catalog, carbon: CarbonProvider) -> None:
-        self.bus = bus
+    """The service's domain, given what it works against (a test gives it in-memory stores and a clock)."""
+
+    def __init__(self, catalog: Catalog, carbon: CarbonProvider, jobs: Documents, standings: Documents,
+                 events: EventLog, subjects: Subjects, clock: Callable[[], datetime] = utcnow) -> None:
         self.catalog = catalog
         self.carbon = carbon
+        self.jobs = jobs  # the registry, read only
+        self.standings = standings  # where each tenant stands, for routing: one key a tenant
+        self.events, self.subjects = events, subjects
+        self.clock = clock
         self.ledger: Ledger  # opened at start: building the service (for docs, say) touches no file
         # per tenant, the next accounting, shared by the jobs metered while the one before it runs
         self._next_account: dict[str, asyncio.Future] = {}
@@ -65,7 +73,7 @@ class Billing:
             return
         with telemetry.job_span(telemetry.SpanName.RATE, traceparent, line.job_id, line.tenant,
                                 **{telemetry.Attr.SITE: line.site}) as span:
-            record, _ = await self.bus.get_json(self.bus.topology.jobs_bucket, line.job_id)
+            record = await self.jobs.read(line.job_id)
             if record and event.data.attempt < record.get("attempt", 0):
                 # a lost site's late report of a run the job left: its current attempt is the one billed
                 span.set_attribute(telemetry.Attr.OUTCOME, "superseded")
@@ -86,13 +94,13 @@ class Billing:
             await self.account_after(line.tenant)
             # publishing again after a crash is harmless: the usage event's id is the job's
             usage = UsageEvent.make(SERVICE, "billing", "usage", line.tenant, line, line.job_id)
-            await self.bus.publish_event(self.bus.subjects.billing_event(line.tenant, "usage"), usage)
+            await self.events.publish_event(self.subjects.billing_event(line.tenant, "usage"), usage)
             log.info("job.billed", site=line.site, amount_eur=line.amount_eur, co2e_kg=line.co2e_kg)
 
     def budgets(self, tenant_id: str) -> list[BudgetStatus]:
         """The tenant's paid budget this month and its allocation, with top-ups, against what was metered."""
         tenant = self.catalog.tenants[tenant_id]
-        month = budgets.month_start(utcnow())
+        month = budgets.month_start(self.clock())
         spent_eur, _ = self.ledger.metered(tenant_id, month.strftime("%Y-%m"))
         _, allocation_used = self.ledger.metered(tenant_id)
         topup_eur, _ = self.ledger.topups(tenant_id, since=month)
@@ -131,10 +139,8 @@ class Billing:
     async def account(self, tenant: str) -> list[BudgetStatus]:
         """Tell routing where the tenant stands (KV, one key a tenant), and announce the budget events due."""
         paid, allocation = self.budgets(tenant)
-        kv = await self.bus.kv(self.bus.topology.budgets_bucket)
-        await kv.put(tenant, orjson.dumps({"period": paid.period, "spent_eur": paid.used, "budget_eur": paid.limit,
-                                           "allocation_used_h": allocation.used,
-                                           "allocation_h": allocation.limit}))
+        await self.standings.put(tenant, {"period": paid.period, "spent_eur": paid.used, "budget_eur": paid.limit,
+                                          "allocation_used_h": allocation.used, "allocation_h": allocation.limit})
         for budget in (paid, allocation):
             for kind in budgets.events_due(budget):
                 key = (tenant, budget.budget, budget.period, kind, budget.limit)
@@ -142,14 +148,14 @@ class Billing:
                     continue
                 # published before it is recorded: a crash in between publishes it again, with the same id
                 event = BudgetEvent.make(SERVICE, "billing", kind, tenant, budget, *key[1:])
-                await self.bus.publish_event(self.bus.subjects.billing_event(tenant, kind), event)
+                await self.events.publish_event(self.subjects.billing_event(tenant, kind), event)
                 self.ledger.announce(*key)
                 log.warning(f"tenant.{kind}", tenant=tenant, budget=budget.budget, used=budget.used,
                             limit=budget.limit)
         return [paid, allocation]
 
     async def topup(self, request: TopupRequest) -> dict:
-        added = self.ledger.add_topup(Topup(at=utcnow(), **request.model_dump()))
+        added = self.ledger.add_topup(Topup(at=self.clock(), **request.model_dump()))
         log.info("tenant.topup", tenant=request.tenant, amount_eur=request.amount_eur,
                  allocation_hours=request.allocation_hours, added=added)
         standing = await self.account(request.tenant)
@@ -157,10 +163,17 @@ class Billing:
                 "budgets": [b.model_dump(mode="json") for b in standing]}
 
 
+def billing_on(bus: Bus, catalog: Catalog, carbon: CarbonProvider) -> Billing:
+    """Billing on the bus: the registry and the tenants' standings in their buckets, its events on the stream."""
+    topology = bus.topology
+    return Billing(catalog, carbon, BusDocuments(bus, topology.jobs_bucket, mirrored=False),
+                   BusDocuments(bus, topology.budgets_bucket, mirrored=False), bus, bus.subjects)
+
+
 def create_billing_app(settings: Settings):
     bus = create_bus(settings, SERVICE)
-    billing = Billing(bus, Catalog.load(settings.sites_file, settings.tenants_file), default_carbon())
     subjects, topology = bus.subjects, bus.topology
+    billing = billing_on(bus, Catalog.load(settings.sites_file, settings.tenants_file), default_carbon())
     bus.document_events(subjects.billing_event(kind="usage"), UsageEvent,
                         "The usage line of one finished job (data).")
     bus.document_events(subjects.billing_event(kind="budget_warning"), BudgetEvent,

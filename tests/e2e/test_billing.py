@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from services.billing.app import Billing
+from services.billing.app import billing_on
 from services.billing.ledger import Ledger
 from shared.bus import create_bus, request_json
 from shared.carbon import default_carbon
@@ -109,7 +109,7 @@ async def test_replaying_the_event_stream_twice_rebuilds_the_same_ledger(system,
     settings = system.client(sites_file=CATALOG / "billing_sites.yaml", tenants_file=CATALOG / "billing_tenants.yaml")
     bus = create_bus(settings, "billing")
     await bus.broker.connect()
-    billing = Billing(bus, Catalog.load(settings.sites_file, settings.tenants_file), default_carbon())
+    billing = billing_on(bus, Catalog.load(settings.sites_file, settings.tenants_file), default_carbon())
     billing.ledger = Ledger(ledger_target)
     try:
         for _ in range(2):
