@@ -118,7 +118,7 @@ class Bus:
         return self._buckets[bucket]
 
     def consumer(self, subject: str, stream: str, role: str, batch: int = 64, dead_letter: bool = True,
-                 **config: Any):
+                 malformed: str | None = None, **config: Any):
         """A durable JetStream consumer of this service, shared by its replicas, with explicit acks.
 
         The handler takes the message's body as its one parameter's type (or no parameter: `message()`).
@@ -126,7 +126,9 @@ class Bus:
         handed back with the delay a NackMessage asks for, and when it fails retried with backoff, then
         dead-lettered with its reason. Without `dead_letter` (a consumer whose messages wait by being handed
         back: JetStream counts those rounds as deliveries too), a failing message is retried for as long as it
-        fails, with a backoff of up to 30 s.
+        fails, with a backoff of up to 30 s. A body that is not of the handler's type is retried, then
+        dead-lettered, as any failure; with `malformed`, dead-lettered at once, with that reason first (a site's
+        report, say, which a retry will not mend).
 
         The pull loop is the bus's own (see `_pull`), not a FastStream subscriber: FastStream's per-message
         path costs a middleware stack and a dependency solve for every message (a fifth of a busy service's
@@ -141,7 +143,7 @@ class Bus:
                                        pull_sub=PullSub(batch_size=batch), config=settings, title=role)(handler)
             else:
                 self._consumers.append(_Consumer(subject, stream, durable, settings, batch, handler,
-                                                 _payload(handler), dead_letter))
+                                                 _payload(handler), dead_letter, malformed))
             return handler
         return register
 
@@ -242,7 +244,12 @@ class Bus:
         handling = _handling.set(msg)
         dead_letter = True  # a message that does not decode never will
         try:
-            body = consumer.body.validate_json(msg.data) if consumer.body else None
+            try:
+                body = consumer.body.validate_json(msg.data) if consumer.body else None
+            except ValidationError as e:
+                if consumer.malformed is None:
+                    raise
+                raise Unacceptable(f"{consumer.malformed}: {_problems(e)}"[:1000]) from None
             dead_letter = consumer.dead_letter
             await (consumer.handler(body) if consumer.body else consumer.handler())
         except NackMessage as nack:  # the handler asks for it again later
@@ -522,6 +529,7 @@ class _Consumer:
     handler: Callable[..., Awaitable[None]]
     body: TypeAdapter | None
     dead_letter: bool
+    malformed: str | None  # the reason a body not of the handler's type is dead-lettered with at once
     subscription: Any = None  # nats-py's pull subscription, once started
     task: asyncio.Task | None = None
 
@@ -704,8 +712,11 @@ def _payload(handler: Callable[..., Any]) -> TypeAdapter | None:
 
 def _bad_request(error: ValidationError) -> dict:
     """The reply to a request that is not what its responder takes: every problem, where it is."""
-    problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in error.errors())
-    return {"error": f"bad request: {problems}"}
+    return {"error": f"bad request: {_problems(error)}"}
+
+
+def _problems(error: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in error.errors())
 
 
 async def request_json(bus_or_nc: Any, subject: str, body: Any, timeout: float = 5.0) -> dict:

@@ -123,7 +123,8 @@ def _serve_outages(bus: Bus, outages: Outages) -> None:
 def _serve_reports(bus: Bus, gate: ReportGate) -> None:
     # a report waiting for the one before it counts its rounds as deliveries: never dead-lettered for that
     # (one that fails the check is, at once: Unacceptable)
-    @bus.consumer(bus.subjects.report(), bus.topology.reports_stream, "reports", batch=128, dead_letter=False)
+    @bus.consumer(bus.subjects.report(), bus.topology.reports_stream, "reports", batch=128, dead_letter=False,
+                  malformed="report refused: the report is not a job event")
     async def vouch(event: JobEvent) -> None:
         """A site's report on a job: the job's event once routing has checked the job was dispatched there."""
         msg = bus.message()

@@ -163,6 +163,31 @@ async def test_an_event_whose_data_is_not_its_kinds_is_dead_lettered_and_never_h
         await bus.broker.stop()
 
 
+async def test_a_malformed_body_is_dead_lettered_at_once_with_the_consumers_reason(nats_server):
+    """`malformed`: a body no retry will mend (a site's report, say) is refused on its first delivery."""
+    bus = create_bus(Settings(nats_url=nats_server.url, max_deliveries=5, retry_backoff_s=0.05), "test")
+    subjects, topology = bus.subjects, bus.topology
+
+    @bus.consumer(subjects.job_event(kind="started"), topology.events_stream, "strict", dead_letter=False,
+                  malformed="refused: not a job event")
+    async def strict(event: JobEvent) -> None:
+        raise AssertionError("a malformed event reached its handler")
+
+    await bus.broker.connect()
+    await bus.ensure_topology()
+    dead = await bus.js.pull_subscribe(subjects.dead_letter("test"), durable=None, stream=topology.dead_letter_stream)
+    no_job = CloudEvent.make("test", "job", "started", "j0", {"tenant": "t", "state": "started"}, "j0")
+    await bus.publish_event(subjects.job_event("t", "j0", "started"), no_job)
+    await bus.start_handling()
+    try:
+        (letter,) = await dead.fetch(1, timeout=10)
+        assert letter.headers["Continuum-Tries"] == "1"
+        assert letter.headers["Continuum-Reason"] == "refused: not a job event: data.job_id: Field required"
+    finally:
+        await bus.stop_handling()
+        await bus.broker.stop()
+
+
 async def test_a_consumer_without_dead_letters_retries_until_the_message_is_handled(nats_server):
     bus = create_bus(Settings(nats_url=nats_server.url, max_deliveries=2, retry_backoff_s=0.05), "test")
     subjects, topology = bus.subjects, bus.topology
