@@ -6,6 +6,7 @@ changes, and an event log that keeps one event of an id (JetStream's Nats-Msg-Id
 from __future__ import annotations
 
 import asyncio
+from datetime import datetime
 from typing import Any
 
 from nats.js.api import PubAck
@@ -15,6 +16,13 @@ from shared.contracts.jobs import JobEvent, JobEventData
 from shared.contracts.subjects import Subjects
 from shared.registry import apply_event
 from shared.stores import Change
+
+
+class NoCarbonData:
+    """The carbon data of a catalog whose sites all have a fixed intensity: never asked."""
+
+    def intensity(self, zone: str, when: datetime) -> float:
+        raise AssertionError("every site of the test's catalog has a fixed intensity")
 
 
 class Gate:
@@ -97,12 +105,18 @@ class MemoryEventLog:
 
     async def last_job_event(self, tenant: str, job_id: str, kind: str) -> JobEventData | None:
         subject = self.subjects.job_event(tenant, job_id, kind)
-        return next((event.data for s, event in reversed(self.events) if s == subject), None)
+        # read back from JSON, as the stream gives it (what was left out is absent, not the object's own)
+        return next((JobEventData.model_validate_json(event.data.model_dump_json())
+                     for s, event in reversed(self.events) if s == subject), None)
 
     async def publish_command(self, subject: str, body: Any, msg_id: str) -> None:
         if msg_id not in self._command_ids:
             self._command_ids.add(msg_id)
             self.commands.append((subject, body))
+
+    def kinds(self) -> list[str]:
+        """The kind of each event kept, in order."""
+        return [event.kind for _, event in self.events]
 
     def of_kind(self, kind: str) -> list[JobEvent]:
         """The job events of a kind."""

@@ -107,9 +107,9 @@ class SiteAgent:
         if record and not JobState(record["state"]).terminal:
             # the id intake's own cancellation has: one event, whichever comes first
             attempt = record.get("attempt", 0)
-            event = JobEvent.make(f"agent/{self.site.id}", "job", "cancelled", command.job_id, JobEventData(
+            event = JobEvent.of(f"agent/{self.site.id}", JobEventData(
                 job_id=command.job_id, tenant=record["tenant"], state=JobState.cancelled, site=self.site.id,
-                reason=command.reason, attempt=attempt), command.job_id)
+                reason=command.reason, attempt=attempt))
             with telemetry.in_trace(traceparent, command.job_id, record["tenant"]):
                 await self.report(record["tenant"], command.job_id, event, attempt)
 
@@ -168,8 +168,7 @@ class SiteAgent:
         data.setdefault("attempt", order.attempt)
         body = JobEventData(job_id=order.job_id, tenant=order.tenant, state=state, site=self.site.id,
                             gpu_type=order.gpu_type, gpus=order.spec.resources.total_gpus, **data)
-        event = JobEvent.make(f"agent/{self.site.id}", "job", state.value, order.job_id, body, order.job_id,
-                              order.attempt)
+        event = JobEvent.of(f"agent/{self.site.id}", body, order.attempt)
         # the child of the job's dispatch here, or of its run once it started
         with telemetry.in_trace(self.traces.get(order.job_id), order.job_id, order.tenant):
             await self.report(order.tenant, order.job_id, event, order.attempt)

@@ -57,9 +57,9 @@ class Intake:
         except Rejection as rejection:
             telemetry.name_job(span, job_id, rejection.tenant)
             span.set_attribute(telemetry.Attr.REASON, str(rejection))
-            await self.record(JobEvent.make(SERVICE, "job", "rejected", job_id, JobEventData(
+            await self.record(JobEvent.of(SERVICE, JobEventData(
                 job_id=job_id, tenant=rejection.tenant, state=JobState.rejected, errors=rejection.errors,
-                reason=str(rejection)), job_id))
+                reason=str(rejection))))
             log.info("job.rejected", job_id=job_id, tenant=rejection.tenant, reason=str(rejection))
             return SubmitReply(job_id=job_id, state="rejected", errors=rejection.errors)
 
@@ -83,8 +83,8 @@ class Intake:
         telemetry.name_job(span, job_id, spec.tenant)
         # the job's own trace context, kept in its record for the hops that start without a message
         traceparent = kept_context or telemetry.current_traceparent() or traceparent or telemetry.new_traceparent()
-        event = JobEvent.make(SERVICE, "job", "accepted", job_id, JobEventData(
-            job_id=job_id, tenant=spec.tenant, state=JobState.accepted, spec=spec, traceparent=traceparent), job_id)
+        event = JobEvent.of(SERVICE, JobEventData(
+            job_id=job_id, tenant=spec.tenant, state=JobState.accepted, spec=spec, traceparent=traceparent))
         await self.record(event, traceparent)
         log.info("job.accepted", job_id=job_id, tenant=spec.tenant)
         return SubmitReply(job_id=job_id, state="accepted")
@@ -152,9 +152,8 @@ class Intake:
             site_down = not status or status["state"] != "up"
         if site is None or site_down:
             # not at a working site: cancelled now, so routing neither places it nor moves it elsewhere
-            await self.record(JobEvent.make(SERVICE, "job", "cancelled", record.job_id, JobEventData(
-                job_id=record.job_id, tenant=record.tenant, state=JobState.cancelled, site=site, reason=reason),
-                record.job_id))
+            await self.record(JobEvent.of(SERVICE, JobEventData(
+                job_id=record.job_id, tenant=record.tenant, state=JobState.cancelled, site=site, reason=reason)))
             return CancelReply(job_id=record.job_id, state=JobState.cancelled.value)
         return CancelReply(job_id=record.job_id, state="cancelling")
 

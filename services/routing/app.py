@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from nats.js.api import DeliverPolicy
 
+from services.routing import SERVICE
 from services.routing.bootstrap import Routing, Stores, bootstrap
 from services.routing.outages import Outages
 from services.routing.reports import ReportGate
@@ -21,7 +22,6 @@ from shared.contracts.sites import SiteEvent
 from shared.settings import Settings
 from shared.stores import BusDocuments
 
-SERVICE = "routing"
 _RELEASING = {JobState.succeeded, JobState.failed, JobState.cancelled, JobState.rejected}
 
 
@@ -61,7 +61,7 @@ def create_routing_app(settings: Settings):
 def _serve_placement(bus: Bus, routing: Routing) -> None:
     """Jobs to place, and the events that free GPUs (which wake the waiting line)."""
     subjects, topology = bus.subjects, bus.topology
-    placement, line, store = routing.placement, routing.line, routing.reservations
+    placement, line, store = routing.placement, routing.line, routing.store
     bus.document_events(subjects.job_event(kind="placed"), JobEvent,
                         "A job was placed; data.decision explains why there.")
     bus.document_events(subjects.job_event(kind="queued"), JobEvent,

@@ -32,7 +32,7 @@ class Stores:
 
 @dataclass(frozen=True)
 class Routing:
-    reservations: ReservationStore
+    store: ReservationStore
     line: WaitingLine
     placement: Placement
     outages: Outages
@@ -40,9 +40,9 @@ class Routing:
 
 def bootstrap(catalog: Catalog, carbon: CarbonProvider, stores: Stores, events: EventLog, subjects: Subjects,
               retry_s: float, grace_s: float, clock: Callable[[], datetime] = utcnow) -> Routing:
-    reservations = ReservationStore(stores.reservations, catalog.sites)
+    store = ReservationStore(stores.reservations, catalog.sites)
     line = WaitingLine(stores.waiting, catalog, clock)
-    placement = Placement(catalog, carbon, reservations, line, stores.sites, stores.budgets, stores.jobs, events,
-                          subjects, retry_s, clock)
-    outages = Outages(reservations, stores.jobs, stores.sites, events, subjects, grace_s, clock)
-    return Routing(reservations, line, placement, outages)
+    placement = Placement(catalog, carbon, store, line, stores.sites, stores.budgets, stores.jobs, events, subjects,
+                          retry_s, clock)
+    outages = Outages(store, stores.jobs, stores.sites, events, subjects, grace_s, clock)
+    return Routing(store, line, placement, outages)

@@ -34,7 +34,9 @@ class WaitingLine:
         return sorted(fresh, key=lambda e: _place(e[1]))
 
     def __len__(self) -> int:
-        return len(self.board.cached_all())
+        """The jobs waiting (entries gone stale left out, as in `entries`)."""
+        now = self.clock().timestamp()
+        return sum(1 for entry in self.board.cached_all().values() if now - entry["refreshed_at"] <= STALE_AFTER_S)
 
     def waits(self, job_id: str) -> bool:
         return self.board.cached(job_id) is not None
@@ -57,10 +59,12 @@ class WaitingLine:
         now = self.clock().timestamp()
         if entry is not None and now - entry["refreshed_at"] <= REFRESH_S:
             return
-        # in the line of each site whose GPUs (and nothing else) it waits for; waiting for a greener hour, in none
-        line = {site_id: queued for site_id, holds in decision.holds.items()
-                if holds == {Hold.GPUS} and decision.wait_until is None
-                and (queued := line_entry(spec, self.catalog.site(site_id)))}
+        # in the line of each site whose GPUs (and nothing else) it waits for; in none while it waits for a greener
+        # hour or yields to a higher priority (it would not take those GPUs while the other job waits)
+        holds = decision.holds
+        waits_for_gpus = decision.wait_until is None and not any(Hold.LINE in kinds for kinds in holds.values())
+        line = {site_id: queued for site_id, kinds in holds.items()
+                if waits_for_gpus and kinds == {Hold.GPUS} and (queued := line_entry(spec, self.catalog.site(site_id)))}
         await self.board.put(job_id, {"priority": spec.priority, "refreshed_at": now,
                                       "since": entry["since"] if entry else now,
                                       "spec": spec.model_dump(mode="json"), "line": line})

@@ -10,7 +10,7 @@ from datetime import datetime
 import structlog
 from faststream.exceptions import NackMessage
 
-from services.routing import reservations
+from services.routing import SERVICE, reservations
 from services.routing.store import ReservationStore
 from shared import telemetry
 from shared.contracts.events import utcnow
@@ -19,7 +19,6 @@ from shared.contracts.subjects import Subjects
 from shared.stores import Documents, EventLog
 
 log = structlog.get_logger()
-SERVICE = "routing"
 
 
 class Outages:
@@ -86,8 +85,8 @@ class Outages:
                                                       attempt=record.attempt),
                                               msg_id=f"{record.job_id}.superseded.{record.attempt}")
             # the id is the attempt being left, as an agent's requeue has: one event whoever sends it
-            event = JobEvent.make(SERVICE, "job", JobState.requeued.value, record.job_id, JobEventData(
+            event = JobEvent.of(SERVICE, JobEventData(
                 job_id=record.job_id, tenant=record.tenant, state=JobState.requeued, site=site_id,
-                attempt=record.attempt + 1, reason=reason), record.job_id, record.attempt)
+                attempt=record.attempt + 1, reason=reason), record.attempt)
             await self.events.publish_event(self.subjects.job_event(record.tenant, record.job_id, "requeued"), event)
         log.warning("job.requeued", job_id=record.job_id, tenant=record.tenant, site=site_id, reason=reason)

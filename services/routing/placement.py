@@ -21,7 +21,7 @@ from typing import NoReturn
 import structlog
 from faststream.exceptions import NackMessage
 
-from services.routing import reservations
+from services.routing import SERVICE, reservations
 from services.routing.inputs import site_views, tenant_budget
 from services.routing.line import WaitingLine
 from services.routing.policy import (
@@ -46,7 +46,6 @@ from shared.registry import apply_event
 from shared.stores import Documents, EventLog
 
 log = structlog.get_logger()
-SERVICE = "routing"
 WAKE_LIMIT = 8  # waiting jobs tried at each release: the first in line
 
 
@@ -94,7 +93,8 @@ class Placement:
         """Place the job (or find it a reason to wait) in a span of its trace: what this try decided, and why."""
         with telemetry.job_span(telemetry.SpanName.PLACE, traceparent, job_id, tenant_id,
                                 **{telemetry.Attr.ATTEMPT: attempt, telemetry.Attr.TRIES: tries}) as span:
-            # a job that waits may be placed by its own event and, woken, by a release at the same time
+            # a try may race another at this attempt: a waiting job's own event and a release that wakes it, or a
+            # redelivery after the ack wait ran out
             contended = woken or tries > 1 or self.line.waits(job_id)
             record = known or await self._record(job_id)
             if (spec := await self._to_place(record, attempt, span)) is None:
@@ -322,7 +322,7 @@ class Placement:
         stream had this event already)."""
         body = JobEventData(job_id=record.job_id, tenant=record.tenant, state=state, attempt=attempt,
                             decision=decision, **data)
-        event = JobEvent.make(SERVICE, "job", state.value, record.job_id, body, record.job_id, attempt)
+        event = JobEvent.of(SERVICE, body, attempt)
         return await self.events.publish_event(self.subjects.job_event(record.tenant, record.job_id, state.value),
                                                event)
 

@@ -291,3 +291,9 @@ class JobEventData(BaseModel):
 
 class JobEvent(CloudEvent[JobEventData]):
     """An event on `continuum.events.job.<tenant>.<job_id>.<kind>`: its kind is the state the job entered."""
+
+    @classmethod
+    def of(cls, service: str, data: JobEventData, *id_parts: object, time: datetime | None = None) -> JobEvent:
+        """The event `data` tells of: its kind the state the job entered, its subject the job; its id from the
+        job, the kind and `id_parts` (the attempt, for most), so that a step redone is the same event."""
+        return cls.make(service, "job", data.state.value, data.job_id, data, data.job_id, *id_parts, time=time)

@@ -12,7 +12,7 @@ from services.billing.ledger import Ledger
 from shared.contracts.catalog import Catalog, SiteEntry, TenantEntry
 from shared.contracts.jobs import JobEvent, JobEventData, JobState
 from shared.contracts.subjects import Subjects
-from tests.fakes import MemoryDocuments, MemoryEventLog
+from tests.fakes import MemoryDocuments, MemoryEventLog, NoCarbonData
 
 T0 = datetime(2026, 12, 2, 12, tzinfo=UTC)
 SUBJECTS = Subjects()
@@ -24,15 +24,12 @@ CATALOG = Catalog(
     tenants={"acme": TenantEntry(id="acme", monthly_budget_eur=5.0)})
 
 
-class NoCarbon:
-    def intensity(self, zone: str, when: datetime) -> float:
-        raise AssertionError("the test site has a fixed intensity")
-
 
 @pytest.fixture
 def billing(tmp_path):
     jobs, log = MemoryDocuments(), MemoryEventLog(SUBJECTS)
-    service = Billing(CATALOG, NoCarbon(), jobs, MemoryDocuments(), log, SUBJECTS, clock=lambda: T0 + timedelta(days=1))
+    service = Billing(CATALOG, NoCarbonData(), jobs, MemoryDocuments(), log, SUBJECTS,
+                      clock=lambda: T0 + timedelta(days=1))
     service.ledger = Ledger(tmp_path / "ledger.db")
     yield service, jobs, log
     service.ledger.close()
@@ -44,9 +41,6 @@ def succeeded(job_id: str, attempt: int = 0, hours: float = 1.0) -> JobEvent:
     return JobEvent.make("agent/cloud", "job", "succeeded", job_id, data, job_id, attempt)
 
 
-def kinds(log: MemoryEventLog) -> list[str]:
-    return [event.kind for _, event in log.events]
-
 
 async def test_a_run_metered_twice_is_billed_once(billing):
     service, _, log = billing
@@ -55,7 +49,7 @@ async def test_a_run_metered_twice_is_billed_once(billing):
 
     (line,) = service.ledger.lines("acme")
     assert (line.job_id, line.amount_eur, line.gpu_hours) == ("j1", 2.0, 1.0)
-    assert kinds(log) == ["usage"]
+    assert log.kinds() == ["usage"]
 
 
 async def test_a_late_report_of_an_attempt_the_job_left_is_not_billed(billing):
@@ -65,7 +59,7 @@ async def test_a_late_report_of_an_attempt_the_job_left_is_not_billed(billing):
     await service.meter(succeeded("j1", attempt=0), None)
 
     assert service.ledger.lines("acme") == []
-    assert kinds(log) == []
+    assert log.kinds() == []
 
 
 async def test_budget_events_are_announced_once_and_routing_told_where_the_tenant_stands(billing):
@@ -75,7 +69,7 @@ async def test_budget_events_are_announced_once_and_routing_told_where_the_tenan
     await service.account("acme")  # once more: nothing new to announce
 
     # each job's budget events come before its usage event: the account is settled first
-    assert kinds(log) == ["usage", "budget_warning", "usage", "budget_exhausted", "usage"]
+    assert log.kinds() == ["usage", "budget_warning", "usage", "budget_exhausted", "usage"]
     # not even sent again: the stream keeps an id out for its dedupe window only, the ledger for good
     assert [e.kind for e in log.duplicates] == []
     assert service.standings.values["acme"]["spent_eur"] == pytest.approx(6.0)

@@ -10,7 +10,7 @@ from services.capacity.view import MISSED_BEATS_DOWN
 from shared.contracts.catalog import Catalog, SiteEntry, TenantEntry
 from shared.contracts.sites import GpuCount, Heartbeat
 from shared.contracts.subjects import Subjects
-from tests.fakes import MemoryDocuments, MemoryEventLog
+from tests.fakes import MemoryDocuments, MemoryEventLog, NoCarbonData
 
 T0 = datetime(2026, 12, 2, 12, tzinfo=UTC)
 INTERVAL_S = 5.0
@@ -19,10 +19,6 @@ CATALOG = Catalog(
                               carbon_g_per_kwh=50.0, gpus={"H100": 8})},
     tenants={"acme": TenantEntry(id="acme")})
 
-
-class NoCarbon:
-    def intensity(self, zone: str, when: datetime) -> float:
-        raise AssertionError("the test site has a fixed intensity")
 
 
 class Clock:
@@ -39,11 +35,8 @@ def beat(at: datetime, free: int = 8) -> Heartbeat:
 
 
 def replica(statuses: MemoryDocuments, log: MemoryEventLog, clock: Clock) -> CapacityView:
-    return CapacityView(CATALOG, NoCarbon(), statuses, log, Subjects(), INTERVAL_S, clock)
+    return CapacityView(CATALOG, NoCarbonData(), statuses, log, Subjects(), INTERVAL_S, clock)
 
-
-def kinds(log: MemoryEventLog) -> list[str]:
-    return [event.kind for _, event in log.events]
 
 
 async def test_a_heartbeat_that_comes_late_changes_nothing():
@@ -55,7 +48,7 @@ async def test_a_heartbeat_that_comes_late_changes_nothing():
     status = statuses.values["cloud"]
     assert status["last_seen"] == (T0 + timedelta(seconds=10)).isoformat().replace("+00:00", "Z")
     assert status["gpus"]["H100"]["free"] == 2
-    assert kinds(log) == ["up"]
+    assert log.kinds() == ["up"]
 
 
 async def test_two_replicas_seeing_one_heartbeat_tell_of_its_change_once():
@@ -64,7 +57,7 @@ async def test_two_replicas_seeing_one_heartbeat_tell_of_its_change_once():
     await first.heartbeat(beat(T0))
     await second.heartbeat(beat(T0))
 
-    assert kinds(log) == ["up"]
+    assert log.kinds() == ["up"]
     assert statuses.writes["cloud"] == 1
 
 
@@ -74,14 +67,14 @@ async def test_a_silent_site_goes_down_once_and_comes_back_up():
     await view.heartbeat(beat(T0))
     clock.now = T0 + timedelta(seconds=MISSED_BEATS_DOWN * INTERVAL_S)
     await view.sweep()
-    assert kinds(log) == ["up"], "down before its third missed heartbeat"
+    assert log.kinds() == ["up"], "down before its third missed heartbeat"
 
     clock.now += timedelta(seconds=1)
     await view.sweep()
     await view.sweep()  # already down: said once
-    assert kinds(log) == ["up", "down"]
+    assert log.kinds() == ["up", "down"]
     assert statuses.values["cloud"]["state"] == "down"
 
     await view.heartbeat(beat(clock.now))
-    assert kinds(log) == ["up", "down", "up"]
+    assert log.kinds() == ["up", "down", "up"]
     assert [s.state for s in (await view.sites()).sites] == ["up"]

@@ -15,7 +15,7 @@ from services.routing.bootstrap import Stores, bootstrap
 from shared.contracts.catalog import Catalog, SiteEntry, TenantEntry
 from shared.contracts.jobs import JobEvent, JobEventData, JobSpec, JobState, Resources
 from shared.contracts.subjects import Subjects
-from tests.fakes import Gate, MemoryDocuments, MemoryEventLog
+from tests.fakes import Gate, MemoryDocuments, MemoryEventLog, NoCarbonData
 
 NOW = datetime(2026, 12, 2, 12, tzinfo=UTC)
 SUBJECTS = Subjects()
@@ -25,20 +25,21 @@ CATALOG = Catalog(
     tenants={"acme": TenantEntry(id="acme", monthly_budget_eur=10_000)})
 
 
-class NoCarbon:
-    def intensity(self, zone: str, when: datetime) -> float:
-        raise AssertionError("every test site has a fixed intensity")
+
+def make_world(catalog: Catalog = CATALOG):
+    jobs = MemoryDocuments()
+    log = MemoryEventLog(SUBJECTS, registry=jobs)
+    statuses = {site: {"site_id": site, "state": "up", "carbon_g_per_kwh": 50.0, "last_seen": NOW.isoformat()}
+                for site in catalog.sites}
+    stores = Stores(reservations=MemoryDocuments(), waiting=MemoryDocuments(), sites=MemoryDocuments(statuses),
+                    budgets=MemoryDocuments(), jobs=jobs)
+    routing = bootstrap(catalog, NoCarbonData(), stores, log, SUBJECTS, retry_s=1.0, grace_s=120.0, clock=lambda: NOW)
+    return routing, stores, log
 
 
 @pytest.fixture
 def world():
-    jobs = MemoryDocuments()
-    log = MemoryEventLog(SUBJECTS, registry=jobs)
-    status = {"site_id": "cloud", "state": "up", "carbon_g_per_kwh": 50.0, "last_seen": NOW.isoformat()}
-    stores = Stores(reservations=MemoryDocuments(), waiting=MemoryDocuments(),
-                    sites=MemoryDocuments({"cloud": status}), budgets=MemoryDocuments(), jobs=jobs)
-    routing = bootstrap(CATALOG, NoCarbon(), stores, log, SUBJECTS, retry_s=1.0, grace_s=120.0, clock=lambda: NOW)
-    return routing, stores, log
+    return make_world()
 
 
 async def submit(log: MemoryEventLog, job_id: str, gpus: int = 1, priority: int = 4) -> JobEvent:
@@ -64,8 +65,8 @@ async def test_a_try_that_finds_its_gpus_announced_by_another_leaves_them_to_the
     log.gates["placed"] = gate = Gate()
     first = asyncio.create_task(routing.placement.place(accepted, None, tries=1))
     await gate.reached.wait()  # it has reserved the GPUs and is about to announce the placement
-    # the same event again (its ack wait ran out): it finds the GPUs held for this attempt and announces them
-    await routing.placement.place(accepted, None, tries=2)
+    # a release wakes the job meanwhile: this try finds the GPUs held for this attempt and announces them
+    await routing.placement.place_job("j1", "acme", 0, None, woken=True)
     gate.open()
     await first  # its announcement is a duplicate: the other try's stands, on the very GPUs it reserved
 
@@ -78,7 +79,7 @@ async def test_a_try_of_a_job_placed_meanwhile_takes_no_gpus_even_for_a_moment(w
     routing, stores, log = world
     accepted = await submit(log, "j1")
     await routing.placement.place(accepted, None, tries=1)
-    await routing.reservations.release("j1", until_metered=True)  # it ran and ended: its GPUs came back
+    await routing.store.release("j1", until_metered=True)  # it ran and ended: its GPUs came back
     writes = dict(stores.reservations.writes)
 
     await routing.placement.place(accepted, None, tries=2)  # redelivered: the stream has its placement
@@ -95,7 +96,7 @@ async def fill_then_wait(routing, log, stores) -> None:
     with pytest.raises(NackMessage):
         await routing.placement.place(await submit(log, "urgent", gpus=4, priority=9), None)
     assert routing.line.waits("urgent")
-    await routing.reservations.release("big")
+    await routing.store.release("big")
 
 
 async def test_a_lower_priority_yields_the_freed_gpus_to_a_waiting_higher_one(world):
@@ -144,3 +145,23 @@ async def test_a_wake_runs_one_round_at_a_time_and_one_more_for_releases_meanwhi
 
     assert stores.jobs.reads["waiting"] == 2, "rounds ran at once, or the releases meanwhile got no round"
     assert not holds(stores, "waiting")  # `big` still holds every GPU
+
+
+async def test_a_job_that_yields_to_a_higher_priority_stands_in_no_line_meanwhile():
+    twin = CATALOG.sites["cloud"].model_copy(update={"id": "twin", "price_eur_per_gpu_hour": {"H100": 3.0}})
+    routing, stores, log = make_world(CATALOG.model_copy(update={"sites": {**CATALOG.sites, "twin": twin}}))
+    for blocker in ("big1", "big2"):  # one at each site
+        await routing.placement.place(await submit(log, blocker, gpus=4), None)
+    with pytest.raises(NackMessage):
+        await routing.placement.place(await submit(log, "urgent", gpus=4, priority=9), None)
+    assert set(stores.waiting.values["urgent"]["line"]) == {"cloud", "twin"}
+    freed, _ = reservations.holder(routing.store.held(), "big1")
+    await routing.store.release("big1")
+
+    with pytest.raises(NackMessage):
+        await routing.placement.place(await submit(log, "small", gpus=1, priority=1), None)
+
+    decision = log.of_kind("queued")[-1].data.decision
+    assert decision.holds == {freed: {"line"}, ({"cloud", "twin"} - {freed}).pop(): {"gpus"}}
+    # it would not take the other site's GPUs while `urgent` waits: no job behind it there counts it ahead
+    assert stores.waiting.values["small"]["line"] == {}
