@@ -13,7 +13,7 @@ from typing import Any, Protocol
 import orjson
 from nats.js.api import PubAck
 
-from shared.bus import Bus, KvMirror
+from shared.bus import Bus, KvMirror, RecentWrites
 from shared.contracts.events import CloudEvent
 from shared.contracts.jobs import JobEventData
 
@@ -51,11 +51,13 @@ class EventLog(Protocol):
 
 
 class BusDocuments:
-    """A JetStream key-value bucket as `Documents`; with `mirrored`, kept in memory by a watch (`start` it)."""
+    """A JetStream key-value bucket as `Documents`; with `mirrored`, kept in memory by a watch (`start` it); with
+    `recent`, what this process last wrote is kept instead (a key it keeps changing needs no read first)."""
 
-    def __init__(self, bus: Bus, bucket: str, mirrored: bool = True) -> None:
+    def __init__(self, bus: Bus, bucket: str, mirrored: bool = True, recent: bool = False) -> None:
         self.bus, self.bucket, self.mirrored = bus, bucket, mirrored
         self.mirror: KvMirror | None = None
+        self.written = RecentWrites() if recent else None
 
     async def start(self) -> BusDocuments:
         if self.mirrored:
@@ -80,7 +82,7 @@ class BusDocuments:
         return (await self.bus.get_json(self.bucket, key))[0]
 
     async def change(self, key: str, change: Change) -> dict | None:
-        return await self.bus.update_json(self.bucket, key, change, self.mirror)
+        return await self.bus.update_json(self.bucket, key, change, self.mirror or self.written)
 
     async def put(self, key: str, value: dict) -> None:
         await (await self.bus.kv(self.bucket)).put(key, orjson.dumps(value))

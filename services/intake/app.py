@@ -9,7 +9,7 @@ import structlog
 
 from services.intake.validation import Rejection, check_submission
 from shared import telemetry
-from shared.bus import Bus, RecentWrites, create_app, create_bus
+from shared.bus import Bus, create_app, create_bus
 from shared.contracts.catalog import Catalog
 from shared.contracts.jobs import (
     CancelReply,
@@ -24,19 +24,26 @@ from shared.contracts.jobs import (
     StopJob,
     SubmitReply,
 )
+from shared.contracts.subjects import Subjects
 from shared.registry import apply_event
 from shared.settings import Settings
+from shared.stores import BusDocuments, Documents, EventLog
 
 log = structlog.get_logger()
 SERVICE = "intake"
 
 
 class Intake:
-    def __init__(self, bus: Bus, catalog: Catalog) -> None:
-        self.bus = bus
+    """The service's domain, given what it works against (a test gives it in-memory stores)."""
+
+    def __init__(self, catalog: Catalog, registry: Documents, keys: Documents, sites: Documents, events: EventLog,
+                 subjects: Subjects, max_request_bytes: int) -> None:
         self.catalog = catalog
-        self.jobs = bus.topology.jobs_bucket
-        self.written = RecentWrites()  # a job's events come one after another: its record needs no read each time
+        self.registry = registry  # the job records, folded from their events
+        self.keys = keys  # idempotency keys, a slot each: the job that claimed it
+        self.sites = sites  # capacity's site statuses (is a site up, for a cancel)
+        self.events, self.subjects = events, subjects
+        self.max_request_bytes = max_request_bytes
 
     async def submit(self, body: bytes, *, subject_tenant: str | None = None, msg_id: str | None = None,
                      traceparent: str | None = None) -> SubmitReply:
@@ -52,7 +59,7 @@ class Intake:
         job_id = uuid.uuid4().hex
         try:
             with telemetry.tracer.start_as_current_span(telemetry.SpanName.VALIDATE):
-                spec = check_submission(body, self.catalog, max_bytes=self.bus.settings.max_request_bytes,
+                spec = check_submission(body, self.catalog, max_bytes=self.max_request_bytes,
                                         subject_tenant=subject_tenant)
         except Rejection as rejection:
             telemetry.name_job(span, job_id, rejection.tenant)
@@ -68,11 +75,10 @@ class Intake:
         if key:
             # same tenant + same key = same job: the first writer of the key owns it
             slot = f"{spec.tenant}.{hashlib.sha256(key.encode()).hexdigest()[:40]}"
-            claimed = await self.bus.update_json(self.bus.topology.idempotency_bucket, slot,
-                                                 lambda cur: None if cur else {"job_id": job_id})
+            claimed = await self.keys.change(slot, lambda cur: None if cur else {"job_id": job_id})
             if claimed is not None and claimed["job_id"] != job_id:
                 job_id = claimed["job_id"]
-                existing, _ = await self.bus.get_json(self.jobs, job_id)
+                existing = await self.registry.read(job_id)
                 telemetry.name_job(span, job_id, spec.tenant)
                 if existing and await self.published(spec.tenant, job_id):
                     span.set_attribute(telemetry.Attr.REASON, "the same idempotency key: the same job")
@@ -91,7 +97,7 @@ class Intake:
 
     async def published(self, tenant: str, job_id: str) -> bool:
         """Is the job's accepted event in the stream?"""
-        return await self.bus.last_job_event(tenant, job_id, JobState.accepted.value) is not None
+        return await self.events.last_job_event(tenant, job_id, JobState.accepted.value) is not None
 
     async def apply(self, event: JobEvent, seq: int) -> None:
         """Fold the event into the job's record."""
@@ -100,7 +106,7 @@ class Intake:
         def change(current: dict | None) -> dict | None:
             applied.append(apply_event(current, event, seq))
             return applied[-1]
-        record = await self.bus.update_json(self.jobs, event.data.job_id, change, self.written)
+        record = await self.registry.change(event.data.job_id, change)
         # counted once (not on a redelivery), and only when the job entered that state (not a late report)
         if applied[-1] is not None and record is applied[-1] and record["state"] == event.kind:
             telemetry.job_transitions.add(1, {"state": event.kind, "site": event.data.site or "none"})
@@ -109,12 +115,12 @@ class Intake:
         """Write the event into the registry, then publish it: a `jobs.get` right after the reply finds the job."""
         data = event.data
         await self.apply(event, seq=0)
-        await self.bus.publish_event(self.bus.subjects.job_event(data.tenant, data.job_id, event.kind), event,
-                                     traceparent)
+        await self.events.publish_event(self.subjects.job_event(data.tenant, data.job_id, event.kind), event,
+                                        traceparent)
 
     async def placed_at(self, record: JobRecord) -> tuple[str | None, int]:
         """The site of the job's current placement if the event stream has it, and its attempt."""
-        placed = await self.bus.last_job_event(record.tenant, record.job_id, JobState.placed.value)
+        placed = await self.events.last_job_event(record.tenant, record.job_id, JobState.placed.value)
         if placed is None or placed.attempt < record.attempt:
             return None, record.attempt
         return placed.site, placed.attempt
@@ -122,7 +128,7 @@ class Intake:
     async def get(self, job_id: str, requester: str | None = None) -> JobRecord | None:
         """The job's record; None if there is none, or it is another tenant's than the requester's (the same
         answer, so that ids say nothing of other tenants)."""
-        record, _ = await self.bus.get_json(self.jobs, job_id)
+        record = await self.registry.read(job_id)
         if record is None or requester not in (None, record["tenant"]):
             return None
         return JobRecord.model_validate(record)
@@ -145,10 +151,10 @@ class Intake:
         site, attempt = (record.site, record.attempt) if record.site else await self.placed_at(record)
         if site is not None:
             # the site stops it, and if it is down, stops it when it is back (a cancel is never lost)
-            await self.bus.publish_command(self.bus.subjects.stop(site),
+            await self.events.publish_command(self.subjects.stop(site),
                                            StopJob(job_id=record.job_id, reason=reason, attempt=attempt),
                                            msg_id=f"{record.job_id}.stop.{attempt}")
-            status, _ = await self.bus.get_json(self.bus.topology.sites_bucket, site)
+            status = await self.sites.read(site)
             site_down = not status or status["state"] != "up"
         if site is None or site_down:
             # not at a working site: cancelled now, so routing neither places it nor moves it elsewhere
@@ -158,9 +164,19 @@ class Intake:
         return CancelReply(job_id=record.job_id, state="cancelling")
 
 
+def intake_on(bus: Bus, catalog: Catalog) -> Intake:
+    """Intake on the bus: the registry, the idempotency keys and the site statuses in their buckets."""
+    topology = bus.topology
+    # a job's events come one after another: its record needs no read each time
+    return Intake(catalog, BusDocuments(bus, topology.jobs_bucket, mirrored=False, recent=True),
+                  BusDocuments(bus, topology.idempotency_bucket, mirrored=False),
+                  BusDocuments(bus, topology.sites_bucket, mirrored=False), bus, bus.subjects,
+                  bus.settings.max_request_bytes)
+
+
 def create_intake_app(settings: Settings):
     bus = create_bus(settings, SERVICE)
-    intake = Intake(bus, Catalog.load(settings.sites_file, settings.tenants_file))
+    intake = intake_on(bus, Catalog.load(settings.sites_file, settings.tenants_file))
     _serve_submissions(bus, intake)
     _serve_questions(bus, intake)
     return create_app(bus)
@@ -208,7 +224,7 @@ def _serve_submissions(bus: Bus, intake: Intake) -> None:
 
 def _serve_questions(bus: Bus, intake: Intake) -> None:
     """What tenants, operators and sites ask of jobs, and cancelling one."""
-    subjects, topology = bus.subjects, bus.topology
+    subjects = bus.subjects
 
     @bus.responder(subjects.jobs_get, "jobs.get", tenants=True)
     async def get(ref: JobRef) -> JobRecord | dict:
@@ -224,7 +240,7 @@ def _serve_questions(bus: Bus, intake: Intake) -> None:
         """A site's agent asks for the record of a job: answered only if the job was placed at that site (the
         NATS server lets a site ask only on its own subject)."""
         site = bus.message().subject.split(".")[-2]
-        record, _ = await bus.get_json(topology.jobs_bucket, ref.job_id)
+        record = await intake.registry.read(ref.job_id)
         if record is None or not any(h["state"] == JobState.placed and h.get("site") == site
                                      for h in record["history"]):
             return {"error": f"no job {ref.job_id!r}"}
