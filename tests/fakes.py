@@ -121,3 +121,23 @@ class MemoryEventLog:
     def of_kind(self, kind: str) -> list[JobEvent]:
         """The job events of a kind."""
         return [event for _, event in self.events if event.kind == kind and isinstance(event, JobEvent)]
+
+
+class MemorySiteLink:
+    """A site agent's link (services/agent/app.py's SiteLink): the records intake would answer with, and the
+    reports the agent sends, in order, each with the kind of the one before it on its attempt."""
+
+    def __init__(self, records: dict[str, dict] | None = None) -> None:
+        self.records = dict(records or {})
+        self.reports: list[tuple[str, str, int, str | None]] = []  # (job id, kind, attempt, after)
+        self.events: list[JobEvent] = []  # the reports themselves
+        self.ended = asyncio.Event()  # set by a report that ends a run here
+
+    async def job_record(self, job_id: str) -> dict | None:
+        return self.records.get(job_id)
+
+    async def report(self, tenant: str, job_id: str, event: JobEvent, attempt: int, after: str | None) -> None:
+        self.reports.append((job_id, event.kind, attempt, after))
+        self.events.append(event)
+        if event.kind not in ("dispatched", "started"):
+            self.ended.set()

@@ -4,7 +4,9 @@ reports lifecycle events and sends capacity heartbeats."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from datetime import datetime
+from typing import Protocol
 
 import structlog
 
@@ -22,17 +24,45 @@ SERVICE = "agent"
 LOST_IN_RESTART = "taken by this site's agent before it restarted"
 
 
-class SiteAgent:
-    """One site's agent: the bridge between the bus and the site's backend."""
+class SiteLink(Protocol):
+    """What a site's agent asks of the continuum and tells it."""
 
-    def __init__(self, bus: Bus, site: SiteEntry) -> None:
-        self.bus = bus
+    async def job_record(self, job_id: str) -> dict | None:
+        """The job's record, if it was ever placed at this site (intake answers for no other)."""
+
+    async def report(self, tenant: str, job_id: str, event: JobEvent, attempt: int, after: str | None) -> None:
+        """A report on a job dispatched here at `attempt`, after this attempt's report of kind `after`."""
+
+
+class BusSiteLink:
+    """A site's link over the bus: intake's `agents.job` on the site's own subject, and the reports stream."""
+
+    def __init__(self, bus: Bus, site_id: str) -> None:
+        self.bus, self.site_id = bus, site_id
+
+    async def job_record(self, job_id: str) -> dict | None:
+        reply = await request_json(self.bus.nc, self.bus.subjects.site_job(self.site_id), {"job_id": job_id})
+        return None if "error" in reply else reply
+
+    async def report(self, tenant: str, job_id: str, event: JobEvent, attempt: int, after: str | None) -> None:
+        await self.bus.publish_report(self.bus.subjects.job_report(self.site_id, tenant, job_id, event.kind), event,
+                                      attempt, after)
+
+
+class SiteAgent:
+    """One site's agent: the bridge between the continuum (its link) and the site's backend."""
+
+    def __init__(self, site: SiteEntry, link: SiteLink, heartbeat_interval_s: float,
+                 clock: Callable[[], datetime] = utcnow) -> None:
         self.site = site
+        self.link = link
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.clock = clock
         self.backend: SiteBackend = backend_for(site, self)
         # each job's trace context here: its dispatch span's, then its run's (the parent of what it reports)
         self.traces: dict[str, str | None] = {}
         self.runs: dict[str, telemetry.Span] = {}
-        self.since = utcnow()  # this agent's start: capacity and routing tell a restart by it
+        self.since = clock()  # this agent's start: capacity and routing tell a restart by it
         self.reported: dict[tuple[str, int], str] = {}  # each job attempt's last report, while it runs here
 
     async def take(self, order: Dispatch, traceparent: str | None) -> None:
@@ -179,23 +209,21 @@ class SiteAgent:
     async def record(self, job_id: str) -> dict | None:
         """The job's record, if it was ever placed at this site (intake answers for no other: a site sees only
         the jobs it is given)."""
-        reply = await request_json(self.bus.nc, self.bus.subjects.site_job(self.site.id), {"job_id": job_id})
-        return None if "error" in reply else reply
+        return await self.link.job_record(job_id)
 
     async def report(self, tenant: str, job_id: str, event: JobEvent, attempt: int) -> None:
         """To routing, which makes it the job's event if the job was dispatched here at `attempt` (a site reports
         only on its own jobs: services/routing/reports.py), and after this attempt's report before it: the
         event stream has a job's steps in the order they happened, whichever routing replica vouches for each."""
         key = (job_id, attempt)
-        await self.bus.publish_report(self.bus.subjects.job_report(self.site.id, tenant, job_id, event.kind), event,
-                                      attempt, self.reported.get(key))
+        await self.link.report(tenant, job_id, event, attempt, self.reported.get(key))
         if JobState(event.kind) in (JobState.dispatched, JobState.started):
             self.reported[key] = event.kind
         else:  # the attempt is over here
             self.reported.pop(key, None)
 
     def heartbeat(self) -> Heartbeat:
-        return Heartbeat(site_id=self.site.id, time=utcnow(), interval_s=self.bus.settings.heartbeat_interval_s,
+        return Heartbeat(site_id=self.site.id, time=self.clock(), interval_s=self.heartbeat_interval_s,
                          gpus=self.backend.capacity(), queued=self.backend.queued(),
                          running=sorted(self.backend.running), waited_total=self.backend.waited_total,
                          since=self.since, jobs=self.backend.jobs())
@@ -212,7 +240,8 @@ def create_agent_app(settings: Settings, site_ids: list[str] | None = None):
     unknown = set(site_ids or []) - set(catalog.sites)
     if unknown:
         raise ValueError(f"no site {sorted(unknown)} in the catalog; known: {sorted(catalog.sites)}")
-    agents = [SiteAgent(bus, catalog.site(s)) for s in (site_ids or sorted(catalog.sites))]
+    agents = [SiteAgent(catalog.site(s), BusSiteLink(bus, s), settings.heartbeat_interval_s)
+              for s in (site_ids or sorted(catalog.sites))]
     broker, subjects, topology = bus.broker, bus.subjects, bus.topology
     for kind in ("dispatched", "started", "succeeded", "failed", "cancelled"):
         bus.document_events(subjects.job_event(kind=kind), JobEvent, f"A site agent reports that a job {kind}.")
