@@ -25,6 +25,7 @@ from services.routing import SERVICE, reservations
 from services.routing.inputs import site_views, tenant_budget
 from services.routing.line import WaitingLine
 from services.routing.policy import (
+    Departures,
     Hold,
     SiteView,
     TenantBudget,
@@ -136,7 +137,7 @@ class Placement:
             raise LookupError(f"the registry has not seen attempt {attempt} of job {record.job_id} yet")
         return record.spec
 
-    async def _announce_again(self, record: JobRecord, spec: JobSpec, attempt: int, left,
+    async def _announce_again(self, record: JobRecord, spec: JobSpec, attempt: int, left: Departures,
                               holding: tuple[str, Reservation], span) -> None:
         """The job holds GPUs for this attempt already: reserved by a try that crashed before announcing it, or
         that is still at work. Announce that placement, explained again. The stream keeps the first
@@ -154,7 +155,8 @@ class Placement:
                 await self.follow_winner(record, spec, attempt, span, site_id, r.token)
         await self.line.leave(record.job_id)
 
-    async def _place_anew(self, record: JobRecord, spec: JobSpec, attempt: int, left, tries: int, span) -> None:
+    async def _place_anew(self, record: JobRecord, spec: JobSpec, attempt: int, left: Departures, tries: int,
+                          span) -> None:
         """Decide, and reserve what was decided; another replica that took those GPUs first makes it decide
         again. A job that fits nowhere now waits (NackMessage), one that never can is rejected."""
         token = uuid.uuid4().hex  # this try's reservations are its own
