@@ -75,6 +75,41 @@ class MemoryDocuments:
         self.values.pop(key, None)
 
 
+class LaggingCopy:
+    """One replica's local copy of a shared in-memory bucket, as a watch keeps it: it has this replica's own
+    writes at once (the bus remembers them) and other replicas' only once it catches up."""
+
+    def __init__(self, bucket: MemoryDocuments) -> None:
+        self.bucket = bucket
+        self.copy = dict(bucket.values)
+
+    def catch_up(self) -> None:
+        self.copy = dict(self.bucket.values)
+
+    def cached(self, key: str) -> dict | None:
+        return self.copy.get(key)
+
+    def cached_all(self) -> dict[str, dict]:
+        return dict(self.copy)
+
+    async def read(self, key: str) -> dict | None:
+        return await self.bucket.read(key)
+
+    async def change(self, key: str, change: Change) -> dict | None:
+        value = await self.bucket.change(key, change)
+        if value is not None:
+            self.copy[key] = value
+        return value
+
+    async def put(self, key: str, value: dict) -> None:
+        await self.bucket.put(key, value)
+        self.copy[key] = value
+
+    async def delete(self, key: str) -> None:
+        await self.bucket.delete(key)
+        self.copy.pop(key, None)
+
+
 class MemoryEventLog:
     """The event stream and the dispatch stream. `registry`, if given, folds each new job event at once (the
     registry service's part; leave it out to have the registry lag the stream)."""

@@ -5,6 +5,7 @@ lets the first go on, and checks the guard that keeps the outcome right."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import pytest
@@ -15,7 +16,7 @@ from services.routing.bootstrap import Stores, bootstrap
 from shared.contracts.catalog import Catalog, SiteEntry, TenantEntry
 from shared.contracts.jobs import JobEvent, JobEventData, JobSpec, JobState, Resources
 from shared.contracts.subjects import Subjects
-from tests.fakes import Gate, MemoryDocuments, MemoryEventLog, NoCarbonData
+from tests.fakes import Gate, LaggingCopy, MemoryDocuments, MemoryEventLog, NoCarbonData
 
 NOW = datetime(2026, 12, 2, 12, tzinfo=UTC)
 SUBJECTS = Subjects()
@@ -165,3 +166,36 @@ async def test_a_job_that_yields_to_a_higher_priority_stands_in_no_line_meanwhil
     assert decision.holds == {freed: {"line"}, ({"cloud", "twin"} - {freed}).pop(): {"gpus"}}
     # it would not take the other site's GPUs while `urgent` waits: no job behind it there counts it ahead
     assert stores.waiting.values["small"]["line"] == {}
+
+
+async def test_a_try_that_lost_to_another_at_another_site_gives_its_gpus_back():
+    """Two routing replicas, each with its own local copy of the reservations. The second's copy still shows a
+    job that has just given back the first site's GPUs, so the two tries of one job choose different sites;
+    the stream keeps the second's placement, and the first gives back what it reserved."""
+    twin = CATALOG.sites["cloud"].model_copy(update={"id": "twin", "price_eur_per_gpu_hour": {"H100": 3.0}})
+    catalog = CATALOG.model_copy(update={"sites": {**CATALOG.sites, "twin": twin}})
+    _, stores, log = make_world(catalog)
+    bucket = stores.reservations
+    copies = LaggingCopy(bucket), LaggingCopy(bucket)
+    first = bootstrap(catalog, NoCarbonData(), replace(stores, reservations=copies[0]), log, SUBJECTS, retry_s=1.0,
+                      grace_s=120.0, clock=lambda: NOW)
+    second = bootstrap(catalog, NoCarbonData(), replace(stores, reservations=copies[1]), log, SUBJECTS,
+                       retry_s=1.0, grace_s=120.0, clock=lambda: NOW)
+    await first.placement.place(await submit(log, "old", gpus=4), None)
+    assert reservations.holder(bucket.values, "old")[0] == "cloud"  # the cheaper site
+    copies[1].catch_up()
+    await first.store.release("old")  # the second replica has not seen it yet
+
+    accepted = await submit(log, "j1")
+    log.gates["placed"] = gate = Gate()
+    losing = asyncio.create_task(first.placement.place(accepted, None, tries=1))
+    await gate.reached.wait()  # it reserved at cloud and is about to announce it
+    await second.placement.place(accepted, None, tries=2)  # cloud looks full to it: it places j1 at twin
+    gate.open()
+    await losing
+
+    (placed,) = [e for e in log.of_kind("placed") if e.data.job_id == "j1"]
+    assert placed.data.site == "twin"
+    assert reservations.holder(bucket.values, "j1")[0] == "twin"
+    assert not reservations.holds(bucket.values.get("cloud"), "j1"), "the losing try kept the GPUs it reserved"
+    assert [s for s, order in log.commands if order.job_id == "j1"] == [SUBJECTS.dispatch("twin")]
