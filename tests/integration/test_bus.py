@@ -77,6 +77,19 @@ async def test_a_failing_change_fails_its_caller_only(buses):
     assert (await bus.get_json(BUCKET, "site"))[0] == {"count": 5}
 
 
+async def dead_letters(bus):
+    """Connect the bus, make its streams, and read what it dead-letters."""
+    await bus.broker.connect()
+    await bus.ensure_topology()
+    return await bus.js.pull_subscribe(bus.subjects.dead_letter("test"), durable=None,
+                                       stream=bus.topology.dead_letter_stream)
+
+
+def without_job_id(kind: str) -> CloudEvent:
+    """A job event whose data lacks the job's id: no JobEvent."""
+    return CloudEvent.make("test", "job", kind, "j0", {"tenant": "t", "state": kind}, "j0")
+
+
 async def test_each_message_of_a_fetch_has_its_own_outcome(nats_server):
     bus = create_bus(Settings(nats_url=nats_server.url, max_deliveries=2, retry_backoff_s=0.05), "test")
     subjects, topology = bus.subjects, bus.topology
@@ -93,9 +106,7 @@ async def test_each_message_of_a_fetch_has_its_own_outcome(nats_server):
         if handled["waits"] == 2 and all(handled[f"ok{i}"] for i in range(8)):
             done.set()
 
-    await bus.broker.connect()
-    await bus.ensure_topology()
-    dead = await bus.js.pull_subscribe(subjects.dead_letter("test"), durable=None, stream=topology.dead_letter_stream)
+    dead = await dead_letters(bus)
     for name in [*(f"ok{i}" for i in range(8)), "fails", "waits"]:
         event = CloudEvent.make("test", "job", "succeeded", name, {"job_id": name, "tenant": "t"}, name)
         await bus.publish_event(subjects.job_event("t", name, "succeeded"), event)
@@ -141,10 +152,8 @@ async def test_an_event_whose_data_is_not_its_kinds_is_dead_lettered_and_never_h
         seen.append(event.data.job_id)
         handled.set()
 
-    await bus.broker.connect()
-    await bus.ensure_topology()
-    dead = await bus.js.pull_subscribe(subjects.dead_letter("test"), durable=None, stream=topology.dead_letter_stream)
-    no_job = CloudEvent.make("test", "job", "succeeded", "j0", {"tenant": "t", "state": "succeeded"}, "j0")
+    dead = await dead_letters(bus)
+    no_job = without_job_id("succeeded")
     await bus.publish_event(subjects.job_event("t", "j0", "succeeded"), no_job)
     good = JobEvent.make("test", "job", "succeeded", "j1",
                          JobEventData(job_id="j1", tenant="t", state=JobState.succeeded), "j1")
@@ -173,10 +182,8 @@ async def test_a_malformed_body_is_dead_lettered_at_once_with_the_consumers_reas
     async def strict(event: JobEvent) -> None:
         raise AssertionError("a malformed event reached its handler")
 
-    await bus.broker.connect()
-    await bus.ensure_topology()
-    dead = await bus.js.pull_subscribe(subjects.dead_letter("test"), durable=None, stream=topology.dead_letter_stream)
-    no_job = CloudEvent.make("test", "job", "started", "j0", {"tenant": "t", "state": "started"}, "j0")
+    dead = await dead_letters(bus)
+    no_job = without_job_id("started")
     await bus.publish_event(subjects.job_event("t", "j0", "started"), no_job)
     await bus.start_handling()
     try:
