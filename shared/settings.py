@@ -36,6 +36,12 @@ class Settings(BaseSettings):
                                      "DATA_DIR/ledger.sqlite3")
     ledger_url: str | None = Field(None, pattern=r"^postgres(ql)?://", description="CONTINUUM_LEDGER_URL: a "
                                    "PostgreSQL ledger (postgresql://...); unset, the SQLite file")
+    http_port: int | None = Field(None, ge=0, le=65535, description="CONTINUUM_HTTP_PORT: the HTTP gateway's port "
+                                  "(TES, REST, dashboard); unset, a free one (`up` writes it to the state file)")
+    index_path: Path | None = Field(None, description="CONTINUUM_INDEX_PATH: the gateway's SQLite index of jobs "
+                                    "(the read model of lists); unset, DATA_DIR/jobs-index.sqlite3")
+    index_url: str | None = Field(None, pattern=r"^postgres(ql)?://", description="CONTINUUM_INDEX_URL: a "
+                                  "PostgreSQL index of jobs shared by every gateway; unset, the SQLite file")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="CONTINUUM_METRICS_PORT: this service's "
                                      "Prometheus endpoint (http://HOST:PORT/metrics); unset, none (`up` gives "
                                      "each service one)")
@@ -57,6 +63,10 @@ class Settings(BaseSettings):
     @property
     def ledger(self) -> Path:
         return self.ledger_path or self.data_dir / "ledger.sqlite3"
+
+    @property
+    def index(self) -> Path:
+        return self.index_path or self.data_dir / "jobs-index.sqlite3"
 
 
 class SettingsError(ValueError):
