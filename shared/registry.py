@@ -45,7 +45,9 @@ def apply_event(current: dict | None, event: JobEvent, seq: int) -> dict | None:
     # an event of an attempt the job has left (a site that was lost and reports late) changes nothing
     live = [h for h in history if h.get("attempt", attempt) >= attempt]
     terminal = next((h for h in live if JobState(h["state"]).terminal), None)
-    record["state"] = (terminal or live[-1])["state"]
+    # a job asked to stop stays `cancelling` until its site says it ended, whatever it reports meanwhile
+    cancelling = next((h for h in live if h["state"] == JobState.cancelling), None)
+    record["state"] = (terminal or cancelling or live[-1])["state"]
     if not any(h is entry for h in live) or (terminal is not None and entry["seq"] > terminal["seq"]):
         return record  # kept in the history, but the job is over or moved on
 

@@ -161,7 +161,9 @@ class Intake:
             await self.record(JobEvent.of(SERVICE, JobEventData(
                 job_id=record.job_id, tenant=record.tenant, state=JobState.cancelled, site=site, reason=reason)))
             return CancelReply(job_id=record.job_id, state=JobState.cancelled.value)
-        return CancelReply(job_id=record.job_id, state="cancelling")
+        await self.record(JobEvent.of(SERVICE, JobEventData(
+            job_id=record.job_id, tenant=record.tenant, state=JobState.cancelling, site=site, reason=reason)))
+        return CancelReply(job_id=record.job_id, state=JobState.cancelling.value)
 
 
 def intake_on(bus: Bus, catalog: Catalog) -> Intake:
@@ -190,6 +192,8 @@ def _serve_submissions(bus: Bus, intake: Intake) -> None:
     bus.document_events(subjects.job_event(kind="rejected"), JobEvent,
                         "A submission was refused; data.errors says why.")
     bus.document_events(subjects.job_event(kind="cancelled"), JobEvent, "A job not yet at a site was cancelled.")
+    bus.document_events(subjects.job_event(kind="cancelling"), JobEvent,
+                        "A job at a working site was asked to stop: it ends when the site says so.")
 
     @bus.responder(subjects.jobs_submit, "jobs.submit", tenants=True)
     async def submit() -> SubmitReply:

@@ -8,6 +8,8 @@ The job state machine (CONTRACT.md). Each arrow is a job event `continuum.events
                                    |                                         \-> cancelled   terminal
                                    +-- requeued <-- (site refused, lost or preempted the job)
 
+    (cancel at a working site) --> cancelling --> cancelled (or succeeded, failed: whichever the site reports)
+
 A job ends in exactly one of rejected, succeeded, failed, cancelled; once it has, later events are kept in
 its history but never change its state. `cancelled` and `failed` may come from any non-terminal state.
 """
@@ -50,6 +52,8 @@ class JobState(StrEnum):
     failed = "failed"
     cancelled = "cancelled"
     requeued = "requeued"
+    # asked to stop at its site: the job stays so until the site says it ended (an addition to v1's kinds)
+    cancelling = "cancelling"
 
     @property
     def terminal(self) -> bool:

@@ -10,6 +10,7 @@ import pytest
 
 from services.intake.app import Intake
 from shared.contracts.catalog import Catalog, SiteEntry, TenantEntry
+from shared.contracts.jobs import CancelRequest, JobEvent, JobEventData, JobState
 from shared.contracts.subjects import Subjects
 from tests.fakes import Gate, MemoryDocuments, MemoryEventLog
 
@@ -64,3 +65,22 @@ async def test_a_submission_that_stopped_after_claiming_its_key_is_finished_by_t
     assert retry.job_id == lost.job_id
     assert log.kinds() == ["accepted"]
     assert registry.values[lost.job_id]["state"] == "accepted"
+
+
+async def test_a_job_at_a_working_site_is_cancelling_until_the_site_stops_it(intake):
+    service, registry, _, log = intake
+    job = await service.submit(BODY)
+    placed = JobEvent.of("routing", JobEventData(job_id=job.job_id, tenant="acme", state=JobState.placed,
+                                                 site="cloud", attempt=1), 1)
+    await log.publish_event(SUBJECTS.job_event("acme", job.job_id, "placed"), placed)
+    await service.apply(placed, seq=2)
+    service.sites.values["cloud"] = {"site_id": "cloud", "state": "up"}
+
+    reply = await service.cancel(CancelRequest(job_id=job.job_id, reason="wrong config"))
+
+    assert reply.state == "cancelling"
+    assert log.kinds()[-1] == "cancelling" and registry.values[job.job_id]["state"] == "cancelling"
+    assert [(subject, order.job_id, order.attempt) for subject, order in log.commands] == [
+        (SUBJECTS.stop("cloud"), job.job_id, 1)]
+    again = await service.cancel(CancelRequest(job_id=job.job_id, reason="wrong config"))
+    assert again.state == "cancelling" and log.kinds().count("cancelling") == 1  # one event, however often asked

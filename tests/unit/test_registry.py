@@ -261,3 +261,18 @@ def test_the_record_given_is_left_as_it_was(accepted):
                     (event(JobState.failed, site="a", attempt=0, exit_code=2, reason="late"), 5)):
         assert apply_event(record, ev, seq) is not None
     assert record == before
+
+
+def test_a_job_asked_to_stop_stays_cancelling_until_its_site_says_it_ended(accepted):
+    record = fold(
+        (accepted, 1),
+        (event(JobState.placed, 1, minute=1, site="scw-par", attempt=1), 2),
+        (event(JobState.dispatched, 1, minute=2, site="scw-par", attempt=1), 3),
+        (event(JobState.cancelling, minute=3, site="scw-par", reason="wrong config"), 4),
+    )
+    assert record["state"] == "cancelling" and record["reasons"] == ["wrong config"]
+    # the site started the run before the stop order reached it: the job is still being stopped
+    record = apply_event(record, event(JobState.started, 1, minute=4, site="scw-par", attempt=1), 5)
+    assert record is not None and record["state"] == "cancelling" and record["site"] == "scw-par"
+    record = apply_event(record, event(JobState.cancelled, 1, minute=5, site="scw-par", attempt=1), 6)
+    assert record is not None and record["state"] == "cancelled"
