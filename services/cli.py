@@ -177,6 +177,7 @@ def up(sites: SitesOpt = None, tenants: TenantsOpt = None,
         url = system.start(catalog)
         console.print(f"[bold green]continuum is up[/] on {url}: {len(catalog.sites)} sites, "
                       f"{len(catalog.tenants)} tenants; logs in {system.log_dir}. Ctrl-C stops it.")
+        console.print(f"HTTP (TES, REST, the dashboard): {system.http_url}")
         if system.auth:
             console.print(f"TLS and a principal for every tenant, site and the operator ({system.auth}); commands "
                           "act as the operator, `--as TENANT` as a tenant.")
@@ -189,7 +190,7 @@ def up(sites: SitesOpt = None, tenants: TenantsOpt = None,
 
 
 @app.command()
-def service(name: Annotated[str, typer.Argument(help="intake | capacity | routing | billing | agent")],
+def service(name: Annotated[str, typer.Argument(help="intake | capacity | routing | billing | gateway | agent")],
             site: Annotated[list[str] | None, typer.Option("--site", help="agent only: the sites to serve")] = None,
             ) -> None:
     """Run one service in this process (it finds NATS from CONTINUUM_NATS_URL or the state file)."""

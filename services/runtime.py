@@ -34,14 +34,15 @@ def _factories() -> dict[str, Callable]:
     from services.agent.app import create_agent_app
     from services.billing.app import create_billing_app
     from services.capacity.app import create_capacity_app
+    from services.gateway.app import create_gateway_app
     from services.intake.app import create_intake_app
     from services.routing.app import create_routing_app
 
     return {"intake": create_intake_app, "capacity": create_capacity_app, "routing": create_routing_app,
-            "billing": create_billing_app, "agent": create_agent_app}
+            "billing": create_billing_app, "agent": create_agent_app, "gateway": create_gateway_app}
 
 
-SERVICES = ("intake", "capacity", "routing", "billing", "agent")
+SERVICES = ("intake", "capacity", "routing", "billing", "gateway", "agent")
 
 
 def run_service(name: str, settings: Settings, sites: list[str] | None = None) -> None:
@@ -147,11 +148,22 @@ class Supervisor:
     agent_sites: list[str] | None = None
     # with credentials (`continuum auth init`'s folder), each site's agent runs as its own process and principal
     auth: Path | None = None
+    # the gateway's HTTP port (CONTINUUM_HTTP_PORT, else a free one)
+    http_port: int = 0
+
+    def __post_init__(self) -> None:
+        self.http_port = self.http_port or self.settings.http_port or free_port()
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{_reachable(self.settings.http_host)}:{self.http_port}"
 
     def _spawn(self, name: str) -> subprocess.Popen:
         service, _, site = name.partition(":")
         command = [sys.executable, "-m", "services.cli", "service", service]
         env = dict(self.env, CONTINUUM_METRICS_PORT=str(self.metrics_ports.setdefault(name, free_port())))
+        if service == "gateway":  # its port kept across restarts, as the state file gives it
+            env["CONTINUUM_HTTP_PORT"] = str(self.http_port)
         if site:
             command += ["--site", site]
         elif service == "agent" and self.agent_sites is not None:
@@ -198,6 +210,7 @@ class Supervisor:
         state = {"nats_url": self.env["CONTINUUM_NATS_URL"], "pid": os.getpid(), "prefix": self.settings.prefix,
                  "auth": str(self.auth.resolve()) if self.auth else None,
                  "services": {n: p.pid for n, p in self.processes.items()},
+                 "http": self.http_url if "gateway" in self.processes else None,
                  "metrics": {n: f"http://127.0.0.1:{port}/metrics" for n, port in self.metrics_ports.items()}}
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.settings.state_file.with_suffix(".tmp")
@@ -216,6 +229,11 @@ class Supervisor:
                 process.kill()
                 process.wait()
         self.settings.state_file.unlink(missing_ok=True)
+
+
+def _reachable(host: str) -> str:
+    """Where a client on this machine reaches a server that listens on `host`."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
 
 
 def running_nats_url(settings: Settings) -> str:
@@ -290,6 +308,13 @@ class System:
                                      auth=self.auth.resolve() if self.auth else None)
         self.supervisor.start()
         return url
+
+    @property
+    def http_url(self) -> str | None:
+        """The gateway's base URL (TES, REST, the dashboard)."""
+        if self.supervisor is None:
+            return None
+        return self.supervisor.http_url
 
     def check(self) -> None:
         """Restart a service that died (the supervisor's round)."""

@@ -38,6 +38,13 @@ class Settings(BaseSettings):
                                    "PostgreSQL ledger (postgresql://...); unset, the SQLite file")
     http_port: int | None = Field(None, ge=0, le=65535, description="CONTINUUM_HTTP_PORT: the HTTP gateway's port "
                                   "(TES, REST, dashboard); unset, a free one (`up` writes it to the state file)")
+    http_host: str = Field("127.0.0.1", description="CONTINUUM_HTTP_HOST: the address the gateway listens on "
+                           "(0.0.0.0 in a container)")
+    tokens_dir: Path | None = Field(None, description="CONTINUUM_TOKENS_DIR: the HTTP API's bearer tokens (`auth "
+                                    "init`'s DIR/tokens); unset, those beside this process's credentials, and "
+                                    "without credentials an open API")
+    jaeger_url: str | None = Field(None, pattern=r"^https?://", description="CONTINUUM_JAEGER_URL: a Jaeger UI "
+                                   "the dashboard links each job's trace to; unset, no link")
     index_path: Path | None = Field(None, description="CONTINUUM_INDEX_PATH: the gateway's SQLite index of jobs "
                                     "(the read model of lists); unset, DATA_DIR/jobs-index.sqlite3")
     index_url: str | None = Field(None, pattern=r"^postgres(ql)?://", description="CONTINUUM_INDEX_URL: a "

@@ -144,7 +144,11 @@ def test_every_service_waits_for_healthy_nats_and_jaeger_and_reports_its_health(
         check = service["healthcheck"]
         # python:3.11-slim has no curl or wget: the check must run the image's Python
         assert check["test"][:2] == ["CMD", "python"], f"{name}: {check['test']}"
-        assert f"localhost:{port}/metrics" in " ".join(check["test"]), f"{name}: health not on metrics port {port}"
+        if name == "gateway":  # it has an HTTP face: ready when it answers there, connected to NATS
+            http = int(_env(service)["CONTINUUM_HTTP_PORT"])
+            assert f"localhost:{http}/readyz" in " ".join(check["test"]), f"{name}: health not on /readyz"
+        else:
+            assert f"localhost:{port}/metrics" in " ".join(check["test"]), f"{name}: health not on port {port}"
         assert {"interval", "timeout", "retries", "start_period"} <= set(check), f"{name}: {sorted(check)}"
         replicas = service.get("deploy", {}).get("replicas", 1)
         if replicas > 1:  # replicas cannot share a container name or a host port
