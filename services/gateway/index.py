@@ -18,6 +18,7 @@ path (shared/sql.py). The SQL is blocking: the follower runs it in a thread, and
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
@@ -26,15 +27,23 @@ import hmac
 import queue
 import secrets
 import threading
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 
 import orjson
 import structlog
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.client import JetStreamContext
+from pydantic import ValidationError
 
 from shared import sql
+from shared.bus import Bus
 from shared.contracts.jobs import JobEvent, JobState
+from shared.contracts.streams import Topology
+from shared.contracts.subjects import Subjects
 from shared.registry import apply_event
 from shared.settings import Settings
 
@@ -303,3 +312,155 @@ def _after_prefix(prefix: str) -> str | None:
         prefix = prefix[:-1]
     return None
 
+
+class Follower:
+    """Keeps an index following the stream's job events: from the index's `last_seq` + 1, a batch at a time (one
+    transaction each, in a thread), then live. It reads with an ephemeral pull consumer of its own, in order:
+    one that loses its place (a gap in its sequence, a server restart) is made again from where the index
+    stands.
+
+        follower = Follower(bus, index).start()   # once the bus is connected
+        await follower.wait_for(seq, timeout=2.0)  # read-your-writes: the index holds event `seq`
+        await follower.stop()                      # then index.close()
+    """
+
+    def __init__(self, source: Bus | JetStreamContext, index: JobsIndex, subjects: Subjects | None = None, *,
+                 batch: int = 256, idle_s: float = 1.0) -> None:
+        """`source`: a bus, or a JetStream context with the `subjects` of its deployment."""
+        self.source, self.index, self.batch, self.idle_s = source, index, batch, idle_s
+        self.subjects = subjects or (source.subjects if isinstance(source, Bus) else Subjects())
+        self.topology = Topology(self.subjects)
+        self._read_to = 0  # the stream sequence read (and applied) up to: where a new consumer starts after
+        self._caught_up = 0  # the same, or the stream's head once nothing more was found to read
+        self._moved = asyncio.Event()  # set, and replaced, whenever `caught_up_to` moves on
+        self._waiting = 0
+        self._task: asyncio.Task | None = None
+
+    @property
+    def caught_up_to(self) -> int:
+        """The stream sequence up to which the index holds every job event (0 before the follower started)."""
+        return self._caught_up
+
+    async def wait_for(self, seq: int, timeout: float) -> bool:
+        """Wait until the index holds every job event up to stream sequence `seq`; False if it did not within
+        `timeout` seconds."""
+        self._waiting += 1
+        try:
+            async with asyncio.timeout(timeout):
+                while self._caught_up < seq:
+                    await self._moved.wait()
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self._waiting -= 1
+
+    async def sync(self, timeout: float) -> bool:
+        """Wait until the index holds every job event the stream holds now (after a request whose events must
+        show in the next list); False if it did not within `timeout` seconds."""
+        return await self.wait_for(await self._head(), timeout)
+
+    def start(self) -> Follower:
+        self._task = asyncio.create_task(self.run(), name="jobs-index-follower")
+        return self
+
+    async def stop(self) -> None:
+        """Stop following; a batch being written is finished first."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def run(self) -> None:
+        """Follow until cancelled; a failure (the server away, the database down) is logged and tried again, less
+        and less often."""
+        self._read_to = await asyncio.to_thread(self.index.last_seq)
+        self._advance(self._read_to)
+        log.info("index.following", after_seq=self._read_to)
+        failures = 0
+        while True:
+            try:
+                await self._follow()
+                failures = 0  # it lost its place: made again at once
+            except Exception as e:
+                failures += 1
+                log.warning("index.follow_failed", tries=failures, after_seq=self._read_to, reason=repr(e))
+                await asyncio.sleep(min(5.0, 0.05 * 2 ** failures))
+
+    @property
+    def _js(self) -> JetStreamContext:
+        return self.source.js if isinstance(self.source, Bus) else self.source
+
+    async def _head(self) -> int:
+        return (await self._js.stream_info(self.topology.events_stream)).state.last_seq
+
+    async def _follow(self) -> None:
+        """Read with a new consumer from what the index holds until it loses its place (then return) or fails."""
+        js, stream, name = self._js, self.topology.events_stream, f"jobs-index-{uuid.uuid4().hex}"
+        await js.add_consumer(stream, ConsumerConfig(
+            name=name, filter_subject=self.subjects.job_events_all, deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=self._read_to + 1, ack_policy=AckPolicy.NONE, mem_storage=True,
+            inactive_threshold=60.0))  # gone a minute after its gateway
+        sub = await js.pull_subscribe_bind(stream=stream, name=name)
+        try:
+            delivered = 0  # the consumer's sequence: one more for each message, or a message was lost
+            near_head = True
+            while True:
+                # the stream's last sequence, read before a fetch that then finds nothing more to deliver: every
+                # job event up to it is in the index, whatever non-job events came after the last job event
+                head = await self._head() if near_head else None
+                try:
+                    msgs = await sub.fetch(self.batch, timeout=self.idle_s if not self._waiting else 0.1)
+                    idle = False
+                except NatsTimeout:
+                    msgs, idle = [], True
+                if any(m.metadata.sequence.consumer != delivered + i for i, m in enumerate(msgs, start=1)):
+                    log.warning("index.gap", after_seq=self._read_to)
+                    return
+                delivered += len(msgs)
+                if msgs:
+                    applied = await self._apply(msgs)
+                    self._read_to = max(self._read_to, applied, msgs[-1].metadata.sequence.stream)
+                    self._advance(self._read_to)
+                # (an empty answer without a timeout may be the consumer gone: it proves nothing)
+                drained = idle or (bool(msgs) and msgs[-1].metadata.num_pending == 0)
+                if head is not None and drained:
+                    self._advance(head)
+                near_head = drained or not msgs
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+            with contextlib.suppress(Exception):  # else its inactivity removes it
+                await js.delete_consumer(stream, name)
+
+    async def _apply(self, msgs: list) -> int:
+        """Apply the batch in a thread; if the follower is stopped meanwhile, the batch is finished first (the
+        index may be closed right after)."""
+        events = []
+        for msg in msgs:
+            try:
+                events.append((msg.metadata.sequence.stream, JobEvent.model_validate_json(msg.data)))
+            except ValidationError as e:  # not a job event: nothing to index, and it never will be
+                log.warning("index.event_skipped", subject=msg.subject, seq=msg.metadata.sequence.stream,
+                            reason=str(e)[:500])
+        writing = asyncio.ensure_future(asyncio.to_thread(self.index.apply, events))
+        try:
+            return await asyncio.shield(writing)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                self._read_to = max(self._read_to, await writing)
+            raise
+
+    def _advance(self, seq: int) -> None:
+        if seq > self._caught_up:
+            self._caught_up = seq
+            self._moved.set()
+            self._moved = asyncio.Event()
+
+
+async def follow(bus_or_js: Bus | JetStreamContext, index: JobsIndex, subjects: Subjects | None = None, *,
+                 batch: int = 256, idle_s: float = 1.0) -> None:
+    """Follow the stream into the index until cancelled: `Follower(...).run()`, for a caller that needs neither
+    its progress nor `wait_for`."""
+    await Follower(bus_or_js, index, subjects, batch=batch, idle_s=idle_s).run()
