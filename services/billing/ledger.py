@@ -1,20 +1,17 @@
 """The ledger: usage lines, one per job and never two, and budget top-ups.
 
 SQLite on disk (WAL mode) by default; PostgreSQL when given a `postgresql://` URL (`CONTINUUM_LEDGER_URL`).
-One code path for both: the SQL below is written once (`?` parameters, `ON CONFLICT DO NOTHING`, text
-instants in one sortable form) and a small adapter runs it on either database. Migrations run once each, in
-order, under a lock, recorded in `ledger_schema`, so replicas that start together migrate once.
+One code path for both (`shared/sql.py`): the SQL below is written once (`?` parameters, `ON CONFLICT DO
+NOTHING`, text instants in one sortable form). Migrations run once each, in order, under a lock, recorded in
+`ledger_schema`, so replicas that start together migrate once.
 """
 
 from __future__ import annotations
 
-import sqlite3
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
+from shared import sql
 from shared.contracts.billing import Topup, UsageLine
 
 _FIELDS = tuple(UsageLine.model_fields)
@@ -47,94 +44,21 @@ MIGRATIONS = (
 )
 
 
-class _Sqlite:
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute("PRAGMA busy_timeout=5000")
-
-    def execute(self, sql: str, args: Sequence[Any] = ()) -> Any:
-        return self.db.execute(sql, args)
-
-    @contextmanager
-    def transaction(self) -> Iterator[None]:
-        """A transaction that holds the write lock from its start."""
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
-
-    locked = transaction  # SQLite has one writer at a time anyway
-
-    def adopt_legacy_version(self) -> int:
-        """Ledgers made before `ledger_schema` counted their migrations in SQLite's user_version."""
-        return self.db.execute("PRAGMA user_version").fetchone()[0]
-
-    def close(self) -> None:
-        self.db.close()
-
-
-class _Postgres:
-    def __init__(self, url: str) -> None:
-        import psycopg  # only a PostgreSQL ledger needs it
-
-        self.db = psycopg.connect(url, autocommit=True)
-
-    def execute(self, sql: str, args: Sequence[Any] = ()) -> Any:
-        return self.db.execute(sql.replace("?", "%s"), args)
-
-    @contextmanager
-    def transaction(self) -> Iterator[None]:
-        with self.db.transaction():
-            yield
-
-    @contextmanager
-    def locked(self) -> Iterator[None]:
-        with self.db.transaction():
-            # one migrating replica at a time (released at commit)
-            self.db.execute("SELECT pg_advisory_xact_lock(hashtext('continuum_ledger_schema'))")
-            yield
-
-    def adopt_legacy_version(self) -> int:
-        return 0
-
-    def close(self) -> None:
-        self.db.close()
-
-
 class Ledger:
     def __init__(self, target: Path | str) -> None:
         """`target`: a SQLite file, or a `postgresql://` URL."""
-        self.db: _Sqlite | _Postgres
-        if isinstance(target, str) and target.startswith(("postgresql://", "postgres://")):
-            self.db, self.kind = _Postgres(target), "postgresql"
-        else:
-            self.db, self.kind = _Sqlite(Path(target)), "sqlite"
-        self._migrate()
+        self.db = sql.open_database(target)
+        self.kind = self.db.kind
+        sql.migrate(self.db, "ledger_schema", MIGRATIONS, legacy_version=_user_version)
 
     @property
     def version(self) -> int:
-        return self.db.execute("SELECT COALESCE(MAX(version), 0) FROM ledger_schema").fetchone()[0]
-
-    def _migrate(self) -> None:
-        self.db.execute("CREATE TABLE IF NOT EXISTS ledger_schema (version INTEGER PRIMARY KEY, applied_at TEXT)")
-        with self.db.locked():
-            legacy = self.db.adopt_legacy_version()
-            if self.version == 0 and legacy:
-                for number in range(1, legacy + 1):
-                    self.db.execute("INSERT INTO ledger_schema VALUES (?, ?)", [number, "before ledger_schema"])
-            for number, sql in enumerate(MIGRATIONS[self.version:], start=self.version + 1):
-                self.db.execute(sql)
-                self.db.execute("INSERT INTO ledger_schema VALUES (?, ?)", [number, _iso(datetime.now(UTC))])
+        return sql.schema_version(self.db, "ledger_schema")
 
     def add(self, line: UsageLine) -> bool:
         """Record the line; False if the job has one already (the line is keyed on the job, not the message)."""
-        row = line.model_dump(mode="json") | {"started_at": _iso(line.started_at), "ended_at": _iso(line.ended_at)}
+        row = line.model_dump(mode="json") | {"started_at": sql.iso(line.started_at),
+                                               "ended_at": sql.iso(line.ended_at)}
         with self.db.transaction():
             if not self._insert("usage_lines", "job_id", _FIELDS, row):
                 return False
@@ -173,7 +97,8 @@ class Ledger:
 
     def add_topup(self, topup: Topup) -> bool:
         """Record the top-up; False if one with its id exists (a retried request)."""
-        return self._insert("topups", "topup_id", _TOPUP_FIELDS, topup.model_dump(mode="json") | {"at": _iso(topup.at)})
+        return self._insert("topups", "topup_id", _TOPUP_FIELDS,
+                            topup.model_dump(mode="json") | {"at": sql.iso(topup.at)})
 
     def topups(self, tenant: str, since: datetime | None = None, until: datetime | None = None) -> tuple[float, float]:
         """(euros, allocation hours) added to the tenant's budget and allocation in the window."""
@@ -191,7 +116,7 @@ class Ledger:
     def announce(self, tenant: str, budget: str, period: str, level: str, limit: float) -> bool:
         """Record that a budget event was published; False if it was before."""
         row = {"tenant": tenant, "budget": budget, "period": period, "level": level, "budget_limit": limit,
-               "at": _iso(datetime.now(UTC))}
+               "at": sql.iso(datetime.now(UTC))}
         return self._insert("budget_events", "tenant, budget, period, level, budget_limit", tuple(row), row)
 
     def _insert(self, table: str, key: str, fields: tuple[str, ...], row: dict) -> bool:
@@ -206,10 +131,10 @@ class Ledger:
         where, args = ["tenant = ?"], [tenant]
         if since:
             where.append(f"{column} >= ?")
-            args.append(_iso(since))
+            args.append(sql.iso(since))
         if until:
             where.append(f"{column} < ?")
-            args.append(_iso(until))
+            args.append(sql.iso(until))
         return " AND ".join(where), args
 
     def _select(self, where: str, args: list) -> list[UsageLine]:
@@ -221,6 +146,7 @@ class Ledger:
         self.db.close()
 
 
-def _iso(at: datetime) -> str:
-    """One text form for every instant, so that the ledger's text order is time order."""
-    return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+def _user_version(db: sql.Database) -> int:
+    """Ledgers made before `ledger_schema` counted their migrations in SQLite's user_version."""
+    return db.execute("PRAGMA user_version").fetchone()[0] if db.kind == "sqlite" else 0
