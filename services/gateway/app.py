@@ -95,7 +95,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def dashboard() -> FileResponse:
         return FileResponse(DASHBOARD / "index.html")
 
-    app.mount("/static", StaticFiles(directory=DASHBOARD), name="static")
+    app.mount("/static", StaticFiles(directory=DASHBOARD, check_dir=False), name="static")
     return app
 
 
