@@ -13,13 +13,9 @@ import contextlib
 import os
 import signal
 
-import structlog
-
-from services.agent.backends.base import Outcome, SlotBackend
-from services.agent.staging import StagingError, stage_in, stage_out, step_files
+from services.agent.backends.base import Outcome, SlotBackend, with_outputs
+from services.agent.staging import StagingError, stage_in, step_files
 from shared.contracts.jobs import Dispatch, Step
-
-log = structlog.get_logger()
 
 # how long a process has to end after SIGTERM before it is killed
 TERM_GRACE_S = 5.0
@@ -36,7 +32,7 @@ class LocalBackend(SlotBackend):
                 await asyncio.to_thread(stage_in, spec, root)
             except StagingError as e:
                 return Outcome(None, f"cannot stage the job's inputs: {e}")
-        # the agent's own variables last: no step may move the job off its GPU slots
+        # the site's own variables (base.SITE_ENV) last: no step may move the job off its GPU slots
         env = dict(os.environ)
         ours = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, slots)), "CONTINUUM_JOB_ID": order.job_id}
         steps = spec.steps or [Step(command=spec.command)]
@@ -52,7 +48,7 @@ class LocalBackend(SlotBackend):
             if ran.exit_code != 0:
                 break
         if spec.outputs and root is not None and outcome.exit_code is not None:
-            outcome = await _collect(order, root, outcome)
+            outcome = await with_outputs(order, root, outcome)
         return outcome
 
 
@@ -80,18 +76,6 @@ async def _run_step(step: Step, i: int | None, env: dict[str, str], root: str | 
     except asyncio.CancelledError:
         await _stop(process)
         raise
-
-
-async def _collect(order: Dispatch, root: str, outcome: Outcome) -> Outcome:
-    """Outputs to their URLs once the steps are over. A job that succeeded but left one missing fails, with the
-    reason (no exit code: its steps did their part); one that failed keeps its exit code, whatever it left."""
-    problems = await asyncio.to_thread(stage_out, order.spec, root)
-    if not problems:
-        return outcome
-    if outcome.exit_code == 0:
-        return Outcome(None, f"cannot stage the job's outputs: {'; '.join(problems)}")
-    log.info("job.outputs_missing", job_id=order.job_id, exit_code=outcome.exit_code, problems=problems)
-    return outcome
 
 
 def _kill_group(pid: int) -> None:

@@ -28,10 +28,11 @@ from datetime import UTC, datetime
 
 import structlog
 
-from services.agent.backends.base import Outcome, Reports, SubmitError
+from services.agent.backends.base import SITE_ENV, Outcome, Reports, SubmitError, with_outputs
+from services.agent.staging import StagingError, stage_in
 from shared.contracts.catalog import SiteEntry, SlurmOptions
 from shared.contracts.events import utcnow
-from shared.contracts.jobs import Dispatch
+from shared.contracts.jobs import Dispatch, JobSpec
 from shared.contracts.sites import GpuCount, SiteJob
 
 log = structlog.get_logger()
@@ -112,8 +113,11 @@ def sbatch_args(order: Dispatch, site: SiteEntry, output: str) -> list[str]:
     the site's default from the catalog, if it gives one, or else Slurm's own (DefMemPerGPU and the like)."""
     spec, r = order.spec, order.spec.resources
     options = site.slurm or SlurmOptions()
+    # the comment carries what a restarted agent needs: not the inputs, staged already (and their content may
+    # be large)
+    kept = order.model_copy(update={"spec": spec.model_copy(update={"inputs": []})}) if spec.inputs else order
     args = ["--parsable", f"--job-name={NAME_PREFIX}{order.job_id}", f"--time={max(1, -(-spec.walltime_s // 60))}",
-            f"--output={output}", "--comment=" + base64.b64encode(order.model_dump_json().encode()).decode(),
+            f"--output={output}", "--comment=" + base64.b64encode(kept.model_dump_json().encode()).decode(),
             f"--export=ALL,CONTINUUM_JOB_ID={order.job_id}",
             "--no-requeue"]  # a job Slurm lets go is requeued by routing, which may place it elsewhere
     if r.nodes > 1:
@@ -133,6 +137,27 @@ def sbatch_args(order: Dispatch, site: SiteEntry, output: str) -> list[str]:
         if value := getattr(options, name):
             args.append(f"--{name}={value}")
     return args
+
+
+def batch_script(spec: JobSpec) -> str:
+    """The batch script: the job's command; or its steps one after another, each in a subshell with its workdir,
+    env (but for what the site sets: SITE_ENV) and redirections, the first that counts and exits non-zero ending
+    the script with its exit code (a step with `ignore_error` does not count). Its exit code is the job's."""
+    if not spec.steps:
+        return "#!/bin/sh\nexec " + shlex.join(spec.command) + "\n"
+    lines = ["#!/bin/sh", "# the job's steps, one after another (CONTRACT.md, \"Steps and files\")"]
+    for i, step in enumerate(spec.steps):
+        inside = [f"export {name}={shlex.quote(value)}" for name, value in step.env.items() if name not in SITE_ENV]
+        if step.workdir is not None:
+            inside.append(f"cd {shlex.quote(step.workdir)}")
+        inside.append("exec " + shlex.join(step.command))
+        redirect = "".join(f" {sign} {shlex.quote(path)}" for sign, path in
+                           (("<", step.stdin), (">", step.stdout)) if path is not None)
+        if step.stderr is not None:
+            redirect += " 2>&1" if step.stderr == step.stdout else f" 2> {shlex.quote(step.stderr)}"
+        lines.append(f"({' && '.join(inside)}){redirect}")
+        lines.append(f"# steps.{i} ignores its error" if step.ignore_error else "rc=$?; [ $rc -eq 0 ] || exit $rc")
+    return "\n".join([*lines, "exit 0", ""])
 
 
 def parse_jobs(text: str) -> dict[str, SlurmJob]:
@@ -285,10 +310,10 @@ class SlurmBackend:
     async def submit(self, order: Dispatch) -> bool:
         if order.job_id in self.tracked:
             return False
+        await self._stage_in(order.spec)
         self._ensure_polling()
         output = f"{self.output_dir}/continuum-{order.job_id}-{order.attempt}.out"
-        script = "#!/bin/sh\nexec " + shlex.join(order.spec.command) + "\n"
-        code, out, err = await _run("sbatch", *sbatch_args(order, self.site, output), stdin=script)
+        code, out, err = await _run("sbatch", *sbatch_args(order, self.site, output), stdin=batch_script(order.spec))
         if code != 0:
             words = refusal_words(err or out)
             raise SubmitError(words, permanent=not is_transient(words))
@@ -296,6 +321,20 @@ class SlurmBackend:
         self.tracked[order.job_id] = Tracked(order, slurm_id, utcnow())
         log.info("slurm.submitted", job_id=order.job_id, slurm_id=slurm_id, site=self.site.id)
         return True
+
+    async def _stage_in(self, spec: JobSpec) -> None:
+        """The job's inputs, workdirs and the directories its redirections go to, made by the agent before the job
+        is submitted, beneath the site's files_root on the filesystem its nodes share. One that cannot be is the
+        site's refusal, for good: routing tries another site, or fails the job with these words."""
+        if not spec.staged_paths():
+            return
+        root = self.site.files_root
+        if root is None or (why := self.site.cannot_stage(spec)):  # the agent refuses such a job before this
+            raise SubmitError(f"cannot stage the job's files: {why or 'the site has no files_root'}", permanent=True)
+        try:
+            await asyncio.to_thread(stage_in, spec, root)
+        except StagingError as e:
+            raise SubmitError(f"cannot stage the job's inputs: {e}", permanent=True) from None
 
     async def cancel(self, job_id: str, reason: str, superseded: bool = False, attempt: int | None = None) -> bool:
         tracked = self.tracked.get(job_id)
@@ -437,6 +476,8 @@ class SlurmBackend:
         if tracked.superseded:
             self.reports.left(tracked.order, at or utcnow(), "superseded")
             return
+        if tracked.order.spec.outputs and self.site.files_root and outcome.exit_code is not None:
+            outcome = await with_outputs(tracked.order, self.site.files_root, outcome)
         await self.reports.ended(tracked.order, tracked.started_at, at or utcnow(), outcome)
 
 
