@@ -13,6 +13,7 @@ import pytest
 
 from services.agent.backends.base import SubmitError
 from services.agent.backends.slurm import (
+    COMMENT_MAX,
     CommandError,
     SlurmBackend,
     SlurmView,
@@ -218,14 +219,34 @@ def test_a_steps_env_never_overrides_what_slurm_sets_for_the_job(tmp_path):
     assert (tmp_path / "gpus").read_text() == "0,1 1\n"
 
 
-def test_the_comment_leaves_out_the_inputs_the_agent_staged_already():
+def comment_of(order: Dispatch) -> str:
+    return next(a for a in sbatch_args(order, SITE, "/tmp/out") if a.startswith("--comment="))[len("--comment="):]
+
+
+def test_the_comment_leaves_out_the_inputs_staged_already_and_the_steps_in_the_script():
     files = JobSpec(tenant="lab", command=["x"], inputs=[{"path": "/srv/job.sh", "content": "x" * 60_000}],
-                    outputs=[{"path": "/srv/o", "url": "file:///srv/r"}])
-    spec = order().spec.model_copy(update={"inputs": files.inputs, "outputs": files.outputs})
-    with_files = order().model_copy(update={"spec": spec})
-    comment = next(a for a in sbatch_args(with_files, SITE, "/tmp/out") if a.startswith("--comment="))
-    kept = Dispatch.model_validate_json(base64.b64decode(comment[len("--comment="):]))
-    assert kept.spec.inputs == [] and kept.spec.outputs == spec.outputs and len(comment) < 2_000
+                    steps=[{"command": ["x"], "stdout": "/srv/log"}], outputs=[{"path": "/srv/o", "url": "file:///srv/r"}])
+    with_files = order(gpus=1).model_copy(update={"spec": files})
+    comment = comment_of(with_files)
+    assert len(comment) <= COMMENT_MAX
+    kept = parse_jobs(f"JobId=5 JobName=continuum-j1 Comment={comment}")["5"].order
+    assert kept is not None and (kept.spec.inputs, kept.spec.steps, kept.spec.outputs) == ([], [], files.outputs)
+
+
+def test_a_comment_too_long_for_slurm_is_compressed_and_one_still_too_long_refused_for_good():
+    # Slurm refuses a comment of more than 1,024 characters: a long command once made such a job unsubmittable
+    outputs = [{"path": f"/scratch/lab/w/sample{i}.bam", "url": f"file:///scratch/lab/results/sample{i}.bam"}
+               for i in range(20)]
+    many = order().model_copy(update={"spec": JobSpec(tenant="lab", command=["python", "x" * 400], outputs=outputs)})
+    assert len(base64.b64encode(many.model_dump_json().encode())) > COMMENT_MAX
+    comment = comment_of(many)
+    assert len(comment) <= COMMENT_MAX
+    assert parse_jobs(f"JobId=5 JobName=continuum-j1 Comment={comment}")["5"].order == many
+    assert comment_of(order()) == base64.b64encode(order().model_dump_json().encode()).decode()  # as it always was
+    noise = [{"path": f"/srv/{os.urandom(24).hex()}", "url": f"file:///srv/{os.urandom(24).hex()}"} for _ in range(40)]
+    with pytest.raises(SubmitError, match="does not fit Slurm's comment") as refused:
+        comment_of(order().model_copy(update={"spec": JobSpec(tenant="lab", command=["x"], outputs=noise)}))
+    assert refused.value.permanent
 
 
 def files_site(root: Path) -> SiteEntry:

@@ -11,10 +11,10 @@ query per poll (not one per job) and turns Slurm's states into lifecycle reports
     CANCELLED                                    cancelled
     PREEMPTED, REQUEUED                          requeued (placed again by routing)
 
-Each job carries its Dispatch order (base64 JSON in its Slurm comment), so a restarted agent finds the jobs
-its predecessor submitted and follows them on: a Slurm job outlives its agent. Capacity comes from Slurm
-too: GPU GRES per node (total and used) and the partition's whole queue, other users' jobs included.
-The parsing is pure; the class only runs commands.
+Each job carries its Dispatch order (base64 JSON in its Slurm comment, compressed when that is too long for
+Slurm: `dispatch_comment`), so a restarted agent finds the jobs its predecessor submitted and follows them on:
+a Slurm job outlives its agent. Capacity comes from Slurm too: GPU GRES per node (total and used) and the
+partition's whole queue, other users' jobs included. The parsing is pure; the class only runs commands.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import asyncio
 import base64
 import contextvars
 import shlex
+import zlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -103,9 +104,32 @@ class SlurmJob:
         if not self.name.startswith(NAME_PREFIX) or not self.comment:
             return None
         try:
-            return Dispatch.model_validate_json(base64.b64decode(self.comment))
-        except ValueError:
+            packed = base64.b64decode(self.comment)
+            return Dispatch.model_validate_json(packed if packed.startswith(b"{") else zlib.decompress(packed))
+        except (ValueError, zlib.error):
             return None
+
+
+# Slurm refuses a comment longer than this ("Pathname of a file, directory or other parameter too long")
+COMMENT_MAX = 1024
+
+
+def dispatch_comment(order: Dispatch) -> str:
+    """The Slurm comment that carries the order for a restarted agent: base64 JSON, as it always was; when that is
+    too long for Slurm, base64 of the zlib-compressed JSON (its defaults left out). Without what is of no use once
+    the job is submitted: its inputs (staged already, their content maybe large) and its steps (in the script).
+    SubmitError when even that is too long."""
+    spec = order.spec
+    if spec.inputs or spec.steps:
+        order = order.model_copy(update={"spec": spec.model_copy(update={"inputs": [], "steps": []})})
+    comment = base64.b64encode(order.model_dump_json().encode()).decode()
+    if len(comment) > COMMENT_MAX:
+        comment = base64.b64encode(zlib.compress(order.model_dump_json(exclude_defaults=True).encode(), 9)).decode()
+    if len(comment) > COMMENT_MAX:
+        raise SubmitError(f"the job does not fit Slurm's comment, which carries it for a restarted agent "
+                          f"({len(comment)} characters compressed, at most {COMMENT_MAX}): fewer or shorter "
+                          f"outputs, or a shorter command", permanent=True)
+    return comment
 
 
 def sbatch_args(order: Dispatch, site: SiteEntry, output: str) -> list[str]:
@@ -113,11 +137,8 @@ def sbatch_args(order: Dispatch, site: SiteEntry, output: str) -> list[str]:
     the site's default from the catalog, if it gives one, or else Slurm's own (DefMemPerGPU and the like)."""
     spec, r = order.spec, order.spec.resources
     options = site.slurm or SlurmOptions()
-    # the comment carries what a restarted agent needs: not the inputs, staged already (and their content may
-    # be large)
-    kept = order.model_copy(update={"spec": spec.model_copy(update={"inputs": []})}) if spec.inputs else order
     args = ["--parsable", f"--job-name={NAME_PREFIX}{order.job_id}", f"--time={max(1, -(-spec.walltime_s // 60))}",
-            f"--output={output}", "--comment=" + base64.b64encode(kept.model_dump_json().encode()).decode(),
+            f"--output={output}", "--comment=" + dispatch_comment(order),
             f"--export=ALL,CONTINUUM_JOB_ID={order.job_id}",
             "--no-requeue"]  # a job Slurm lets go is requeued by routing, which may place it elsewhere
     if r.nodes > 1:
@@ -310,10 +331,11 @@ class SlurmBackend:
     async def submit(self, order: Dispatch) -> bool:
         if order.job_id in self.tracked:
             return False
+        output = f"{self.output_dir}/continuum-{order.job_id}-{order.attempt}.out"
+        args = sbatch_args(order, self.site, output)  # first: it may refuse the job, before anything is staged
         await self._stage_in(order.spec)
         self._ensure_polling()
-        output = f"{self.output_dir}/continuum-{order.job_id}-{order.attempt}.out"
-        code, out, err = await _run("sbatch", *sbatch_args(order, self.site, output), stdin=batch_script(order.spec))
+        code, out, err = await _run("sbatch", *args, stdin=batch_script(order.spec))
         if code != 0:
             words = refusal_words(err or out)
             raise SubmitError(words, permanent=not is_transient(words))
