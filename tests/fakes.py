@@ -11,8 +11,9 @@ from typing import Any
 
 from nats.js.api import PubAck
 
+from services.agent.backends.base import Outcome
 from shared.contracts.events import CloudEvent
-from shared.contracts.jobs import JobEvent, JobEventData
+from shared.contracts.jobs import Dispatch, JobEvent, JobEventData
 from shared.contracts.subjects import Subjects
 from shared.registry import apply_event
 from shared.stores import Change
@@ -176,3 +177,36 @@ class MemorySiteLink:
         self.events.append(event)
         if event.kind not in ("dispatched", "started"):
             self.ended.set()
+
+
+class MemoryReports:
+    """What a site backend reports (services/agent/backends/base.py's Reports), in order: (kind, job id, attempt,
+    the outcome of an end); `fail_start` makes a start impossible to report, as with the bus out of reach."""
+
+    def __init__(self, fail_start: bool = False) -> None:
+        self.log: list[tuple[str, str, int, Outcome | None]] = []
+        self.fail_start = fail_start
+        self.changed = asyncio.Event()
+
+    async def started(self, order: Dispatch, at: datetime) -> None:
+        if self.fail_start:
+            raise ConnectionError("no NATS")
+        self.log.append(("started", order.job_id, order.attempt, None))
+
+    async def ended(self, order: Dispatch, started_at: datetime | None, at: datetime, outcome: Outcome) -> None:
+        self.log.append(("ended", order.job_id, order.attempt, outcome))
+        self.changed.set()
+
+    def left(self, order: Dispatch, at: datetime, outcome: str) -> None:
+        self.log.append(("left", order.job_id, order.attempt, None))
+        self.changed.set()
+
+    async def outcome(self, job_id: str, timeout_s: float = 5.0) -> Outcome:
+        """How the job's run ended, once it has (its last end, if it ran more than once)."""
+        async with asyncio.timeout(timeout_s):
+            while True:
+                found = [o for kind, j, _, o in self.log if kind == "ended" and j == job_id and o is not None]
+                if found:
+                    return found[-1]
+                self.changed.clear()
+                await self.changed.wait()

@@ -123,7 +123,7 @@ class SiteAgent:
         need = order.spec.resources.total_gpus
         if need and self.site.gpus.get(order.gpu_type, 0) < need:
             return f"has {self.site.gpus.get(order.gpu_type, 0)} {order.gpu_type} GPUs, the job needs {need}"
-        return None
+        return self.site.cannot_stage(order.spec)
 
     async def stop(self, command: StopJob, traceparent: str | None) -> None:
         if await self.backend.cancel(command.job_id, command.reason, command.superseded, command.attempt):

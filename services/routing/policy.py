@@ -2,7 +2,8 @@
 a Decision out, with every site's reasons, score and score parts.
 
 1. Hard constraints, each failing one named on the site's candidate. Some never change (residency,
-   certifications, GPU types and counts the site lacks, overflow rights, the job's own budget): when every
+   certifications, GPU types and counts the site lacks, overflow rights, the job's own budget, files the site
+   cannot stage): when every
    site fails one of those the job is impossible and is rejected rather than left waiting forever. Others
    pass (a site down, GPUs busy, the tenant's allocation or monthly budget spent, a private site's overflow
    share taken): the job waits.
@@ -261,6 +262,9 @@ def permanent_reasons(spec: JobSpec, tenant: TenantEntry, site: SiteEntry) -> li
         if hours > tenant.allocation_gpu_hours:
             reasons.append(f"may use {hours:.1f} allocation hours, the tenant's grant is "
                            f"{tenant.allocation_gpu_hours:.1f}")
+    # only a job with steps or files has paths to check (the replay asks this of jobs without, a great many times)
+    if (spec.inputs or spec.outputs or spec.steps) and (staging := site.cannot_stage(spec)):
+        reasons.append(staging)
     return reasons + beyond_limits(spec, site)
 
 

@@ -20,7 +20,7 @@ from pydantic import (
     model_validator,
 )
 
-from .jobs import GPU_TYPES, TENANT_PATTERN
+from .jobs import GPU_TYPES, TENANT_PATTERN, AbsolutePath, JobSpec, beneath
 
 SiteId = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9-]*$", max_length=63)]
 Country = Annotated[str, StringConstraints(pattern=r"^[A-Z]{2}$")]
@@ -80,6 +80,10 @@ class SiteEntry(BaseModel):
     allocation_factor: dict[GpuType, Annotated[float, Field(ge=0)]] = Field(default_factory=dict)
     overflow_share: float = Field(1.0, ge=0.0, le=1.0)
     slurm: SlurmOptions | None = None
+    # the directory beneath which the site's agent stages a job's files (its inputs, outputs, file:// URLs, its
+    # steps' workdir and redirections): local and Slurm sites run jobs as the agent's own user, without a
+    # container, so a path anywhere else could overwrite or read the agent's own files. None: it stages none
+    files_root: AbsolutePath | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> SiteEntry:
@@ -87,6 +91,9 @@ class SiteEntry(BaseModel):
             raise ValueError("needs carbon_zone or carbon_g_per_kwh")
         if self.slurm is not None and self.backend != "slurm":
             raise ValueError(f"slurm options on a site whose backend is {self.backend}")
+        if self.files_root is not None and self.backend not in ("local", "slurm"):
+            raise ValueError(f"files_root on a site whose backend is {self.backend}: only local and slurm sites "
+                             f"stage files")
         for field in ("gpu_watts", "price_eur_per_gpu_hour", "allocation_factor"):
             unknown = set(getattr(self, field)) - set(self.gpus)
             if unknown:
@@ -99,6 +106,22 @@ class SiteEntry(BaseModel):
     @property
     def public(self) -> bool:
         return self.kind == "public_hpc"
+
+    def cannot_stage(self, spec: JobSpec) -> str | None:
+        """Why the site cannot stage the job's files, naming the field (None: it can, or the job has none): it
+        stages none, or a path or file:// URL lies outside its `files_root`. As strings: the agent checks the
+        real paths again when it stages them."""
+        staged = spec.staged_paths()
+        if not staged:
+            return None
+        if self.files_root is None:
+            item, field, _ = staged[0]
+            return f"stages no files ({item if field in ('path', 'url') else f'{item}.{field}'})"
+        outside = [f"{item}.{field}" for item, field, path in staged if not beneath(path, self.files_root)]
+        if not outside:
+            return None
+        more = f" (and {len(outside) - 1} more)" if len(outside) > 1 else ""
+        return f"{outside[0]} is outside {self.files_root}{more}"
 
     def price(self, gpu_type: str) -> float:
         return self.price_eur_per_gpu_hour.get(gpu_type, 0.0)

@@ -16,20 +16,26 @@ its history but never change its state. `cancelled` and `failed` may come from a
 
 from __future__ import annotations
 
+import posixpath
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
+from urllib.parse import unquote, urlsplit
 
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
     StringConstraints,
+    ValidationError,
     field_serializer,
     model_serializer,
+    model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from shared.contracts.events import CloudEvent
 
@@ -39,6 +45,8 @@ LabelKey = Annotated[str, StringConstraints(max_length=128)]
 LabelValue = Annotated[str, StringConstraints(max_length=1024)]
 GpuType = Literal["H100", "A100", "L40S", "L4"]
 GPU_TYPES: tuple[str, ...] = ("H100", "A100", "L40S", "L4")
+# argv: what JobSpec.command and each of its steps run
+Command = Annotated[list[Annotated[str, StringConstraints(max_length=4096)]], Field(min_length=1, max_length=1024)]
 
 
 class JobState(StrEnum):
@@ -80,6 +88,95 @@ class Resources(BaseModel):
         return self.gpus * self.nodes
 
 
+# Steps and files (CONTRACT.md, "Steps and files"): the paths a job names are absolute, kept normalised, and
+# never climb (`..`), so that whether one lies beneath a site's `files_root` is a comparison of strings (the
+# policy's); the agent checks again, on the filesystem, when it stages them. The only URLs are file:// ones: a
+# path on the site's own filesystem.
+PATH_MAX = 4096
+
+
+def _absolute_path(path: str) -> str:
+    if not path.startswith("/"):
+        raise PydanticCustomError("absolute_path", "must be an absolute path")
+    if "\0" in path:
+        raise PydanticCustomError("absolute_path", "must not contain a NUL character")
+    if ".." in path.split("/"):
+        raise PydanticCustomError("absolute_path", "must not contain '..'")
+    return "/" + posixpath.normpath(path).lstrip("/")  # normpath keeps a leading `//`
+
+
+AbsolutePath = Annotated[str, StringConstraints(min_length=1, max_length=PATH_MAX), AfterValidator(_absolute_path)]
+
+
+def file_url_path(url: str) -> str:
+    """The path a file:// URL names on the site (percent-decoded, normalised); PydanticCustomError if it is not
+    one this contract accepts."""
+    if url[:7].lower() != "file://":
+        raise PydanticCustomError("file_url", "only file:// URLs are supported")
+    parts = urlsplit(url)
+    if parts.netloc not in ("", "localhost") or parts.query or parts.fragment:
+        raise PydanticCustomError("file_url", "a file:// URL names a path on the site: file:///absolute/path")
+    try:
+        return _absolute_path(unquote(parts.path))
+    except PydanticCustomError as e:
+        raise PydanticCustomError("file_url", "the path of a file:// URL {problem}", {"problem": e.message()}) from None
+
+
+def _file_url(url: str) -> str:
+    file_url_path(url)
+    return url
+
+
+FileUrl = Annotated[str, StringConstraints(min_length=1, max_length=3 * PATH_MAX), AfterValidator(_file_url)]
+EnvName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=256)]
+EnvValue = Annotated[str, StringConstraints(pattern=r"^[^\x00]*$", max_length=32_768)]
+
+
+class Step(BaseModel):
+    """One of the commands a job runs one after another (a TES executor). A step that exits non-zero ends the job
+    with its exit code, unless it has `ignore_error`; the job's exit code is that of the last step that counts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    command: Command
+    image: str | None = Field(None, max_length=1024)  # for sites that run containers; local and Slurm ignore it
+    workdir: AbsolutePath | None = None
+    stdin: AbsolutePath | None = None  # a file the step reads as its standard input
+    stdout: AbsolutePath | None = None  # files its standard output and error are written to (replaced)
+    stderr: AbsolutePath | None = None
+    env: dict[EnvName, EnvValue] = Field(default_factory=dict, max_length=128)  # added to the job's environment
+    ignore_error: bool = False
+
+
+class FileInput(BaseModel):
+    """A file put at `path` before the first step: `content` written there, or a copy of the file at `url`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: AbsolutePath
+    content: str | None = Field(None, max_length=1_048_576)
+    url: FileUrl | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> FileInput:
+        if (self.content is None) == (self.url is None):
+            raise PydanticCustomError("file_input", "needs exactly one of content or url")
+        return self
+
+
+class FileOutput(BaseModel):
+    """A file the job leaves at `path`, copied to `url` after its last step."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: AbsolutePath
+    url: FileUrl
+
+
+def _empty(value: list) -> bool:
+    return not value
+
+
 class JobSpec(BaseModel):
     """What a submitter asks for (CONTRACT.md, JobSpec v1)."""
 
@@ -87,7 +184,7 @@ class JobSpec(BaseModel):
 
     tenant: TenantId
     name: str = Field("", max_length=256)
-    command: list[Annotated[str, StringConstraints(max_length=4096)]] = Field(min_length=1, max_length=1024)
+    command: Command
     image: str | None = Field(None, max_length=1024)
     resources: Resources = Field(default_factory=Resources)
     walltime_s: int = Field(3600, ge=1, le=2_592_000)
@@ -102,6 +199,42 @@ class JobSpec(BaseModel):
     budget_eur: float | None = Field(None, ge=0)
     idempotency_key: str | None = Field(None, min_length=1, max_length=256)
     labels: dict[LabelKey, LabelValue] = Field(default_factory=dict, max_length=64)
+    # Steps and files (CONTRACT.md): with `steps`, they are what runs, the first being `command` (the job's
+    # headline). Left out of the JSON when empty, so that a job without them reads as it always did (an agent
+    # of an earlier version, which forbids unknown fields, still takes it).
+    steps: list[Step] = Field(default_factory=list, max_length=32, exclude_if=_empty)
+    inputs: list[FileInput] = Field(default_factory=list, max_length=256, exclude_if=_empty)
+    outputs: list[FileOutput] = Field(default_factory=list, max_length=256, exclude_if=_empty)
+
+    @model_validator(mode="after")
+    def _steps_begin_with_the_command(self) -> JobSpec:
+        if self.steps and self.steps[0].command != self.command:
+            detail = InitErrorDetails(type=PydanticCustomError("steps_command", "must be the job's command"),
+                                      loc=("steps", 0, "command"), input=self.steps[0].command)
+            raise ValidationError.from_exception_data(type(self).__name__, [detail])
+        return self
+
+    def staged_paths(self) -> list[tuple[str, str, str]]:
+        """Every path a site touches for the job, as (the item that names it, its field, the path): `("inputs.0",
+        "url", "/srv/in.txt")`. Empty for a job without steps and files."""
+        paths: list[tuple[str, str, str]] = []
+        files: list[tuple[str, FileInput | FileOutput]] = [
+            *((f"inputs.{i}", f) for i, f in enumerate(self.inputs)),
+            *((f"outputs.{i}", f) for i, f in enumerate(self.outputs))]
+        for item, f in files:
+            paths.append((item, "path", f.path))
+            if f.url is not None:
+                paths.append((item, "url", file_url_path(f.url)))
+        for i, step in enumerate(self.steps):
+            for name in ("workdir", "stdin", "stdout", "stderr"):
+                if (path := getattr(step, name)) is not None:
+                    paths.append((f"steps.{i}", name, path))
+        return paths
+
+
+def beneath(path: str, root: str) -> bool:
+    """Whether a normalised absolute path is `root` or lies under it (as strings: neither may hold `..`)."""
+    return path == root or path.startswith(root.rstrip("/") + "/")
 
 
 class FieldError(BaseModel):

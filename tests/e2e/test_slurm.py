@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 from structlog.testing import capture_logs
 
 from services.agent.backends.slurm import SlurmBackend
@@ -22,6 +23,18 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture
 def system(slurm_cluster, nats_server, tmp_path):
     yield from start_system(nats_server, tmp_path, "slurm_sites.yaml", "slurm_tenants.yaml")
+    subprocess.run(["scancel", "--partition", slurm_cluster], check=False)
+
+
+@pytest.fixture
+def files_system(slurm_cluster, nats_server, tmp_path):
+    """The same, the Slurm site staging files beneath `tmp_path/files` (the node is this machine: its filesystem
+    is the agent's)."""
+    sites = yaml.safe_load((CATALOG / "slurm_sites.yaml").read_text())
+    sites["sites"][0]["files_root"] = str(tmp_path / "files")
+    (tmp_path / "files").mkdir()
+    (tmp_path / "slurm_sites.yaml").write_text(yaml.safe_dump(sites))
+    yield from start_system(nats_server, tmp_path, str(tmp_path / "slurm_sites.yaml"), "slurm_tenants.yaml")
     subprocess.run(["scancel", "--partition", slurm_cluster], check=False)
 
 
@@ -197,3 +210,26 @@ async def test_an_agent_waits_quietly_for_a_controller_naming_the_command_that_f
     with capture_logs() as logs:
         assert await backend._poll_once() is True  # and from now on, a failure is a warning
     assert not [e for e in logs if e["event"].startswith("slurm.") and e["log_level"] != "info"]
+
+
+async def test_a_job_of_steps_and_files_runs_in_slurm_and_leaves_its_output(files_system, tmp_path):
+    """What the TES gateway sends: a job script as content, steps (one ignoring its error), an output."""
+    nc = await connect_when_up(files_system)
+    events = await listen(nc)
+    files = tmp_path / "files"
+    script = f"{files}/w/job.sh"
+    ok = await submit(nc, spec(["sh", script], steps=[
+        {"command": ["sh", script], "workdir": f"{files}/w", "stdout": f"{files}/w/log", "env": {"WHO": "slurm"}},
+        {"command": ["sh", "-c", "exit 1"], "ignore_error": True},
+        {"command": ["sh", "-c", "tr a-z A-Z < log > result"], "workdir": f"{files}/w"}],
+        inputs=[{"path": script, "content": 'echo "snakemake on $WHO"\n'}],
+        outputs=[{"path": f"{files}/w/result", "url": f"file://{files}/results/result"}]))
+    bad = await submit(nc, spec(["sh", "-c", "exit 4"], steps=[
+        {"command": ["sh", "-c", "exit 4"]}, {"command": ["touch", f"{files}/never"]}]))
+    final = {"succeeded", "failed", "cancelled"}
+    await events.wait_for(lambda: all(set(events.kinds(j)) & final for j in (ok, bad)), 60, "both jobs end")
+    await nc.close()
+    assert events.kinds(ok)[-1] == "succeeded", [e["data"].get("reason") for e in events.by_job[ok]]
+    assert (files / "results" / "result").read_text() == "SNAKEMAKE ON SLURM\n"
+    assert data(events, bad, "failed")["exit_code"] == 4 and not (files / "never").exists()
+    assert slurm_job(bad)["ExitCode"] == "4:0"

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import nats
 import pytest
+import yaml
 
 from services.runtime import _factories
 from shared.bus import request_json
@@ -21,7 +22,23 @@ CATALOG = Path(__file__).parent / "catalog"
 
 @pytest.fixture
 async def client(nats_server, tmp_path):
-    settings = Settings(nats_url=nats_server.url, data_dir=tmp_path, sites_file=CATALOG / "sites.yaml",
+    async for connected in system(nats_server, tmp_path, CATALOG / "sites.yaml"):
+        yield connected
+
+
+@pytest.fixture
+async def files_client(nats_server, tmp_path):
+    """The same system, its local site staging files beneath `tmp_path/files`."""
+    sites = yaml.safe_load((CATALOG / "sites.yaml").read_text())
+    sites["sites"][0]["files_root"] = str(tmp_path / "files")
+    (tmp_path / "files").mkdir()
+    (tmp_path / "sites.yaml").write_text(yaml.safe_dump(sites))
+    async for connected in system(nats_server, tmp_path, tmp_path / "sites.yaml"):
+        yield connected
+
+
+async def system(nats_server, tmp_path: Path, sites_file: Path):
+    settings = Settings(nats_url=nats_server.url, data_dir=tmp_path, sites_file=sites_file,
                         tenants_file=CATALOG / "tenants.yaml", heartbeat_interval_s=0.2, placement_retry_s=0.1)
     async with AsyncExitStack() as stack:
         for factory in _factories().values():
@@ -124,3 +141,41 @@ async def test_an_agent_that_stops_gives_its_running_jobs_back(nats_server, tmp_
         assert requeued["reason"] == "site agent stopped" and requeued["attempt"] == 1
         assert "cancelled" not in events.kinds(job_id)
         assert not Path(f"/proc/{pid}").exists()
+
+
+async def test_a_job_of_steps_and_files_runs_at_the_local_site_and_leaves_its_output(files_client, tmp_path):
+    """What the TES gateway sends: a job script as content, two steps, an output to a file:// URL."""
+    files = tmp_path / "files"
+    script = f"{files}/w/job.sh"
+    body = python("", command=["sh", script], steps=[
+        {"command": ["sh", script], "workdir": f"{files}/w", "stdout": f"{files}/w/log"},
+        {"command": ["sh", "-c", "exit 1"], "ignore_error": True},
+        {"command": ["sh", "-c", "tr a-z A-Z < log > result"], "workdir": f"{files}/w"}],
+        inputs=[{"path": script, "content": "echo snakemake\n"}],
+        outputs=[{"path": f"{files}/w/result", "url": f"file://{files}/results/result"}])
+    job_id, data = await run(files_client, body, "succeeded")
+    assert data["exit_code"] == 0
+    assert (files / "results" / "result").read_text() == "SNAKEMAKE\n"
+    _, events = files_client
+    accepted = next(e for e in events.by_job[job_id] if e["type"].endswith(".accepted"))["data"]
+    assert [s["command"] for s in accepted["spec"]["steps"]][1] == ["sh", "-c", "exit 1"]
+
+
+async def test_a_job_whose_files_lie_outside_the_sites_files_root_is_rejected_with_the_field(files_client, tmp_path):
+    body = python("", inputs=[{"path": f"{tmp_path}/files/in", "url": "file:///etc/passwd"}])
+    _, data = await run(files_client, body, "rejected")
+    assert data["reasons"] == [f"workstation: inputs.0.url is outside {tmp_path}/files"]
+
+
+async def test_a_job_with_files_is_rejected_where_no_site_stages_files(client, tmp_path):
+    _, data = await run(client, python("", outputs=[{"path": "/srv/out", "url": "file:///srv/results/out"}]),
+                        "rejected")
+    assert data["reasons"] == ["workstation: stages no files (outputs.0)"]
+
+
+async def test_a_url_of_another_scheme_is_refused_at_submission_naming_the_field(client):
+    nc, _ = client
+    reply = await request_json(nc, SUBJECTS.jobs_submit,
+                               python("", inputs=[{"path": "/srv/in", "url": "s3://bucket/in"}]))
+    assert reply["state"] == "rejected"
+    assert reply["errors"] == [{"loc": ["inputs", 0, "url"], "msg": "only file:// URLs are supported"}]

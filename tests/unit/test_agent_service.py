@@ -79,3 +79,15 @@ async def test_an_order_for_more_gpus_than_the_site_has_is_refused_for_good(agen
     assert refused.data.refusal == "permanent"
     assert refused.data.reason == "site refused: has 4 H100 GPUs, the job needs 8"
     assert agent.heartbeat().gpus["H100"].free == 4
+
+
+async def test_an_order_whose_files_the_site_cannot_stage_is_refused_for_good(agent):
+    # routing never sends one (its policy reads the same catalog), but an agent does not take it on trust
+    agent, link = agent
+    link.records["j1"] = record("placed", site="cloud")
+    spec = order().spec.model_copy(update={"outputs": [{"path": "/out", "url": "file:///srv/out"}]})
+    await agent.take(order().model_copy(update={"spec": JobSpec.model_validate(spec.model_dump())}), None)
+
+    (refused,) = link.events
+    assert (refused.data.refusal, refused.data.reason) == ("permanent", "site refused: stages no files (outputs.0)")
+    assert "j1" not in agent.backend.known

@@ -138,3 +138,21 @@ def test_a_gpu_type_the_catalog_does_not_know_is_named_in_the_error(tmp_path):
     error = load_error(sites_file=path)
     assert error.startswith(f"{path}: entry 1 (site-a): gpus.B200")
     assert "unknown GPU type 'B200': one of H100, A100, L40S, L4" in error
+
+
+def test_a_local_or_slurm_site_may_give_a_files_root_kept_normalised(tmp_path):
+    catalog = Catalog.load(sites_file(tmp_path, GOOD_SITE | {"backend": "local", "files_root": "/srv/continuum/"},
+                                      GOOD_SITE | {"id": "site-b", "backend": "slurm", "files_root": "/scratch/c"},
+                                      GOOD_SITE | {"id": "site-c", "backend": "local"}))
+    assert catalog.sites["site-a"].files_root == "/srv/continuum"
+    assert catalog.sites["site-b"].files_root == "/scratch/c"
+    assert catalog.sites["site-c"].files_root is None  # it stages no files
+
+
+@pytest.mark.parametrize(("entry", "said"), [
+    ({"files_root": "/srv/continuum"}, "files_root on a site whose backend is simulated: only local and slurm"),
+    ({"backend": "local", "files_root": "srv/continuum"}, "files_root: must be an absolute path"),
+    ({"backend": "local", "files_root": "/srv/continuum/../.."}, "files_root: must not contain '..'"),
+])
+def test_a_files_root_must_be_an_absolute_directory_of_a_local_or_slurm_site(tmp_path, entry, said):
+    assert said in load_error(sites_file=sites_file(tmp_path, GOOD_SITE | entry))

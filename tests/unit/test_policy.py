@@ -654,3 +654,58 @@ def test_a_job_waiting_for_a_greener_hour_says_so_at_the_site_it_waits_for():
     assert decision.site is None and decision.wait_until == now.replace(hour=12, minute=0)
     assert candidate(decision, "green").holds == [Hold.GREENER]
     assert "waiting for 12:00 UTC" in candidate(decision, "green").reasons[0]
+
+
+# --- steps and files: where a site stages them ---------------------------------------------------------------
+
+def staging(**files) -> JobSpec:
+    return JobSpec(tenant="acme", command=["sh", "job.sh"], resources=Resources(gpus=1), **files)
+
+
+def test_a_job_with_files_goes_only_where_its_files_can_be_staged():
+    beneath = site("local", backend="local", files_root="/srv/continuum")
+    none = site("sim")  # a simulated site stages no files
+    elsewhere = site("scratch", backend="slurm", files_root="/scratch")
+    spec = staging(inputs=[{"path": "/srv/continuum/w/job.sh", "content": "echo hi"}],
+                   outputs=[{"path": "/srv/continuum/w/out", "url": "file:///srv/continuum/results/out"}])
+    decision = place(spec, tenant(), [view(none), view(elsewhere), view(beneath)])
+    assert decision.site == "local"
+    assert candidate(decision, "sim").reasons == ["stages no files (inputs.0)"]
+    assert candidate(decision, "scratch").reasons == ["inputs.0.path is outside /scratch (and 2 more)"]
+
+
+@pytest.mark.parametrize(("files", "said"), [
+    ({"inputs": [{"path": "/srv/continuum/in", "url": "file:///home/agent/.continuum/creds/site-local.nk"}]},
+     "inputs.0.url is outside /srv/continuum"),
+    ({"outputs": [{"path": "/srv/continuum/out", "url": "file:///home/agent/.bashrc"}]},
+     "outputs.0.url is outside /srv/continuum"),
+    ({"outputs": [{"path": "/etc/passwd", "url": "file:///srv/continuum/out"}]},
+     "outputs.0.path is outside /srv/continuum"),
+    # a sibling whose name begins with the root's is not beneath it
+    ({"inputs": [{"path": "/srv/continuum-other/in", "content": "x"}]}, "inputs.0.path is outside /srv/continuum"),
+    ({"steps": [{"command": ["sh", "job.sh"], "stdout": "/home/agent/.profile"}]},
+     "steps.0.stdout is outside /srv/continuum"),
+    ({"steps": [{"command": ["sh", "job.sh"]}, {"command": ["x"], "workdir": "/tmp"}]},
+     "steps.1.workdir is outside /srv/continuum"),
+])
+def test_a_path_or_url_outside_the_sites_files_root_makes_the_job_impossible_there(files, said):
+    local = site("local", backend="local", files_root="/srv/continuum")
+    assert permanent_reasons(staging(**files), tenant(), local) == [said]
+    decision = place(staging(**files), tenant(), [view(local)])
+    assert decision.impossible and decision.reasons == [f"local: {said}"]
+
+
+def test_a_site_without_files_root_takes_steps_that_need_no_files_but_no_redirection():
+    sim = site("sim")
+    steps = [{"command": ["sh", "job.sh"], "env": {"A": "1"}}, {"command": ["true"], "ignore_error": True}]
+    assert permanent_reasons(staging(steps=steps), tenant(), sim) == []
+    steps[1]["stderr"] = "/srv/continuum/err"
+    assert permanent_reasons(staging(steps=steps), tenant(), sim) == ["stages no files (steps.1.stderr)"]
+
+
+def test_a_files_root_takes_every_path_beneath_it_and_the_root_itself():
+    local = site("local", backend="local", files_root="/srv/continuum")
+    spec = staging(steps=[{"command": ["sh", "job.sh"], "workdir": "/srv/continuum"}],
+                   inputs=[{"path": "/srv/continuum/a/b/c", "url": "file:///srv/continuum/in%20put"}])
+    assert permanent_reasons(spec, tenant(), local) == []
+    assert permanent_reasons(spec, tenant(), site("all", backend="local", files_root="/")) == []

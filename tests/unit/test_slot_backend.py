@@ -7,48 +7,19 @@ import asyncio
 
 import pytest
 
-from services.agent.backends.base import Outcome
 from services.agent.backends.simulated import SimulatedBackend
 from shared.contracts.catalog import SiteEntry
 from shared.contracts.jobs import Dispatch, JobSpec
+from tests.fakes import MemoryReports as Reports
 
 SITE = SiteEntry(id="sim", kind="private_cloud", country="FR", jurisdiction="EU", carbon_g_per_kwh=1,
                  backend="simulated", gpus={"H100": 2}, price_eur_per_gpu_hour={"H100": 1.0})
-
-
-class Reports:
-    def __init__(self, fail_start: bool = False) -> None:
-        self.log: list[tuple[str, str, int, Outcome | None]] = []
-        self.fail_start = fail_start
-        self.changed = asyncio.Event()
-
-    async def started(self, order, at) -> None:
-        if self.fail_start:
-            raise ConnectionError("no NATS")
-        self.log.append(("started", order.job_id, order.attempt, None))
-
-    async def ended(self, order, started_at, at, outcome) -> None:
-        self.log.append(("ended", order.job_id, order.attempt, outcome))
-        self.changed.set()
-
-    def left(self, order, at, outcome) -> None:
-        self.log.append(("left", order.job_id, order.attempt, None))
-        self.changed.set()
 
 
 def order(job_id: str, gpus: int = 1, runtime: float = 600, attempt: int = 0) -> Dispatch:
     spec = JobSpec(tenant="acme", command=["x"], resources={"gpus": gpus, "gpu_type": "H100"},
                    labels={"sim.runtime_s": str(runtime)})
     return Dispatch(job_id=job_id, tenant="acme", site="sim", gpu_type="H100", attempt=attempt, spec=spec)
-
-
-async def ended(reports: Reports, job_id: str) -> Outcome:
-    while True:
-        found = [o for kind, j, _, o in reports.log if kind == "ended" and j == job_id]
-        if found:
-            return found[-1]
-        reports.changed.clear()
-        await asyncio.wait_for(reports.changed.wait(), 5)
 
 
 async def test_the_heartbeat_lists_queued_then_running_jobs_and_reserved_gpus():
@@ -67,7 +38,7 @@ async def test_a_job_cancelled_before_its_run_began_gives_its_gpus_back():
     backend = SimulatedBackend(SITE, reports)
     await backend.submit(order("a", gpus=2))
     assert await backend.cancel("a", "user asked")  # at once, before the run's first step
-    outcome = await ended(reports, "a")
+    outcome = await reports.outcome("a")
     assert outcome.cancelled and outcome.reason == "user asked"
     assert backend.capacity()["H100"].free == 2 and backend.running == {}
 
@@ -85,14 +56,14 @@ async def test_a_superseded_stop_ends_the_run_without_a_report_and_the_job_can_c
     assert backend.capacity()["H100"].free == 2
     # placed here again later (a new attempt): a new job for this site, not a redelivery
     assert await backend.submit(order("a", runtime=0, attempt=2)) is True
-    assert (await ended(reports, "a")).exit_code == 0
+    assert (await reports.outcome("a")).exit_code == 0
 
 
 async def test_a_run_whose_start_cannot_be_reported_does_not_outlive_its_gpus():
     reports = Reports(fail_start=True)
     backend = SimulatedBackend(SITE, reports)
     await backend.submit(order("a", gpus=2))
-    outcome = await ended(reports, "a")
+    outcome = await reports.outcome("a")
     assert outcome.exit_code is None and "no NATS" in outcome.reason
     assert backend.running == {} and backend.capacity()["H100"].free == 2
 

@@ -160,3 +160,77 @@ def test_an_invalid_tenant_is_never_used_as_the_rejections_tenant(catalog):
 def test_a_tenant_with_a_trailing_newline_is_not_used_as_the_rejections_tenant(catalog):
     rejection = reject(body(tenant="media-fr\n"), catalog)
     assert rejection.tenant == UNKNOWN_TENANT
+
+
+# --- steps and files (CONTRACT.md, "Steps and files") ---------------------------------------------------------
+
+def problems(rejection: Rejection) -> list[str]:
+    """Each error as the gateway would name it: `inputs.0.url: only file:// URLs are supported`."""
+    return [f"{'.'.join(map(str, e.loc))}: {e.msg}" for e in rejection.errors]
+
+
+def test_steps_and_files_are_accepted_and_their_paths_kept_normalised(catalog):
+    spec = check_submission(body(
+        command=["sh", "job.sh"],
+        steps=[{"command": ["sh", "job.sh"], "workdir": "/srv/c/w/", "stdout": "/srv/c//out.txt",
+                "env": {"SNAKEMAKE": "1"}},
+               {"command": ["gzip", "out.txt"], "ignore_error": True}],
+        inputs=[{"path": "/srv/c/w/./job.sh", "content": "echo hi\n"},
+                {"path": "/srv/c/w/data", "url": "file:///srv/shared/my%20data"}],
+        outputs=[{"path": "/srv/c/out.txt", "url": "file://localhost/srv/results/out.txt"}]), catalog, max_bytes=MAX)
+    assert [s.command for s in spec.steps] == [["sh", "job.sh"], ["gzip", "out.txt"]]
+    assert (spec.steps[0].workdir, spec.steps[0].stdout, spec.inputs[0].path) == \
+        ("/srv/c/w", "/srv/c/out.txt", "/srv/c/w/job.sh")
+    assert spec.steps[1].ignore_error and not spec.steps[0].ignore_error
+    assert ("inputs.1", "url", "/srv/shared/my data") in spec.staged_paths()
+    assert ("outputs.0", "url", "/srv/results/out.txt") in spec.staged_paths()
+
+
+def test_a_job_without_steps_or_files_reads_as_it_always_did():
+    spec = JobSpec(tenant="media-fr", command=["x"])
+    assert spec.steps == [] and spec.inputs == [] and spec.outputs == [] and spec.staged_paths() == []
+    # left out of the JSON: an agent of an earlier version, which forbids unknown fields, still takes the job
+    assert not {"steps", "inputs", "outputs"} & set(json.loads(spec.model_dump_json()))
+
+
+@pytest.mark.parametrize(("files", "said"), [
+    ({"inputs": [{"path": "/srv/in", "url": "https://example.org/in"}]},
+     "inputs.0.url: only file:// URLs are supported"),
+    ({"inputs": [{"path": "/srv/in", "url": "s3://bucket/in"}]}, "inputs.0.url: only file:// URLs are supported"),
+    ({"outputs": [{"path": "/srv/out", "url": "gs://bucket/out"}]},
+     "outputs.0.url: only file:// URLs are supported"),
+    ({"outputs": [{"path": "/srv/out", "url": "file://other-host/srv/out"}]},
+     "outputs.0.url: a file:// URL names a path on the site: file:///absolute/path"),
+    ({"inputs": [{"path": "/srv/in", "url": "file://srv/in"}]},
+     "inputs.0.url: a file:// URL names a path on the site: file:///absolute/path"),
+    ({"inputs": [{"path": "/srv/in", "url": "file:///srv/%2e%2e/etc/passwd"}]},
+     "inputs.0.url: the path of a file:// URL must not contain '..'"),
+    ({"inputs": [{"path": "in.txt", "content": "x"}]}, "inputs.0.path: must be an absolute path"),
+    ({"inputs": [{"path": "/srv/c/../../root/.ssh/authorized_keys", "content": "x"}]},
+     "inputs.0.path: must not contain '..'"),
+    ({"inputs": [{"path": "/srv/in"}]}, "inputs.0: needs exactly one of content or url"),
+    ({"inputs": [{"path": "/srv/in", "content": "x", "url": "file:///srv/x"}]},
+     "inputs.0: needs exactly one of content or url"),
+    ({"outputs": [{"path": "/srv/out"}]}, "outputs.0.url: Field required"),
+    ({"steps": [{"command": ["x"], "stdout": "out.txt"}]}, "steps.0.stdout: must be an absolute path"),
+    ({"steps": [{"command": ["x"], "workdir": "/srv/../etc"}]}, "steps.0.workdir: must not contain '..'"),
+    ({"steps": [{"command": ["x"], "env": {"A": "nul\u0000"}}]},
+     "steps.0.env.A: String should match pattern '^[^\\x00]*$'"),
+])
+def test_a_file_the_contract_cannot_stage_is_rejected_naming_its_field(catalog, files, said):
+    assert problems(reject(body(command=["x"], **files), catalog)) == [said]
+
+
+def test_the_first_step_must_be_the_jobs_command(catalog):
+    rejection = reject(body(command=["sh", "job.sh"], steps=[{"command": ["sh", "other.sh"]}]), catalog)
+    assert problems(rejection) == ["steps.0.command: must be the job's command"]
+    # the later steps run what they like
+    spec = check_submission(body(command=["a"], steps=[{"command": ["a"]}, {"command": ["b"]}]), catalog,
+                            max_bytes=MAX)
+    assert spec.command == ["a"] and len(spec.steps) == 2
+
+
+def test_steps_and_files_are_bounded(catalog):
+    assert locs(reject(body(command=["a"], steps=[{"command": ["a"]}] * 33), catalog, max_bytes=10**6)) == [["steps"]]
+    many = [{"path": f"/srv/{i}", "content": ""} for i in range(257)]
+    assert locs(reject(body(inputs=many), catalog, max_bytes=10**6)) == [["inputs"]]

@@ -1,5 +1,6 @@
 """What every backend shares with the agent: the surface it holds a site by (`SiteBackend`), how a run ends
-(`Outcome`), how it is reported (`Reports`) and how a site refuses a job (`SubmitError`). Then what the
+(`Outcome`, with the outputs it leaves: `with_outputs`), how it is reported (`Reports`) and how a site refuses a
+job (`SubmitError`). Then what the
 slot-based backends share: GPUs by type as numbered slots, a FIFO queue when they are full (`SlotBackend`)."""
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Protocol
 
 import structlog
 
+from services.agent.staging import stage_out
 from shared.contracts.catalog import SiteEntry
 from shared.contracts.events import utcnow
 from shared.contracts.jobs import Dispatch
@@ -33,6 +35,23 @@ class Outcome:
     reason: str | None = None
     cancelled: bool = False
     requeue: bool = False  # the site let the job go (its agent stopped): place it again
+
+
+# what a site sets in a job's environment, whatever the job's steps say (a step's env adds to the rest)
+SITE_ENV = frozenset({"CUDA_VISIBLE_DEVICES", "CONTINUUM_JOB_ID"})
+
+
+async def with_outputs(order: Dispatch, root: str, outcome: Outcome) -> Outcome:
+    """The job's outputs copied to their URLs once its steps are over (staging.stage_out, in a thread), and how
+    the run ended then: a job that succeeded but left one missing fails with the reason (no exit code: its steps
+    did their part); one that failed keeps its exit code, whatever it left."""
+    problems = await asyncio.to_thread(stage_out, order.spec, root)
+    if not problems:
+        return outcome
+    if outcome.exit_code == 0:
+        return Outcome(None, f"cannot stage the job's outputs: {'; '.join(problems)}")
+    log.info("job.outputs_missing", job_id=order.job_id, exit_code=outcome.exit_code, problems=problems)
+    return outcome
 
 
 class Reports(Protocol):

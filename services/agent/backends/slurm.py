@@ -11,10 +11,10 @@ query per poll (not one per job) and turns Slurm's states into lifecycle reports
     CANCELLED                                    cancelled
     PREEMPTED, REQUEUED                          requeued (placed again by routing)
 
-Each job carries its Dispatch order (base64 JSON in its Slurm comment), so a restarted agent finds the jobs
-its predecessor submitted and follows them on: a Slurm job outlives its agent. Capacity comes from Slurm
-too: GPU GRES per node (total and used) and the partition's whole queue, other users' jobs included.
-The parsing is pure; the class only runs commands.
+Each job carries its Dispatch order (base64 JSON in its Slurm comment, compressed when that is too long for
+Slurm: `dispatch_comment`), so a restarted agent finds the jobs its predecessor submitted and follows them on:
+a Slurm job outlives its agent. Capacity comes from Slurm too: GPU GRES per node (total and used) and the
+partition's whole queue, other users' jobs included. The parsing is pure; the class only runs commands.
 """
 
 from __future__ import annotations
@@ -23,15 +23,17 @@ import asyncio
 import base64
 import contextvars
 import shlex
+import zlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import structlog
 
-from services.agent.backends.base import Outcome, Reports, SubmitError
+from services.agent.backends.base import SITE_ENV, Outcome, Reports, SubmitError, with_outputs
+from services.agent.staging import StagingError, stage_in
 from shared.contracts.catalog import SiteEntry, SlurmOptions
 from shared.contracts.events import utcnow
-from shared.contracts.jobs import Dispatch
+from shared.contracts.jobs import Dispatch, JobSpec
 from shared.contracts.sites import GpuCount, SiteJob
 
 log = structlog.get_logger()
@@ -102,9 +104,32 @@ class SlurmJob:
         if not self.name.startswith(NAME_PREFIX) or not self.comment:
             return None
         try:
-            return Dispatch.model_validate_json(base64.b64decode(self.comment))
-        except ValueError:
+            packed = base64.b64decode(self.comment)
+            return Dispatch.model_validate_json(packed if packed.startswith(b"{") else zlib.decompress(packed))
+        except (ValueError, zlib.error):
             return None
+
+
+# Slurm refuses a comment longer than this ("Pathname of a file, directory or other parameter too long")
+COMMENT_MAX = 1024
+
+
+def dispatch_comment(order: Dispatch) -> str:
+    """The Slurm comment that carries the order for a restarted agent: base64 JSON, as it always was; when that is
+    too long for Slurm, base64 of the zlib-compressed JSON (its defaults left out). Without what is of no use once
+    the job is submitted: its inputs (staged already, their content maybe large) and its steps (in the script).
+    SubmitError when even that is too long."""
+    spec = order.spec
+    if spec.inputs or spec.steps:
+        order = order.model_copy(update={"spec": spec.model_copy(update={"inputs": [], "steps": []})})
+    comment = base64.b64encode(order.model_dump_json().encode()).decode()
+    if len(comment) > COMMENT_MAX:
+        comment = base64.b64encode(zlib.compress(order.model_dump_json(exclude_defaults=True).encode(), 9)).decode()
+    if len(comment) > COMMENT_MAX:
+        raise SubmitError(f"the job does not fit Slurm's comment, which carries it for a restarted agent "
+                          f"({len(comment)} characters compressed, at most {COMMENT_MAX}): fewer or shorter "
+                          f"outputs, or a shorter command", permanent=True)
+    return comment
 
 
 def sbatch_args(order: Dispatch, site: SiteEntry, output: str) -> list[str]:
@@ -113,7 +138,7 @@ def sbatch_args(order: Dispatch, site: SiteEntry, output: str) -> list[str]:
     spec, r = order.spec, order.spec.resources
     options = site.slurm or SlurmOptions()
     args = ["--parsable", f"--job-name={NAME_PREFIX}{order.job_id}", f"--time={max(1, -(-spec.walltime_s // 60))}",
-            f"--output={output}", "--comment=" + base64.b64encode(order.model_dump_json().encode()).decode(),
+            f"--output={output}", "--comment=" + dispatch_comment(order),
             f"--export=ALL,CONTINUUM_JOB_ID={order.job_id}",
             "--no-requeue"]  # a job Slurm lets go is requeued by routing, which may place it elsewhere
     if r.nodes > 1:
@@ -133,6 +158,27 @@ def sbatch_args(order: Dispatch, site: SiteEntry, output: str) -> list[str]:
         if value := getattr(options, name):
             args.append(f"--{name}={value}")
     return args
+
+
+def batch_script(spec: JobSpec) -> str:
+    """The batch script: the job's command; or its steps one after another, each in a subshell with its workdir,
+    env (but for what the site sets: SITE_ENV) and redirections, the first that counts and exits non-zero ending
+    the script with its exit code (a step with `ignore_error` does not count). Its exit code is the job's."""
+    if not spec.steps:
+        return "#!/bin/sh\nexec " + shlex.join(spec.command) + "\n"
+    lines = ["#!/bin/sh", "# the job's steps, one after another (CONTRACT.md, \"Steps and files\")"]
+    for i, step in enumerate(spec.steps):
+        inside = [f"export {name}={shlex.quote(value)}" for name, value in step.env.items() if name not in SITE_ENV]
+        if step.workdir is not None:
+            inside.append(f"cd {shlex.quote(step.workdir)}")
+        inside.append("exec " + shlex.join(step.command))
+        redirect = "".join(f" {sign} {shlex.quote(path)}" for sign, path in
+                           (("<", step.stdin), (">", step.stdout)) if path is not None)
+        if step.stderr is not None:
+            redirect += " 2>&1" if step.stderr == step.stdout else f" 2> {shlex.quote(step.stderr)}"
+        lines.append(f"({' && '.join(inside)}){redirect}")
+        lines.append(f"# steps.{i} ignores its error" if step.ignore_error else "rc=$?; [ $rc -eq 0 ] || exit $rc")
+    return "\n".join([*lines, "exit 0", ""])
 
 
 def parse_jobs(text: str) -> dict[str, SlurmJob]:
@@ -285,10 +331,11 @@ class SlurmBackend:
     async def submit(self, order: Dispatch) -> bool:
         if order.job_id in self.tracked:
             return False
-        self._ensure_polling()
         output = f"{self.output_dir}/continuum-{order.job_id}-{order.attempt}.out"
-        script = "#!/bin/sh\nexec " + shlex.join(order.spec.command) + "\n"
-        code, out, err = await _run("sbatch", *sbatch_args(order, self.site, output), stdin=script)
+        args = sbatch_args(order, self.site, output)  # first: it may refuse the job, before anything is staged
+        await self._stage_in(order.spec)
+        self._ensure_polling()
+        code, out, err = await _run("sbatch", *args, stdin=batch_script(order.spec))
         if code != 0:
             words = refusal_words(err or out)
             raise SubmitError(words, permanent=not is_transient(words))
@@ -296,6 +343,20 @@ class SlurmBackend:
         self.tracked[order.job_id] = Tracked(order, slurm_id, utcnow())
         log.info("slurm.submitted", job_id=order.job_id, slurm_id=slurm_id, site=self.site.id)
         return True
+
+    async def _stage_in(self, spec: JobSpec) -> None:
+        """The job's inputs, workdirs and the directories its redirections go to, made by the agent before the job
+        is submitted, beneath the site's files_root on the filesystem its nodes share. One that cannot be is the
+        site's refusal, for good: routing tries another site, or fails the job with these words."""
+        if not spec.staged_paths():
+            return
+        root = self.site.files_root
+        if root is None or (why := self.site.cannot_stage(spec)):  # the agent refuses such a job before this
+            raise SubmitError(f"cannot stage the job's files: {why or 'the site has no files_root'}", permanent=True)
+        try:
+            await asyncio.to_thread(stage_in, spec, root)
+        except StagingError as e:
+            raise SubmitError(f"cannot stage the job's inputs: {e}", permanent=True) from None
 
     async def cancel(self, job_id: str, reason: str, superseded: bool = False, attempt: int | None = None) -> bool:
         tracked = self.tracked.get(job_id)
@@ -437,6 +498,8 @@ class SlurmBackend:
         if tracked.superseded:
             self.reports.left(tracked.order, at or utcnow(), "superseded")
             return
+        if tracked.order.spec.outputs and self.site.files_root and outcome.exit_code is not None:
+            outcome = await with_outputs(tracked.order, self.site.files_root, outcome)
         await self.reports.ended(tracked.order, tracked.started_at, at or utcnow(), outcome)
 
 
