@@ -115,12 +115,14 @@ class BodyLimit:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            return await self.app(scope, receive, send)
+            await self.app(scope, receive, send)
+            return
         too_large = HTTPException(413, f"body: larger than {self.max_bytes} bytes")
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
             response = JSONResponse({"detail": too_large.detail}, status_code=too_large.status_code)
-            return await response(scope, receive, send)
+            await response(scope, receive, send)
+            return
         seen = 0
 
         async def counted() -> Message:

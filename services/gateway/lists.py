@@ -9,7 +9,7 @@ from datetime import datetime
 from fastapi import HTTPException
 
 from services.gateway.context import Gateway
-from services.gateway.index import BadPageToken
+from services.gateway.index import MAX_PAGE, BadPageToken
 from services.gateway.principals import Principal
 
 # how long a list waits for the index to reach what the event stream held when the request came
@@ -34,7 +34,7 @@ async def jobs_page(gw: Gateway, who: Principal, *, tenant: str | None = None, s
     try:
         records, token = await asyncio.to_thread(
             gw.index.page, tenant=tenant, state=states, site=site, since=since, name_prefix=name_prefix, tag=exact,
-            limit=limit, page_token=page_token)
+            limit=min(limit, MAX_PAGE), page_token=page_token)  # a shorter page (TES allows it), then the next
     except BadPageToken as e:
         raise HTTPException(400, f"page_token: {e}") from None
     if tags:

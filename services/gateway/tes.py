@@ -27,6 +27,8 @@ TENANT_TAG = "continuum.tenant"
 # the task's description, kept in the job's labels, out of its tags
 DESCRIPTION_LABEL = "continuum.tes.description"
 
+NO_VOLUMES = "not supported: a job's executors share its site's file system (use paths under its files root)"
+
 # backend_parameters -> where they go in a JobSpec, and what a string value becomes
 BACKEND_PARAMETERS: dict[str, tuple[tuple[str, ...], Any]] = {
     "gpus": (("resources", "gpus"), int),
@@ -170,8 +172,7 @@ def to_job_spec(task: TesTask, tenant: str | None) -> dict:
     if task.outputs:
         spec["outputs"] = [_output(o, n, problems) for n, o in enumerate(task.outputs)]
     if task.volumes:
-        problems.append(("volumes", "not supported: a job's executors share its site's file system (use paths "
-                                    "under the site's files root)"))
+        problems.append(("volumes", NO_VOLUMES))
     _resources(task.resources or TesResources(), spec, problems)
     if problems:
         raise TesError(problems)

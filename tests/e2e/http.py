@@ -28,11 +28,12 @@ class Http:
     def token(self, principal: str) -> str | None:
         return (self.tokens / f"{principal}.token").read_text().strip() if self.secure else None
 
-    def headers(self, principal: str) -> dict[str, str]:
-        token = self.token(principal)
+    def headers(self, principal: str | None) -> dict[str, str]:
+        """How `principal` says who it is (None: it does not)."""
+        token = self.token(principal) if principal else None
         return {"Authorization": f"Bearer {token}"} if token else {}
 
-    def client(self, principal: str = "operator") -> httpx.AsyncClient:
+    def client(self, principal: str | None = "operator") -> httpx.AsyncClient:
         return httpx.AsyncClient(base_url=self.url, headers=self.headers(principal), timeout=30.0)
 
     def tes(self, principal: str) -> tes.HTTPClient:

@@ -91,7 +91,7 @@ async def test_cancel_gives_canceling_then_canceled(system):
 async def test_list_tasks_pages_through_300_tasks(system):
     http = await gateway_when_up(system)
     client = http.tes(ACME)
-    # each stays on the simulated site (or waits for it) for an hour: all 300 are listed whatever their state
+    # whatever their state (some run for an hour on the simulated site, the others wait or run elsewhere)
     created = set()
     for n in range(300):
         created.add(await asyncio.to_thread(client.create_task, task(http, "acme", ["true"], tags={
@@ -101,14 +101,14 @@ async def test_list_tasks_pages_through_300_tasks(system):
     while True:
         page = await asyncio.to_thread(client.list_tasks, "BASIC", 64, token)
         listed += [t.id for t in page.tasks]
-        assert len(page.tasks) <= 64 and all(t.state in ("QUEUED", "INITIALIZING", "RUNNING") for t in page.tasks)
+        assert len(page.tasks) <= 64
         pages += 1
         token = page.next_page_token
         if not token:
             break
     assert len(listed) == len(set(listed)) == 300 and set(listed) == created and pages == 5
     async with http.client(ACME) as web:
-        found = (await web.get("/ga4gh/tes/v1/tasks", params={"tag_key": "batch", "tag_value": "b0",
+        found = (await web.get("/ga4gh/tes/v1/tasks", params={"tag_key": "batch", "tag_value": "b0", "view": "BASIC",
                                                                "page_size": 500})).json()
         assert len(found["tasks"]) == 100 and "next_page_token" not in found
         check(found, "tesListTasksResponse")
@@ -143,7 +143,7 @@ async def test_a_tenant_sees_none_of_another_tenants_tasks_jobs_or_events(system
         tenants = {e["data"]["tenant"] for e in seen if e["type"].startswith(("continuum.job.", "continuum.billing."))}
         assert tenants == {"lab"} and acme_task not in {e.get("subject") for e in seen}
 
-    async with http.client("nobody") as anonymous:
+    async with http.client(None) as anonymous:
         for path in ("/ga4gh/tes/v1/tasks", "/api/v1/jobs", "/api/v1/events"):
             assert (await anonymous.get(path)).status_code == 401, path
         forged = {"Authorization": "Bearer " + "x" * 43}
@@ -210,7 +210,7 @@ async def test_rest_lists_filter_and_page(system):
             token = page.get("next_page_token")
             if not token:
                 break
-        assert [j for p in pages for j in p] == [j for j in reversed(ids)]  # newest first, one a page
+        assert [j for p in pages for j in p] == list(reversed(ids))  # newest first, one a page
         later = (await web.get("/api/v1/jobs", params={"since": "2999-01-01T00:00:00Z"})).json()["jobs"]
         assert later == []
 

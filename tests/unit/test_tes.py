@@ -8,7 +8,7 @@ from tes.models import Task
 from tes.utils import unmarshal
 
 from services.gateway import tes
-from services.gateway.tes import TesTask, TesState, to_job_spec, to_task
+from services.gateway.tes import TesState, TesTask, to_job_spec, to_task
 from tests.tes_schema import check
 
 T0 = "2026-12-02T09:00:00Z"
