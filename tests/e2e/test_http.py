@@ -9,7 +9,7 @@ import asyncio
 import pytest
 import tes
 
-from tests.e2e.harness import start_system
+from tests.e2e.harness import CATALOG, start_system
 from tests.e2e.http import gateway_when_up, sse, until
 from tests.tes_schema import check
 
@@ -238,3 +238,43 @@ async def test_malformed_requests_get_a_4xx_with_a_reason(system):
         assert answer.json().get("detail"), (what, answer.text)
     assert answers["huge body"].status_code == 413
     assert answers["unknown task"].status_code == answers["unknown job"].status_code == 404
+
+
+@pytest.fixture
+def files_system(nats_server, tmp_path):
+    """The HTTP catalog with the French site staging files beneath a folder of the test's."""
+    root = tmp_path / "files"
+    root.mkdir()
+    sites = (CATALOG / "http_sites.yaml").read_text().replace(
+        "    backend: local\n", f"    backend: local\n    files_root: {root}\n")
+    (tmp_path / "sites.yaml").write_text(sites)
+    yield from start_system(nats_server, tmp_path, str(tmp_path / "sites.yaml"), "http_tenants.yaml")
+
+
+async def test_a_task_with_a_script_input_three_executors_and_an_output_runs_them_in_order(files_system, tmp_path):
+    http = await gateway_when_up(files_system)
+    client = http.tes(LAB)
+    root = tmp_path / "files"
+    task_id = await asyncio.to_thread(client.create_task, tes.Task(
+        name="snakemake-like",
+        # as Snakemake sends its job script: an input with content, run by the first executor
+        inputs=[tes.Input(path=f"{root}/job.sh", content="tr a-z A-Z < $1 > $2\n"),
+                tes.Input(path=f"{root}/in.txt", content="hello\n")],
+        outputs=[tes.Output(path=f"{root}/out.txt", url=f"file://{root}/results/out.txt")],
+        executors=[tes.Executor(image="alpine", command=["sh", f"{root}/job.sh", f"{root}/in.txt", f"{root}/up.txt"]),
+                   tes.Executor(image="alpine", command=["sh", "-c", "exit 2"], ignore_error=True),
+                   tes.Executor(image="alpine", command=["cp", f"{root}/up.txt", f"{root}/out.txt"])],
+        tags=http.tags("lab"), resources=tes.Resources(backend_parameters={"gpus": "1"})))
+    await asyncio.to_thread(client.wait, task_id, 60)
+
+    done = await asyncio.to_thread(client.get_task, task_id, "FULL")
+    assert done.state == "COMPLETE", done.logs
+    assert (root / "results" / "out.txt").read_text() == "HELLO\n"
+    assert [e.command[0] for e in done.executors] == ["sh", "sh", "cp"] and done.executors[1].ignore_error
+    assert done.inputs[0].content.startswith("tr a-z")  # FULL shows contents; BASIC would not
+
+    async with http.client(LAB) as web:
+        refused = await web.post("/ga4gh/tes/v1/tasks", json={
+            "executors": [{"image": "alpine", "command": ["true"]}], "tags": http.tags("lab"),
+            "inputs": [{"path": f"{root}/x", "url": "s3://bucket/x"}]})
+    assert refused.status_code == 400 and "inputs.0.url" in refused.json()["detail"]
