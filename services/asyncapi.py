@@ -14,7 +14,8 @@ from shared.settings import Settings
 
 Bus.documenting = True  # consumers as FastStream's per-message subscribers, which document their message type
 _settings = Settings(nats_url="nats://localhost:4222")
-_apps = [factory(_settings) for factory in _factories().values()]
+# the gateway speaks HTTP, not NATS: its document is docs/openapi.json (python -m services.gateway.openapi)
+_apps = [factory(_settings) for name, factory in _factories().items() if name != "gateway"]
 
 _brokers = [app.broker for app in _apps]
 docs = FastStream(_brokers[0], specification=AsyncAPI(
