@@ -26,6 +26,14 @@ def target(request, tmp_path):
     return request.getfixturevalue("postgres_url")
 
 
+@pytest.fixture(params=["by their index", "walking the jobs"])
+def lookup(request, monkeypatch):
+    """How a name prefix or a label is looked for: in its own index (few matches), or by walking the jobs newest
+    first (many): the same answers either way."""
+    if request.param == "walking the jobs":
+        monkeypatch.setattr(index_module, "_FEW", 1)
+
+
 @pytest.fixture
 def index(target):
     opened = JobsIndex(target)
@@ -135,7 +143,7 @@ def test_a_job_refused_at_once_is_listed_from_its_refusal(index):
 
 # --- filters and pages ---------------------------------------------------------------------------------------
 
-def test_each_filter_alone(index):
+def test_each_filter_alone(index, lookup):
     stream = Stream()
     fill(index, stream)
     records = stream.records()
@@ -158,7 +166,7 @@ def test_each_filter_alone(index):
                                                          lambda r: r["site"] == "scw-par"))
 
 
-def test_filters_combined(index):
+def test_filters_combined(index, lookup):
     stream = Stream()
     fill(index, stream)
     records = stream.records()
@@ -215,7 +223,7 @@ def test_jobs_submitted_while_a_client_pages_do_not_shift_its_pages(index):
     assert ids(index.page(limit=3, page_token=token)[0]) == ["j2", "j1", "j0"]
 
 
-def test_a_name_prefix_is_a_prefix_in_byte_order(index):
+def test_a_name_prefix_is_a_prefix_in_byte_order(index, lookup):
     stream = Stream()
     names = ["abc", "abc-1", "abcd", "ab-c", "abd", "ABC", "ab\U0010ffff", "ab\U0010ffffz", "é-1", "éz"]
     index.apply(stream.add(*(accepted(f"n{i}", minute=i, name=name) for i, name in enumerate(names))))
