@@ -70,7 +70,7 @@ MIGRATIONS: tuple[sql.Migration, ...] = (
     # job refused at once), `updated` the newest event's, `seq` the newest stream sequence folded into the row
     _jobs,
     # the records beside them, read for the rows of a page only: scanning the index reads small rows
-    "CREATE TABLE job_records (job_id TEXT PRIMARY KEY, record TEXT NOT NULL)",
+    lambda db: f"CREATE TABLE job_records (job_id {db.bytewise_text} PRIMARY KEY, record TEXT NOT NULL)",
     _labels,  # the spec's labels, for TES tag filters
     "CREATE INDEX job_labels_pair ON job_labels (label_key, label_value, job_id)",
     # newest first, by (submitted, job_id): each filter's index ends with the order of a page
