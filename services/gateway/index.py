@@ -355,6 +355,7 @@ class Follower:
         self._caught_up = 0  # the same, or the stream's head once nothing more was found to read
         self._moved = asyncio.Event()  # set, and replaced, whenever `caught_up_to` moves on
         self._waiting = 0
+        self._consumer: str | None = None  # the name of the consumer it reads with, while it has one
         self._task: asyncio.Task | None = None
 
     @property
@@ -377,9 +378,41 @@ class Follower:
             self._waiting -= 1
 
     async def sync(self, timeout: float) -> bool:
-        """Wait until the index holds every job event the stream holds now (after a request whose events must
-        show in the next list); False if it did not within `timeout` seconds."""
-        return await self.wait_for(await self._head(), timeout)
+        """Wait until the index holds every job event the stream holds now (before a list that must show what
+        a request just did); False if it did not within `timeout` seconds, or the stream cannot be read.
+
+        The stream's last events may be no job's (a site's, a bill): the consumer then says it has nothing
+        more for the index, at once, rather than the follower's next idle fetch."""
+        try:
+            async with asyncio.timeout(timeout):
+                head = await self._head()
+                self._waiting += 1
+                try:
+                    while self._caught_up < head:
+                        moved = self._moved
+                        if await self._delivered_all():
+                            self._advance(head)
+                        else:
+                            await moved.wait()
+                finally:
+                    self._waiting -= 1
+            return True
+        except TimeoutError:
+            return False
+        except Exception as e:  # the server away: the caller's list is late rather than wrong
+            log.warning("index.sync_failed", reason=repr(e))
+            return False
+
+    async def _delivered_all(self) -> bool:
+        """Whether the follower's consumer has no job event left to deliver and the index holds all it delivered
+        (asked after the stream's head was read: every job event up to it is then in the index)."""
+        if self._consumer is None:
+            return False
+        try:
+            info = await self._js.consumer_info(self.topology.events_stream, self._consumer)
+        except Exception:  # being made again: the follower's progress says when
+            return False
+        return info.num_pending == 0 and self._read_to >= (info.delivered.stream_seq or 0)
 
     def start(self) -> Follower:
         self._task = asyncio.create_task(self.run(), name="jobs-index-follower")
@@ -424,6 +457,7 @@ class Follower:
             opt_start_seq=self._read_to + 1, ack_policy=AckPolicy.NONE, mem_storage=True,
             inactive_threshold=60.0))  # gone a minute after its gateway
         sub = await js.pull_subscribe_bind(stream=stream, name=name)
+        self._consumer = name
         try:
             delivered = 0  # the consumer's sequence: one more for each message, or a message was lost
             near_head = True
@@ -450,6 +484,7 @@ class Follower:
                     self._advance(head)
                 near_head = drained or not msgs
         finally:
+            self._consumer = None
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
             with contextlib.suppress(Exception):  # else its inactivity removes it

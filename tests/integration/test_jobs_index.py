@@ -173,6 +173,25 @@ async def test_what_is_no_job_event_is_passed_over(bus, index, nats_server):
         await nc.close()
 
 
+async def test_sync_answers_at_once_when_the_last_events_are_no_jobs(bus, index):
+    """A list waits for the index to hold what the stream holds (`sync`); when the stream's last events are a
+    site's or a bill's, the consumer says it has nothing more for the index: no waiting for the follower's next
+    idle fetch (5 s here, longer than the sync may take)."""
+    published = Published(bus)
+    follower = Follower(bus, index, idle_s=5.0).start()
+    try:
+        assert await follower.wait_for(await published.job(*lifecycle("j1")), timeout=10)
+        site_seq = await published.site("jean-zay")
+        assert await follower.sync(timeout=2.0)
+        assert follower.caught_up_to >= site_seq
+        assert await follower.wait_for(await published.job(*lifecycle("j2")), timeout=10)  # and on it goes
+        await published.site("scw-par")
+        assert await follower.sync(timeout=2.0)
+        assert_holds_what_was_published(index, published)
+    finally:
+        await follower.stop()
+
+
 async def test_a_follower_stopped_mid_batch_finishes_it_first(bus, index):
     """Stopping the follower while a batch is being written lets the write finish: the index may be closed at
     once after `stop`."""
