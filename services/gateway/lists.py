@@ -29,15 +29,16 @@ async def jobs_page(gw: Gateway, who: Principal, *, tenant: str | None = None, s
         tenant = who.tenant
     await gw.follower.sync(CATCH_UP_S)  # late rather than wrong: a list without it is still an answer
     tags = tags or {}
-    # the index matches one tag; the others (and a key with any value) are matched here
-    exact = next(((k, v) for k, v in tags.items() if v), None)
+    # the index matches one tag (a key with any value, for an empty one); the others are matched here
+    first = next(iter(tags.items()), None)
+    tag = (first[0], first[1] or None) if first else None
     try:
         records, token = await asyncio.to_thread(
-            gw.index.page, tenant=tenant, state=states, site=site, since=since, name_prefix=name_prefix, tag=exact,
+            gw.index.page, tenant=tenant, state=states, site=site, since=since, name_prefix=name_prefix, tag=tag,
             limit=min(limit, MAX_PAGE), page_token=page_token)  # a shorter page (TES allows it), then the next
     except BadPageToken as e:
         raise HTTPException(400, f"page_token: {e}") from None
-    if tags:
+    if len(tags) > 1:
         records = [r for r in records if _has_tags(r, tags)]
     return records, token
 
