@@ -89,7 +89,10 @@ def create_app(settings: Settings) -> FastAPI:
     async def readyz(request: Request) -> JSONResponse:
         gateway: Gateway | None = getattr(request.app.state, "gateway", None)
         ready = gateway is not None and gateway.contract.nc.is_connected
-        return JSONResponse({"status": "ready" if ready else "not ready"}, status_code=200 if ready else 503)
+        body: dict = {"status": "ready" if ready else "not ready"}
+        if gateway is not None:  # how far lists can see: the event stream's sequence the index holds
+            body["index_caught_up_to"] = gateway.follower.caught_up_to
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/", include_in_schema=False)
     async def dashboard() -> FileResponse:
