@@ -506,11 +506,23 @@ def _best_type(spec: JobSpec, site: SiteView) -> str:
         return wanted
     best: str = wanted
     most = None  # a loop rather than max(key=...): asked of every site at every question
+    within = _within_job_budget(spec, site.entry)
     for gpu_type, total in site.entry.gpus.items():
+        if within is not None and gpu_type not in within:
+            continue
         key = (site.free.get(gpu_type, 0), total, gpu_type)
         if most is None or key > most:
             best, most = gpu_type, key
     return best
+
+
+def _within_job_budget(spec: JobSpec, site: SiteEntry) -> set[str] | None:
+    """On paid capacity, the types a job with a budget of its own can afford there (None: any type). The
+    cheapest is among them, or the site could never run the job (a permanent reason)."""
+    if spec.budget_eur is None or site.public:
+        return None
+    affordable = {t for t in site.gpus if worst_case_cost(spec, site, t) <= spec.budget_eur}
+    return affordable or None
 
 
 def gpu_types(spec: JobSpec, offered: dict[str, int]) -> list[str]:

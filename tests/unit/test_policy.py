@@ -570,6 +570,19 @@ def test_a_placement_never_breaks_overflow_rules_or_budgets(views, spec, who, bu
         assert not any(c.eligible for c in decision.candidates if c.site in {v.id for v in fits_now})
 
 
+def test_a_job_budget_holds_back_a_dearer_type_even_when_a_cheaper_one_fits_it():
+    # hypothesis found it: L4 fits the job's 1 EUR, so the site can run the job; only L4, not the free H100
+    cloud = site("cloud", gpus={"L4": 4, "H100": 4}, price_eur_per_gpu_hour={"L4": 0.5, "H100": 3.0})
+    spec = job(gpus=1, gpu_type="any", walltime_s=3600, budget_eur=1.0)
+
+    waits = place(spec, tenant(), [view(cloud, free={"L4": 0, "H100": 4})])
+    runs = place(spec, tenant(), [view(cloud, free={"L4": 1, "H100": 4})])
+
+    assert waits.site is None and not waits.impossible
+    assert candidate(waits, "cloud").holds == ["gpus"]  # for an L4
+    assert (runs.site, runs.gpu_type) == ("cloud", "L4")
+
+
 def test_a_job_larger_than_the_tenants_whole_budget_or_grant_is_impossible():
     paid = site("paid", price_eur_per_gpu_hour={"H100": 2.0})
     public = site("public", kind="public_hpc", gpus={"H100": 8}, allocation_factor={"H100": 4.0})
