@@ -25,13 +25,13 @@ from pathlib import Path
 
 import httpx
 import orjson
+from bench_jobs_index import SITES, TENANTS, stream  # beside this script (python puts its folder first)
 
 from services.runtime import EmbeddedNats, free_port
 from shared.bus import connect
 from shared.contracts.streams import Topology
 from shared.contracts.subjects import Subjects
 from shared.settings import Settings
-from bench_jobs_index import SITES, TENANTS, stream  # beside this script (python puts its folder first)
 
 SUBJECTS = Subjects()
 ROOT = Path(__file__).parents[2]
@@ -118,8 +118,8 @@ def run(url: str, args, last: int, started: float) -> None:
         print(f"gateway ready and its index caught up in {time.perf_counter() - started:.1f} s")
         print(f"{'query':>20}  {'first p50':>9}  {'first p99':>9}  {'deep p50':>8}  {'deep p99':>8}  "
               f"{'pages':>5}  {'jobs':>6}  (ms, {args.limit} a page)")
-        for name, params in queries():
-            params = {**params, "limit": args.limit}
+        for name, query in queries():
+            params = {**query, "limit": args.limit}
             first = [timed(client, params)[0] for _ in range(args.rounds)]
             deep, token, seen = [], None, 0
             while True:
