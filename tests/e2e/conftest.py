@@ -1,6 +1,6 @@
 """Every end-to-end test runs twice: on an open nats-server of its own (v1: no credentials, as an integrator's
 server may be), and on the server `continuum up` starts by default (TLS, an account per tenant, a principal for
-each site, the services and the operator)."""
+each site, the services and the operator). The dashboard's tests drive a browser: Debian's chromium."""
 
 from __future__ import annotations
 
