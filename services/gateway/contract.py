@@ -73,8 +73,9 @@ class Contract:
     async def events(self, filters: list[str], after: int | None, batch: int = 64,
                      wait_s: float = 15.0) -> AsyncIterator[list[tuple[int, dict]]]:
         """The events on `filters` after stream sequence `after` (None: from now on), in stream order, batch
-        after batch as (sequence, CloudEvent), forever; an empty batch when nothing came for `wait_s` (a
-        caller's chance to say it is alive). Its consumer lives as long as the caller reads."""
+        after batch as (sequence, CloudEvent), forever. An empty batch first, the moment its consumer exists
+        (nothing published from then on is missed: a caller can say the stream is open), and whenever nothing
+        came for `wait_s` (a caller's chance to say it is alive). Its consumer lives as long as the caller reads."""
         name = f"gateway-{uuid.uuid4().hex}"
         start = ({"deliver_policy": DeliverPolicy.NEW} if after is None
                  else {"deliver_policy": DeliverPolicy.BY_START_SEQUENCE, "opt_start_seq": after + 1})
@@ -84,6 +85,7 @@ class Contract:
             inactive_threshold=FOLLOWER_IDLE_S, **start))
         sub = await self.js.pull_subscribe_bind(stream=stream, name=name)
         try:
+            yield []
             while True:
                 try:
                     msgs = await sub.fetch(batch, timeout=wait_s)

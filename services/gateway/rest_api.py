@@ -112,7 +112,8 @@ async def events(who: Who, gw: Through,
                  last_event_id: Annotated[str | None, Header()] = None) -> EventSourceResponse:
     """The events the principal may see, live, as Server-Sent Events: a tenant's own job and billing events and
     every site's. Each event's `id` is its stream sequence: a client that reconnects with `Last-Event-ID` (as
-    browsers do) gets the events after it, with no gap and no repeat."""
+    browsers do) gets the events after it, with no gap and no repeat. The comment `: open` comes first, once
+    nothing published after it can be missed: a client that reads its lists after it misses nothing."""
     if last_event_id is not None:
         if not last_event_id.isdigit():
             raise HTTPException(400, "Last-Event-ID: not an event id of this stream (a sequence number)")
@@ -120,7 +121,11 @@ async def events(who: Who, gw: Through,
     filters = gw.contract.visible_events(who)
 
     async def stream():
+        opened = False
         async for batch in gw.contract.events(filters, after):
+            if not opened:  # its consumer exists: a client that reads this misses nothing published after it
+                opened = True
+                yield ServerSentEvent(comment="open")
             for seq, event in batch:
                 yield ServerSentEvent(data=orjson.dumps(event).decode(), id=str(seq))
 

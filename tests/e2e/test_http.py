@@ -5,7 +5,9 @@ On the open system a request names its tenant; on the default one each principal
 from __future__ import annotations
 
 import asyncio
+import json
 
+import httpx
 import pytest
 import tes
 
@@ -177,6 +179,19 @@ async def test_events_come_in_order_and_resume_after_a_dropped_connection_withou
     assert resumed == [seq for seq, _ in whole] and resumed == sorted(set(resumed))
     kinds = [e["type"].rsplit(".", 1)[-1] for _, e in first + rest if e.get("subject") == job_id]
     assert kinds[0] == "accepted" and kinds[-1] == "succeeded" and kinds.index("started") < kinds.index("succeeded")
+
+
+async def test_the_event_stream_says_it_is_open_and_misses_nothing_published_after(system):
+    http = await gateway_when_up(system)
+    async with http.client(LAB) as web, web.stream("GET", "/api/v1/events",
+                                                 timeout=httpx.Timeout(30.0, read=60.0)) as response:
+        lines = response.aiter_lines()
+        assert await anext(lines) == ": open"  # before any event, and before the 15 s keep-alive
+        job_id = (await web.post("/api/v1/jobs", json=http.spec("lab"))).json()["job_id"]
+        async for line in lines:  # from now on: its very first event comes
+            if line.startswith("data:") and json.loads(line[5:])["subject"] == job_id:
+                assert json.loads(line[5:])["type"] == "continuum.job.accepted"
+                break
 
 
 async def test_rest_lists_filter_and_page(system):
