@@ -293,3 +293,38 @@ async def test_a_task_with_a_script_input_three_executors_and_an_output_runs_the
             "executors": [{"image": "alpine", "command": ["true"]}], "tags": http.tags("lab"),
             "inputs": [{"path": f"{root}/x", "url": "s3://bucket/x"}]})
     assert refused.status_code == 400 and "inputs.0.url" in refused.json()["detail"]
+
+
+async def test_tes_lists_filter_by_name_prefix_state_and_tag_in_each_view(system):
+    """The cases of the GA4GH TES conformance suite (not on PyPI, so not run here): filters and views."""
+    http = await gateway_when_up(system)
+    client = http.tes(LAB)
+    named = {}
+    for name in ("align-1", "align-2", "call-1"):
+        sent = task(http, "lab", ["true"] if name != "call-1" else ["sh", "-c", "exit 1"], tags={"step": name[:-2]})
+        sent.name = name
+        named[name] = await asyncio.to_thread(client.create_task, sent)
+    for task_id in named.values():
+        await asyncio.to_thread(client.wait, task_id, 60)
+
+    async with http.client(LAB) as web:
+        async def listed(**params) -> list[dict]:
+            reply = await web.get("/ga4gh/tes/v1/tasks", params={"page_size": 100, **params})
+            assert reply.status_code == 200, reply.text
+            return reply.json()["tasks"]
+        by_prefix = await listed(name_prefix="align", view="BASIC")
+        assert sorted(t["name"] for t in by_prefix) == ["align-1", "align-2"]
+        assert {t["id"] for t in await listed(state="EXECUTOR_ERROR")} == {named["call-1"]}
+        assert {t["id"] for t in await listed(state="COMPLETE")} == {named["align-1"], named["align-2"]}
+        assert {t["id"] for t in await listed(tag_key="step", tag_value="call")} == {named["call-1"]}
+        assert len(await listed(tag_key="step")) == 3  # a key alone matches any value
+        minimal, basic, full = [await listed(view=v, name_prefix="call") for v in ("MINIMAL", "BASIC", "FULL")]
+        assert set(minimal[0]) == {"id", "state"}
+        assert "system_logs" not in basic[0]["logs"][0] and full[0]["logs"][0]["system_logs"]
+        for found in (*basic, *full):
+            check(found, "tesTask")
+        info = (await web.get("/ga4gh/tes/v1/service-info")).json()
+        assert info["type"] == {"group": "org.ga4gh", "artifact": "tes", "version": "1.1.0"}
+        assert all(isinstance(k, str) for k in info["tesResources_backend_parameters"] + info["storage"])
+        for missing in (await web.get("/ga4gh/tes/v1/tasks/absent"), await web.post("/v1/tasks/absent:cancel")):
+            assert missing.status_code == 404
