@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -64,6 +65,10 @@ def create_app(settings: Settings) -> FastAPI:
         index = await asyncio.to_thread(JobsIndex.from_settings, settings)
         follower = Follower(contract.js, index, subjects).start()
         app.state.gateway = Gateway(contract, tokens, index, follower, catalog, settings.jaeger_url)
+        # what start-up made (modules, the catalog, the app) lives as long as the process: out of the collector's
+        # full passes, which otherwise walk it all every so often, in the middle of a request (tens of ms)
+        gc.collect()
+        gc.freeze()
         log.info("gateway.ready", open=tokens.open)
         try:
             yield
