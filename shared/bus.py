@@ -408,7 +408,7 @@ class Bus:
             while len(found) < limit:
                 try:
                     msgs = await sub.fetch(limit - len(found), timeout=0.5)
-                except NatsTimeout:
+                except TimeoutError:  # nats-py's own, or asyncio's from inside fetch
                     break  # nothing more on these subjects
                 found += [{"seq": m.metadata.sequence.stream, "subject": m.subject, "event": orjson.loads(m.data)}
                           for m in msgs]

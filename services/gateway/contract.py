@@ -89,7 +89,7 @@ class Contract:
             while True:
                 try:
                     msgs = await sub.fetch(batch, timeout=wait_s)
-                except NatsTimeout:
+                except TimeoutError:  # nats-py's own, or asyncio's from inside fetch
                     yield []
                     continue
                 yield [(m.metadata.sequence.stream, orjson.loads(m.data)) for m in msgs]

@@ -34,7 +34,6 @@ from pathlib import Path
 
 import orjson
 import structlog
-from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.client import JetStreamContext
 from pydantic import ValidationError
@@ -468,7 +467,7 @@ class Follower:
                 try:
                     msgs = await sub.fetch(self.batch, timeout=self.idle_s if not self._waiting else 0.1)
                     idle = False
-                except NatsTimeout:
+                except TimeoutError:  # nats-py's own, or asyncio's from inside fetch
                     msgs, idle = [], True
                 if any(m.metadata.sequence.consumer != delivered + i for i, m in enumerate(msgs, start=1)):
                     log.warning("index.gap", after_seq=self._read_to)
