@@ -125,6 +125,8 @@ async def test_the_page_shows_the_sites_and_a_job_live_until_it_succeeds_with_it
     await expect(row).to_contain_text("local-fr")  # lab's residency is FR
     # its bill comes in as an event too: lab's usage this month counts the job
     await expect(page.locator('table.usage tr[data-tenant="lab"] td').first).to_have_text("1", timeout=WAIT_MS)
+    # and local-fr, paid capacity, counts it as overflow by site
+    await expect(page.locator('table.overflow-sites tr[data-site="local-fr"] td').first).to_have_text("1")
     assert await page.evaluate("window.notReloaded") is True
     await screenshot(page, http, tmp_path, "dashboard-overview")
 

@@ -96,8 +96,20 @@ export function overview({ main, me, onUnauthorized }, params) {
       ["Tenant", "Jobs", "GPU-hours", "Cost", "Overflow GPU-hours", "Overflow cost", "Energy (kWh)", "CO2e (kg)"],
       sums.map((u) => row([u.tenant, ...cells(u)], { dataset: { tenant: u.tenant } })), { class: "usage" });
     if (sums.length > 1) usage.append(h("tfoot", {}, row(["Every tenant", ...cells(total)])));
+    // where the overflow went: each paid site's share of it, every tenant shown here together
+    const bySite = new Map();
+    for (const line of statements.flatMap((st) => st.lines).filter((l) => paid.has(l.site))) {
+      const s = bySite.get(line.site) ?? { jobs: 0, gpu_hours: 0, amount_eur: 0, co2e_kg: 0 };
+      bySite.set(line.site, { jobs: s.jobs + 1, gpu_hours: s.gpu_hours + line.gpu_hours,
+        amount_eur: s.amount_eur + line.amount_eur, co2e_kg: s.co2e_kg + line.co2e_kg });
+    }
+    const overflowBySite = table(`Overflow by site since 1 ${month} (UTC)`,
+      ["Site", "Jobs", "GPU-hours", "Cost", "CO2e (kg)"],
+      [...bySite].map(([site, s]) => row([site, s.jobs, fmt.number(s.gpu_hours), fmt.eur(s.amount_eur),
+        fmt.number(s.co2e_kg)], { dataset: { site } })), { class: "overflow-sites" });
     usagePart.replaceChildren(h("h2", { id: "usage-title" }, `Usage in ${month}`), usage,
-      h("p", { class: "note" }, "Overflow: usage on paid capacity (a site that is not public HPC: private cloud, partner)."));
+      h("p", { class: "note" }, "Overflow: usage on paid capacity (a site that is not public HPC: private cloud, partner)."),
+      overflowBySite);
   }
 
   // ---- jobs
