@@ -151,7 +151,8 @@ class _Batch:
         console.print("\nNext: `continuum status JOB_ID` shows why a job went where it did; `continuum sites` "
                       "each site's load, forecast wait and carbon now; `continuum watch` streams events (`--sites`: "
                       "up, down, saturated); `continuum bill cnrs-lab` prints a statement; `continuum overflow` "
-                      "counts overflow.")
+                      "counts overflow. `continuum up` also serves the dashboard, TES and the REST API over HTTP "
+                      "(the URL it prints; README, \"Over HTTP\").")
         traced = sorted(j for j in ours if self.states[j] == "succeeded")
         if traced:
             console.print(f"Traces: every job is one OpenTelemetry trace, from submission to billing. "
