@@ -23,6 +23,7 @@ import uvloop
 
 from services.auth import OPERATOR_PRINCIPAL, SERVICES_PRINCIPAL, credentials, site_principal
 from services.auth import init as auth_init
+from shared import health
 from shared.contracts.catalog import Catalog
 from shared.logging import configure_logging
 from shared.settings import Settings
@@ -94,7 +95,7 @@ def wait_for_port(port: int, timeout: float, process: subprocess.Popen | None = 
 
 def readyz_url(port: int) -> str:
     """A service's readiness, beside its metrics (`shared/health.py`)."""
-    return f"http://127.0.0.1:{port}/readyz"
+    return f"http://127.0.0.1:{port}{health.READYZ}"
 
 
 def not_ready(url: str, timeout: float = 1.0) -> str | None:

@@ -24,6 +24,7 @@ import orjson
 Check = Callable[[], str | None]  # why this part cannot work now; None when it can
 WsgiApp = Callable[[dict, Callable], Iterable[bytes]]
 
+HEALTHZ, READYZ = "/healthz", "/readyz"
 # the process's parts, by name: a process serves one endpoint, whatever runs in it
 _checks: dict[str, Check] = {}
 STARTING = "starting: nothing has said it is ready yet"
@@ -54,9 +55,9 @@ def health_app(metrics: WsgiApp) -> WsgiApp:
     """/healthz and /readyz, and `metrics` for every other path."""
     def app(environ: dict, start_response: Callable) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
-        if path == "/healthz":
+        if path == HEALTHZ:
             return _json(start_response, 200, {"status": "alive"})
-        if path == "/readyz":
+        if path == READYZ:
             reasons = readiness()
             if reasons:
                 return _json(start_response, 503, {"status": "not ready", "reasons": reasons})
