@@ -8,8 +8,10 @@ import contextlib
 import csv
 import io
 import logging
+import os
 import re
 import signal
+import subprocess
 import sys
 import time
 import uuid
@@ -52,6 +54,10 @@ def _principal(
 
 
 GLOBAL_OPTIONS = ("--creds", "--ca", "--as")
+# how long `up` and `wait-ready` wait for every service to answer ready (seconds), and what `up --detach` adds
+# for what comes before the services: the credentials and the server
+READY_TIMEOUT_S = 120.0
+DETACH_SLACK_S = 60.0
 
 
 SitesOpt = Annotated[Path | None, typer.Option("--sites", help="sites catalog (YAML); default: the demo's")]
@@ -152,9 +158,17 @@ def up(sites: SitesOpt = None, tenants: TenantsOpt = None,
        auth: Annotated[Path | None, typer.Option(
            "--auth", help="the folder `continuum auth init` wrote, for an external server run with its nats.conf "
                           "(CONTINUUM_NATS_URL=tls://...); without CONTINUUM_NATS_URL, DATA_DIR/auth is made and "
-                          "used")] = None) -> None:
-    """Run every service and a site agent for each catalog site, until Ctrl-C."""
-    from services.runtime import System
+                          "used")] = None,
+       detach: Annotated[bool, typer.Option(
+           "--detach", help="run in the background (logs in DATA_DIR/logs, `up.log` its own) and return once every "
+                            "service is ready, exit 0, or it failed, non-zero with why; `continuum down` stops "
+                            "it")] = False,
+       timeout: Annotated[float, typer.Option(
+           "--timeout", min=0, help="how long to wait for every service to be ready (seconds); not ready by then, "
+                                    "`up` says which are not and why, and stops")] = READY_TIMEOUT_S) -> None:
+    """Run every service and a site agent for each catalog site, until Ctrl-C (or `continuum down`); it says it
+    is up once every service answers ready."""
+    from services.runtime import System, describe_waiting, running_supervisor
 
     settings = _settings(sites_file=sites, tenants_file=tenants)
     catalog = _check_catalog(settings)
@@ -163,6 +177,15 @@ def up(sites: SitesOpt = None, tenants: TenantsOpt = None,
         raise _fail(f"--remote-site {', '.join(unknown)}: not in the catalog; known: {', '.join(catalog.sites)}", 2)
     if auth and not (auth / "nats.conf").is_file():
         raise _fail(f"--auth {auth}: no nats.conf there; write it with `continuum auth init --out {auth}`", 2)
+    if running := running_supervisor(settings):
+        raise _fail(f"a system already runs from {settings.data_dir} (`continuum up`, pid {running}): `continuum "
+                    "down` stops it")
+    if detach:
+        args = [*(("--sites", str(sites.resolve())) if sites else ()),
+                *(("--tenants", str(tenants.resolve())) if tenants else ()),
+                *(arg for site in remote_site or () for arg in ("--remote-site", site)),
+                *(("--auth", str(auth.resolve())) if auth else ()), "--timeout", str(timeout)]
+        raise typer.Exit(_up_in_background(settings, catalog, args, timeout))
     local = [s for s in catalog.sites if s not in (remote_site or [])] if remote_site else None
     system = System(settings, agent_sites=local, auth=auth)
     stop = False
@@ -175,18 +198,107 @@ def up(sites: SitesOpt = None, tenants: TenantsOpt = None,
     signal.signal(signal.SIGTERM, on_signal)
     try:
         url = system.start(catalog)
-        console.print(f"[bold green]continuum is up[/] on {url}: {len(catalog.sites)} sites, "
-                      f"{len(catalog.tenants)} tenants; logs in {system.log_dir}. Ctrl-C stops it.")
-        console.print(f"HTTP (TES, REST, the dashboard): {system.http_url}")
-        if system.auth:
-            console.print(f"TLS and a principal for every tenant, site and the operator ({system.auth}); commands "
-                          "act as the operator, `--as TENANT` as a tenant.")
+        console.print(f"starting on {url}: {len(catalog.sites)} sites, {len(catalog.tenants)} tenants; logs in "
+                      f"{system.log_dir}")
+        ready_by, announced = time.monotonic() + timeout, False
         while not stop:
             system.check()
+            if not announced and system.ready:
+                announced = True
+                _say_up(url, system.http_url, system.auth, "Ctrl-C (or `continuum down`) stops it.")
+            elif not announced and time.monotonic() >= ready_by:
+                raise _fail(f"not every service was ready within {timeout:g} s:\n"
+                            + describe_waiting(system.waiting, system.log_dir))
             time.sleep(0.2)
     finally:
         system.stop()
         console.print("continuum stopped")
+
+
+def _say_up(url: str, http_url: str | None, auth: Path | str | None, how_to_stop: str) -> None:
+    console.print(f"[bold green]continuum is up[/] on {url}: every service is ready. {how_to_stop}")
+    console.print(f"HTTP (TES, REST, the dashboard): {http_url}")
+    if auth:
+        console.print(f"TLS and a principal for every tenant, site and the operator ({auth}); commands act as the "
+                      "operator, `--as TENANT` as a tenant.")
+
+
+def _up_in_background(settings: Settings, catalog: Catalog, args: list[str], timeout: float) -> int:
+    """`continuum up ARGS` as a daemon (its own session: no terminal, no Ctrl-C of this one's reaches it), its
+    output in DATA_DIR/logs/up.log; whether it came up (0) or not (its exit code, and what it said)."""
+    from services.runtime import running_state
+
+    log_dir = settings.data_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    up_log = log_dir / "up.log"
+    said_from = up_log.stat().st_size if up_log.exists() else 0
+    # its words are read in a file, and echoed here when it fails: not wrapped for a terminal of 80 columns
+    env = {"COLUMNS": "200", **os.environ}
+    with up_log.open("ab") as out:  # the daemon keeps its own copy of the handle
+        daemon = subprocess.Popen([sys.executable, "-m", "services.cli", "up", *args], env=env,
+                                  stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
+
+    def repeat_its_words() -> None:  # as it wrote them: its lines name services and their logs
+        with up_log.open("rb") as log:
+            log.seek(said_from)
+            sys.stderr.write(log.read().decode(errors="replace").rstrip() + "\n")
+
+    # its own deadline is for the services once started; the server and credentials come first
+    deadline = time.monotonic() + timeout + DETACH_SLACK_S
+    try:
+        while True:
+            if (code := daemon.poll()) is not None:
+                err.print(f"[red]error:[/] continuum up stopped (exit code {code}); it said ({up_log}):")
+                repeat_its_words()
+                return code or 1
+            try:
+                state = running_state(settings)
+            except RuntimeError:  # not written yet
+                state = {}
+            if state.get("pid") == daemon.pid and state.get("ready"):
+                _say_up(state["nats_url"], state.get("http"), state.get("auth"), "`continuum down` stops it.")
+                console.print(f"in the background (pid {daemon.pid}): {len(catalog.sites)} sites, "
+                              f"{len(catalog.tenants)} tenants; logs in {state.get('logs')}")
+                return 0
+            if time.monotonic() >= deadline:
+                err.print(f"[red]error:[/] continuum up (pid {daemon.pid}) is not up after "
+                          f"{timeout + DETACH_SLACK_S:g} s: stopped. It said ({up_log}):")
+                repeat_its_words()
+                raise typer.Exit(1)
+            time.sleep(0.2)  # another process's progress: nothing to wait on but a new look
+    except BaseException:  # not up in time, or Ctrl-C here: nothing is left running half-started
+        daemon.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            daemon.wait(30)
+        raise
+
+
+@app.command()
+def down(timeout: Annotated[float, typer.Option("--timeout", min=0, help="how long to wait for it to stop "
+                                                                         "(seconds)")] = 60.0) -> None:
+    """Stop the system `continuum up` runs from this data directory (in the background or not): every service,
+    and the nats-server it started; returns once its supervisor is gone."""
+    from services.runtime import stop_running
+
+    try:
+        pid = stop_running(_settings(), timeout)
+    except RuntimeError as e:
+        raise _fail(str(e)) from None
+    console.print(f"continuum stopped (it ran as pid {pid})")
+
+
+@app.command("wait-ready")
+def wait_ready(timeout: Annotated[float, typer.Option("--timeout", min=0, help="how long to wait (seconds)")]
+               = READY_TIMEOUT_S) -> None:
+    """Wait until the system `continuum up` runs from this data directory (started or starting) answers ready,
+    every service of it; exit 1 saying what is not ready, and where its logs are, if it does not in time."""
+    from services.runtime import wait_ready as until_ready
+
+    try:
+        state = until_ready(_settings(), timeout)
+    except RuntimeError as e:
+        raise _fail(str(e)) from None
+    console.print(f"continuum is ready on {state['nats_url']}: {len(state['readyz'])} services")
 
 
 @app.command()

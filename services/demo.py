@@ -185,12 +185,13 @@ async def _drive(client: Settings, subjects: Subjects, console: Console, batch: 
 
 
 async def _until_sites_up(nc, subjects: Subjects, system: System, timeout: float = 60.0) -> None:
+    """Every service ready (intake among them: the batch goes there next) and every site reporting."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         system.check()
         try:
             reply = await request_json(nc, subjects.sites_list, {}, timeout=2.0)
-            if reply.get("sites") and all(s["state"] == "up" for s in reply["sites"]):
+            if system.ready and reply.get("sites") and all(s["state"] == "up" for s in reply["sites"]):
                 return
         except RuntimeError:
             pass  # capacity is still starting

@@ -12,6 +12,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +23,7 @@ import uvloop
 
 from services.auth import OPERATOR_PRINCIPAL, SERVICES_PRINCIPAL, credentials, site_principal
 from services.auth import init as auth_init
+from shared import health
 from shared.contracts.catalog import Catalog
 from shared.logging import configure_logging
 from shared.settings import Settings
@@ -43,6 +46,8 @@ def _factories() -> dict[str, Callable]:
 
 
 SERVICES = ("intake", "capacity", "routing", "billing", "gateway", "agent")
+# how often the supervisor asks each service's /readyz: while one is not ready, and once all are
+LOOK_STARTING_S, LOOK_READY_S = 0.25, 5.0
 
 
 def run_service(name: str, settings: Settings, sites: list[str] | None = None) -> None:
@@ -86,6 +91,46 @@ def wait_for_port(port: int, timeout: float, process: subprocess.Popen | None = 
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"nothing listens on port {port} after {timeout} s")
+
+
+def readyz_url(port: int) -> str:
+    """A service's readiness, beside its metrics (`shared/health.py`)."""
+    return f"http://127.0.0.1:{port}{health.READYZ}"
+
+
+def not_ready(url: str, timeout: float = 1.0) -> str | None:
+    """Why the service whose /readyz is at `url` is not ready, in its own words when it answers; None if it is."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout):
+            return None
+    except urllib.error.HTTPError as e:
+        try:
+            reasons = json.loads(e.read()).get("reasons") or {}
+        except (ValueError, AttributeError):
+            reasons = {}
+        return "; ".join(f"{part}: {why}" for part, why in reasons.items()) or f"HTTP {e.code} at {url}"
+    except OSError as e:  # nothing listens yet (URLError), or it does not answer in time
+        return f"no answer at {url} ({getattr(e, 'reason', None) or e})"
+
+
+def describe_waiting(waiting: dict[str, str], log_dir: Path | None) -> str:
+    """The services not ready, a line each: why, and where its log is."""
+    return "\n".join(f"  {name}: {why}" + (f" (log: {log_dir / f'{name}.log'})" if log_dir else "")
+                     for name, why in sorted(waiting.items()))
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process runs with this id (a zombie, ended but not yet reaped by its parent, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's: it exists
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):  # no /proc here: kill's word is all there is
+        return True
 
 
 @dataclass
@@ -150,6 +195,9 @@ class Supervisor:
     auth: Path | None = None
     # the gateway's HTTP port (CONTINUUM_HTTP_PORT, else a free one)
     http_port: int = 0
+    # why each service not ready yet is not, as its /readyz said at the last look (empty: all are ready)
+    waiting: dict[str, str] = field(default_factory=dict)
+    next_look: float = 0.0
 
     def __post_init__(self) -> None:
         self.http_port = self.http_port or self.settings.http_port or free_port()
@@ -164,6 +212,8 @@ class Supervisor:
         env = dict(self.env, CONTINUUM_METRICS_PORT=str(self.metrics_ports.setdefault(name, free_port())))
         if service == "gateway":  # its port kept across restarts, as the state file gives it
             env["CONTINUUM_HTTP_PORT"] = str(self.http_port)
+        self.waiting[name] = "starting"
+        self.next_look = 0.0
         if site:
             command += ["--site", site]
         elif service == "agent" and self.agent_sites is not None:
@@ -190,10 +240,36 @@ class Supervisor:
 
     def remove(self, name: str) -> None:
         process = self.processes.pop(name, None)
+        self.waiting.pop(name, None)
         if process is not None and process.poll() is None:
             process.send_signal(signal.SIGTERM)
             process.wait(15)
         self.write_state()
+
+    @property
+    def ready(self) -> bool:
+        """Every service answered ready at the last look."""
+        return bool(self.processes) and not self.waiting
+
+    def look(self) -> bool:
+        """Ask each service's /readyz (often while some are not ready, every few seconds once all are), and
+        write what changed to the state file; whether all are ready."""
+        now = time.monotonic()
+        if now < self.next_look:
+            return self.ready
+        before = dict(self.waiting)
+        for name, process in self.processes.items():
+            code = process.poll()
+            why = f"exited with code {code}" if code is not None else \
+                not_ready(readyz_url(self.metrics_ports[name]))
+            if why is None:
+                self.waiting.pop(name, None)
+            else:
+                self.waiting[name] = why
+        self.next_look = now + (LOOK_READY_S if self.ready else LOOK_STARTING_S)
+        if self.waiting != before:
+            self.write_state()
+        return self.ready
 
     def check(self) -> None:
         """Restart what died (with a growing pause after repeated deaths)."""
@@ -204,6 +280,7 @@ class Supervisor:
                 log.warning("service.restarting", name=name, exit_code=process.returncode, restarts=count)
                 time.sleep(min(5.0, 0.2 * count))
                 self.processes[name] = self._spawn(name)
+                self.waiting[name] = f"restarted after it exited with code {process.returncode} ({count} restarts)"
                 self.write_state()
 
     def write_state(self) -> None:
@@ -211,7 +288,12 @@ class Supervisor:
                  "auth": str(self.auth.resolve()) if self.auth else None,
                  "services": {n: p.pid for n, p in self.processes.items()},
                  "http": self.http_url if "gateway" in self.processes else None,
-                 "metrics": {n: f"http://127.0.0.1:{port}/metrics" for n, port in self.metrics_ports.items()}}
+                 "metrics": {n: f"http://127.0.0.1:{port}/metrics" for n, port in self.metrics_ports.items()},
+                 # readiness: each service's /readyz, whether all answered ready at the supervisor's last look,
+                 # and why the others are not (what `continuum wait-ready` asks each itself)
+                 "readyz": {n: readyz_url(port) for n, port in self.metrics_ports.items()},
+                 "ready": self.ready, "not_ready": dict(self.waiting),
+                 "logs": str(self.log_dir.resolve()) if self.log_dir else None}
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.settings.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=2))
@@ -240,10 +322,11 @@ def running_nats_url(settings: Settings) -> str:
     """Where the running system is: CONTINUUM_NATS_URL, else the state file `continuum up` wrote."""
     if settings.nats_url:
         return settings.nats_url
-    return _running(settings)["nats_url"]
+    return running_state(settings)["nats_url"]
 
 
-def _running(settings: Settings) -> dict:
+def running_state(settings: Settings) -> dict:
+    """The state file of the system `continuum up` runs from this data directory (or ran: see `pid_alive`)."""
     try:
         return json.loads(settings.state_file.read_text())
     except (OSError, ValueError, KeyError):
@@ -251,11 +334,67 @@ def _running(settings: Settings) -> dict:
                            "or set CONTINUUM_NATS_URL") from None
 
 
+def running_supervisor(settings: Settings) -> int | None:
+    """The process id of the `continuum up` that runs from this data directory, if one does."""
+    try:
+        pid = running_state(settings)["pid"]
+    except (RuntimeError, KeyError):
+        return None
+    return pid if pid != os.getpid() and pid_alive(pid) else None
+
+
+def stop_running(settings: Settings, timeout: float, every: float = 0.1) -> int:
+    """Stop the system `continuum up` runs from this data directory, in the background or not: SIGTERM to its
+    supervisor, which stops every service and its own nats-server, then wait for it to be gone; its pid.
+    RuntimeError when there is none, or it is still stopping after `timeout` seconds."""
+    state = running_state(settings)
+    pid = state["pid"]
+    if not pid_alive(pid):
+        settings.state_file.unlink(missing_ok=True)
+        left = [f"{name} (pid {p})" for name, p in state.get("services", {}).items() if pid_alive(p)]
+        raise RuntimeError(f"the system of {settings.data_dir} was not running: its supervisor (pid {pid}) is gone "
+                           f"(its state file, left behind, is removed)"
+                           + (f"; processes with its services' pids still run: {', '.join(left)}" if left else ""))
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid):
+        if time.monotonic() >= deadline:
+            raise RuntimeError(f"the supervisor (pid {pid}) is still stopping after {timeout:g} s")
+        time.sleep(every)  # another process's end: nothing to wait on but a new look
+    return pid
+
+
+def wait_ready(settings: Settings, timeout: float, every: float = 0.2) -> dict:
+    """Until the system `continuum up` runs from this data directory answers ready, every service of it (asked
+    here, on each one's /readyz), for at most `timeout` seconds: its state. A system that is still starting
+    (no state file yet) is waited for too. RuntimeError, saying what is not ready, when it is not in time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            state = running_state(settings)
+            if not pid_alive(state["pid"]):
+                raise RuntimeError(f"the system of {settings.data_dir} is not running: its supervisor (pid "
+                                   f"{state['pid']}) is gone, and {settings.state_file} is what it left; start it "
+                                   "with `continuum up`")
+            if not state.get("readyz"):
+                raise RuntimeError(f"{settings.state_file} lists no service's /readyz (an older `continuum up`)")
+            waiting = {name: why for name, url in state["readyz"].items() if (why := not_ready(url))}
+            if not waiting:
+                return state
+            logs = Path(state["logs"]) if state.get("logs") else None
+            problem = "not every service is ready:\n" + describe_waiting(waiting, logs)
+        except RuntimeError as e:
+            problem = str(e)
+        if time.monotonic() >= deadline:
+            raise RuntimeError(f"not ready within {timeout:g} s: {problem}")
+        time.sleep(every)
+
+
 def reach_running(settings: Settings, principal: str | None = None) -> Settings:
     """The settings to reach the running system as `principal`, with the credentials `up` keeps (without one:
     CONTINUUM_NATS_CREDS's, or else the operator's); on an open server, none."""
     url = running_nats_url(settings)
-    auth = None if settings.nats_url else _running(settings).get("auth")
+    auth = None if settings.nats_url else running_state(settings).get("auth")
     update: dict = {"nats_url": url}
     if auth and (principal or not settings.nats_creds):
         update["nats_creds"] = credentials(Path(auth), principal or OPERATOR_PRINCIPAL)
@@ -317,9 +456,20 @@ class System:
         return self.supervisor.http_url
 
     def check(self) -> None:
-        """Restart a service that died (the supervisor's round)."""
+        """Restart a service that died, and look at which are ready (the supervisor's round)."""
         if self.supervisor:
             self.supervisor.check()
+            self.supervisor.look()
+
+    @property
+    def ready(self) -> bool:
+        """Every service answered ready at the supervisor's last look (`check`)."""
+        return self.supervisor is not None and self.supervisor.ready
+
+    @property
+    def waiting(self) -> dict[str, str]:
+        """The services not ready at the last look, and why."""
+        return dict(self.supervisor.waiting) if self.supervisor else {}
 
     def stop(self) -> None:
         if self.supervisor:

@@ -41,6 +41,7 @@ from nats.js.errors import (
 from nats.js.kv import KeyValue
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
+from shared import health
 from shared.contracts.events import CloudEvent
 from shared.contracts.jobs import JobEvent, JobEventData
 from shared.contracts.streams import Topology, consumer_config
@@ -76,6 +77,8 @@ class Bus:
     _writing: set[asyncio.Task] = field(default_factory=set)  # the writes on their way (the loop keeps weak refs)
     _consumers: list[_Consumer] = field(default_factory=list)
     _responders: list[_Responder] = field(default_factory=list)
+    # from the end of the service's start (consumers and responders bound, its hooks run) until it stops
+    serving: bool = False
     # set while the AsyncAPI document is built: consumers are then FastStream subscribers
     documenting: ClassVar[bool] = False
 
@@ -147,6 +150,19 @@ class Bus:
             return handler
         return register
 
+    def not_ready(self) -> str | None:
+        """Why this service cannot do its work now, None when it can: its readiness (`shared/health.py`)."""
+        if not self.serving:
+            return "starting: consumers and responders not bound yet"
+        nc = self.nc
+        if nc.is_connected:
+            return None
+        return "NATS connection lost: reconnecting" if nc.is_reconnecting else "not connected to NATS"
+
+    async def mark_serving(self) -> None:
+        self.serving = True
+        log.info("service.ready", service=self.service)
+
     async def start_handling(self) -> None:
         """Subscribe every consumer and responder."""
         for consumer in self._consumers:
@@ -187,6 +203,7 @@ class Bus:
 
     async def stop_handling(self, grace_s: float = 10.0) -> None:
         """Stop taking messages and requests; those in hand are finished first (for at most `grace_s`)."""
+        self.serving = False
         for responder in self._responders:
             for subscription in responder.subscriptions:
                 await subscription.unsubscribe()
@@ -685,9 +702,11 @@ Hook = Callable[[], Awaitable[None]]
 
 def create_app(bus: Bus, *, on_startup: tuple[Hook, ...] = (), after_startup: tuple[Hook, ...] = (),
                on_shutdown: tuple[Hook, ...] = ()) -> FastStream:
-    # handlers stop first, and finish the messages in hand while what they use is still there
-    app = FastStream(bus.broker, logger=None, after_startup=list(after_startup),
+    # handlers stop first, and finish the messages in hand while what they use is still there; the service is
+    # ready once all of it started (FastStream's own subscribers, capacity's heartbeats, start with the broker)
+    app = FastStream(bus.broker, logger=None, after_startup=[*after_startup, bus.mark_serving],
                      on_shutdown=[bus.stop_handling, *on_shutdown])
+    health.require("bus", bus.not_ready)
 
     @app.on_startup
     async def _topology() -> None:

@@ -38,6 +38,8 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 from opentelemetry.trace import Span, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from shared import health
+
 TRACEPARENT = "traceparent"
 TRACES_FILE = Path("traces") / "spans.jsonl"  # under the data directory
 
@@ -255,7 +257,8 @@ class Telemetry:
 
 def setup_telemetry(service: str, data_dir: Path, metrics_port: int | None = None) -> Telemetry:
     """Tracing and metrics for this process, from the OTEL_* environment; the file default without an endpoint.
-    OTEL_SERVICE_NAME, when set, names the service; otherwise `continuum-<service>`."""
+    OTEL_SERVICE_NAME, when set, names the service; otherwise `continuum-<service>`. With `metrics_port`, the
+    Prometheus endpoint, and the process's /healthz and /readyz on the same port (`shared/health.py`)."""
     resource = Resource.create({} if os.environ.get("OTEL_SERVICE_NAME") else {"service.name": f"continuum-{service}"})
     tracer_provider = TracerProvider(resource=resource)  # the sampler comes from OTEL_TRACES_SAMPLER
     readers: list[MetricReader] = []
@@ -276,10 +279,10 @@ def setup_telemetry(service: str, data_dir: Path, metrics_port: int | None = Non
         readers.append(PeriodicExportingMetricReader(_otlp_exporter("metrics")))
     if metrics_port is not None:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
-        from prometheus_client import start_http_server
+        from prometheus_client import make_wsgi_app
 
         try:
-            start_http_server(metrics_port)  # every interface: a container's port is scraped from outside
+            health.serve(metrics_port, make_wsgi_app())  # /metrics, and /healthz and /readyz beside them
             readers.append(PrometheusMetricReader(scope_info_enabled=False))
         except OSError as e:  # the service runs on without its endpoint rather than not at all
             structlog.get_logger().error("metrics.unavailable", port=metrics_port, reason=str(e))

@@ -27,6 +27,7 @@ from services.gateway.context import Gateway
 from services.gateway.contract import Contract
 from services.gateway.index import Follower, JobsIndex
 from services.gateway.principals import Tokens
+from shared import health
 from shared.bus import connect
 from shared.contracts.catalog import Catalog
 from shared.contracts.subjects import Subjects
@@ -90,10 +91,18 @@ def create_app(settings: Settings) -> FastAPI:
     async def healthz() -> dict:
         return {"status": "alive"}
 
+    def not_ready() -> str | None:
+        gateway: Gateway | None = getattr(app.state, "gateway", None)
+        if gateway is None:
+            return "starting: not connected to NATS yet"
+        return None if gateway.contract.nc.is_connected else "NATS connection lost: reconnecting"
+
+    health.require("bus", not_ready)  # the same on the metrics port, as every service has it
+
     @app.get("/readyz", include_in_schema=False)
     async def readyz(request: Request) -> JSONResponse:
         gateway: Gateway | None = getattr(request.app.state, "gateway", None)
-        ready = gateway is not None and gateway.contract.nc.is_connected
+        ready = not_ready() is None
         body: dict = {"status": "ready" if ready else "not ready"}
         if gateway is not None:  # how far lists can see: the event stream's sequence the index holds
             body["index_caught_up_to"] = gateway.follower.caught_up_to
@@ -153,7 +162,14 @@ class GatewayServer:
                                      timeout_graceful_shutdown=10)
 
     async def run(self) -> None:
-        await uvicorn.Server(self.config).serve()
+        server = uvicorn.Server(self.config)
+        def not_listening() -> str | None:  # uvicorn binds after the app's start, and stops taking requests first
+            if server.should_exit:
+                return "stopping"
+            return None if server.started else "starting: the HTTP server does not listen yet"
+
+        health.require("http", not_listening)
+        await server.serve()
 
 
 def create_gateway_app(settings: Settings) -> GatewayServer:

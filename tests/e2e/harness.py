@@ -36,11 +36,7 @@ class RunningSystem:
 
     def client(self, **settings) -> Settings:
         """How to reach the system as the operator: on the embedded default, with the credentials `up` keeps."""
-        if self._url:
-            return Settings(nats_url=self._url, **settings)
-        auth = self.data_dir / "auth"
-        return Settings(nats_url=self.url, nats_creds=auth / "creds" / "operator.nk", nats_ca=auth / "tls" / "ca.pem",
-                        **settings)
+        return operator(self.data_dir, self._url, **settings)
 
     def started(self, timeout: float = 60.0) -> None:
         """Until `up` has its server (the state file says where): what a process started beside it needs."""
@@ -78,17 +74,35 @@ class RunningSystem:
         return json.loads((self.data_dir / "state.json").read_text())["services"][service]
 
 
+def operator(data_dir: Path, own_url: str | None, **settings) -> Settings:
+    """How to reach the system of `data_dir` as the operator: on the test's own server (`own_url`), with no
+    credentials; on the embedded default, where its state file says, with the credentials `up` keeps."""
+    if own_url:
+        return Settings(nats_url=own_url, **settings)
+    auth = data_dir / "auth"
+    return Settings(nats_url=json.loads((data_dir / "state.json").read_text())["nats_url"],
+                    nats_creds=auth / "creds" / "operator.nk", nats_ca=auth / "tls" / "ca.pem", **settings)
+
+
+def system_env(nats_server, tmp_path, sites: str = "sites.yaml", tenants: str = "tenants.yaml",
+               **settings: str) -> dict[str, str]:
+    """The environment `continuum` runs in for a test: its data directory under `tmp_path`, a test catalog,
+    fast timings (and more CONTINUUM_* settings), on `nats_server` (None: the server `up` starts itself)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("CONTINUUM_NATS_URL", "CONTINUUM_NATS_CREDS",
+                                                              "CONTINUUM_NATS_CA")}
+    env.update(CONTINUUM_DATA_DIR=str(tmp_path / "data"), **FAST, CONTINUUM_SITES_FILE=str(CATALOG / sites),
+               CONTINUUM_TENANTS_FILE=str(CATALOG / tenants), **settings)
+    if nats_server is not None:
+        env["CONTINUUM_NATS_URL"] = nats_server.url
+    return env
+
+
 def start_system(nats_server, tmp_path, sites: str = "sites.yaml", tenants: str = "tenants.yaml",
                  args: tuple[str, ...] = (), **settings: str):
     """`continuum up` with a test catalog (and more `up` arguments, CONTINUUM_* settings), on `nats_server` (None:
     the server `up` starts itself, secure by default); yields the running system and stops it."""
     data_dir = tmp_path / "data"
-    env = {k: v for k, v in os.environ.items() if k not in ("CONTINUUM_NATS_URL", "CONTINUUM_NATS_CREDS",
-                                                              "CONTINUUM_NATS_CA")}
-    env.update(CONTINUUM_DATA_DIR=str(data_dir), **FAST, CONTINUUM_SITES_FILE=str(CATALOG / sites),
-               CONTINUUM_TENANTS_FILE=str(CATALOG / tenants), **settings)
-    if nats_server is not None:
-        env["CONTINUUM_NATS_URL"] = nats_server.url
+    env = system_env(nats_server, tmp_path, sites, tenants, **settings)
     process = subprocess.Popen(
         [sys.executable, "-m", "services.cli", "up", "--sites", str(CATALOG / sites),
          "--tenants", str(CATALOG / tenants), *args],

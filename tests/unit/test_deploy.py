@@ -6,6 +6,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from services.runtime import SERVICES
+from shared import health
 
 ROOT = Path(__file__).parents[2]
 
@@ -144,11 +145,8 @@ def test_every_service_waits_for_healthy_nats_and_jaeger_and_reports_its_health(
         check = service["healthcheck"]
         # python:3.11-slim has no curl or wget: the check must run the image's Python
         assert check["test"][:2] == ["CMD", "python"], f"{name}: {check['test']}"
-        if name == "gateway":  # it has an HTTP face: ready when it answers there, connected to NATS
-            http = int(_env(service)["CONTINUUM_HTTP_PORT"])
-            assert f"localhost:{http}/readyz" in " ".join(check["test"]), f"{name}: health not on /readyz"
-        else:
-            assert f"localhost:{port}/metrics" in " ".join(check["test"]), f"{name}: health not on port {port}"
+        # healthy when ready (connected, consumers bound), as the service says beside its metrics
+        assert f"localhost:{port}{health.READYZ}" in " ".join(check["test"]), f"{name}: health not {health.READYZ}"
         assert {"interval", "timeout", "retries", "start_period"} <= set(check), f"{name}: {sorted(check)}"
         replicas = service.get("deploy", {}).get("replicas", 1)
         if replicas > 1:  # replicas cannot share a container name or a host port
