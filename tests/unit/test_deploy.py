@@ -1,5 +1,6 @@
 """docker-compose.yml and the NATS configuration `continuum auth init` writes agree with the code."""
 
+import re
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -194,3 +195,90 @@ def test_named_volumes_are_declared():
             if not source.startswith((".", "/")):
                 assert source in declared, f"{name}: volume {source} is not declared"
     assert any(v.endswith(":/data") for v in compose["services"]["billing"]["volumes"]), "the ledger is kept"
+
+
+CLUSTER_CONFIGS = ROOT / "deploy" / "nats" / "cluster"
+ROUTE_PORT = 6222
+
+
+def _nats_conf(path: Path) -> str:
+    """A nats-server configuration file without its comments."""
+    return "\n".join(line.split("#", 1)[0].rstrip() for line in path.read_text().splitlines())
+
+
+def _one(pattern: str, text: str, where: str) -> str:
+    found = re.search(pattern, text, re.M | re.S)
+    assert found, f"{where}: nothing like {pattern!r}"
+    return found.group(1)
+
+
+def _cluster_servers() -> dict[str, dict]:
+    """deploy/nats/cluster/'s servers by name: their routes, whether they include what `auth init` writes, and the
+    client, monitoring and route ports."""
+    servers = {}
+    for path in sorted(CLUSTER_CONFIGS.glob("nats-*.conf")):
+        text = _nats_conf(path)
+        block = _one(r"^cluster \{(.*?)^\}", text, path.name)
+        servers[_one(r"^server_name: (\S+)$", text, path.name)] = {
+            "file": path.name,
+            "routes": [urlsplit(route) for route in _one(r"routes: \[(.*?)\]", block, path.name).split()],
+            "cluster": _one(r"^\s*name: (\S+)$", block, path.name),
+            "listen": _one(r"^\s*listen: (\S+)$", block, path.name),
+            "includes": re.findall(r"^include (\S+)$", text, re.M),
+            "cluster_includes": re.findall(r"^\s+include (\S+)$", block, re.M),
+            "port": int(_one(r"^port: (\d+)$", text, path.name)),
+            "http_port": int(_one(r"^http_port: (\d+)$", text, path.name)),
+            "jetstream": re.search(r"^jetstream", text, re.M) is not None,
+        }
+    return servers
+
+
+def test_each_server_of_the_cluster_routes_to_the_others_with_auth_inits_accounts_and_tls():
+    servers = _cluster_servers()
+    assert sorted(servers) == ["nats-1", "nats-2", "nats-3"]
+    assert [s["file"] for s in servers.values()] == [f"{name}.conf" for name in servers], "a file a server"
+    for name, server in servers.items():
+        others = set(servers) - {name}
+        assert {(r.scheme, r.hostname, r.port) for r in server["routes"]} == {
+            ("nats-route", other, ROUTE_PORT) for other in others}, f"{name}: routes to the other two"
+        assert server["cluster"] == "continuum", f"{name}: one named cluster"
+        assert server["listen"].endswith(f":{ROUTE_PORT}"), f"{name}: listens for routes on {ROUTE_PORT}"
+        # accounts, TLS and JetStream's sync_interval as `auth init` writes them, beside the file
+        assert server["includes"] == ["auth/nats.conf"], name
+        assert server["cluster_includes"] == ["auth/cluster-tls.conf"], f"{name}: TLS on the routes"
+        assert not server["jetstream"], f"{name}: a jetstream block of its own would replace auth's (sync_interval)"
+        assert (server["port"], server["http_port"]) == (4222, 8222), name
+
+
+def test_auth_init_writes_the_tls_of_the_routes_with_a_certificate_for_both_ends(tmp_path):
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    from services.auth import init
+    from shared.contracts.catalog import Catalog
+
+    out = tmp_path / "auth"
+    init(out, Catalog.load(), ["nats-1", "nats-2", "nats-3"])
+    tls = _nats_conf(out / "cluster-tls.conf")
+    for file in ("server.pem", "server-key.pem", "ca.pem"):
+        assert f'"{out.resolve() / "tls" / file}"' in tls
+    assert '"verify": true' in tls, "a route must show a certificate the CA signed"
+    cert = x509.load_pem_x509_certificate((out / "tls" / "server.pem").read_bytes())
+    usages = set(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+    # each server dials the others on the routes: its certificate is a client's there
+    assert usages == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {"nats-1", "nats-2", "nats-3", "localhost"} <= set(names.get_values_for_type(x509.DNSName))
+    assert init(out, Catalog.load(), ["nats-1", "nats-2", "nats-3"]).certificate == "kept"
+
+
+def test_a_server_certificate_from_before_clusters_is_issued_again_for_both_ends(tmp_path, monkeypatch):
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    import services.auth as auth
+    from shared.contracts.catalog import Catalog
+
+    monkeypatch.setattr(auth, "SERVER_USAGES", (ExtendedKeyUsageOID.SERVER_AUTH,))  # what `auth init` issued then
+    auth.init(tmp_path / "auth", Catalog.load(), ["nats"])
+    monkeypatch.undo()
+    assert auth.init(tmp_path / "auth", Catalog.load(), ["nats"]).certificate == "issued"
