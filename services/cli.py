@@ -110,9 +110,17 @@ def _client() -> Settings:
     return client
 
 
+async def _connection_error(e: Exception) -> None:
+    """nats-py's report of a connection's trouble. A server of CONTINUUM_NATS_URL's list that does not answer is
+    passed over for the next (and if none answers, connecting fails with its own message): nothing to say. Anything
+    else (a permission the server refused) is said in one line, not as nats-py's traceback."""
+    if not isinstance(e, OSError):
+        err.print(f"[yellow]nats:[/] {e}")
+
+
 async def _connect(settings: Settings, **options: Any):
     try:
-        return await connect(settings, connect_timeout=3, **options)
+        return await connect(settings, connect_timeout=3, error_cb=_connection_error, **options)
     except Exception as e:
         raise _fail(f"cannot reach the system at {settings.nats_url}: {e}") from None
 
