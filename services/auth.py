@@ -160,8 +160,10 @@ class Changes:
 
 
 def init(out: Path, catalog: Catalog, hosts: list[str] | None = None, prefix: str = "continuum",
-         sync_interval: str = SYNC_INTERVAL) -> Changes:
-    """Write (or bring up to date) DIR's configuration, credentials, tokens and TLS files for this catalog."""
+         sync_interval: str = SYNC_INTERVAL, server_dir: Path | None = None) -> Changes:
+    """Write (or bring up to date) DIR's configuration, credentials, tokens and TLS files for this catalog. The
+    configuration names the TLS files by absolute path, under `server_dir` if given: where the server will find
+    this folder (a Kubernetes Secret mounted elsewhere than where it was written), else where it is."""
     subjects = Subjects(prefix)
     changes = Changes()
     creds, tokens, tls = out / "creds", out / "tokens", out / "tls"
@@ -189,8 +191,9 @@ def init(out: Path, catalog: Catalog, hosts: list[str] | None = None, prefix: st
                 if suffix == ".nk":
                     changes.removed.append(stale.stem)
     changes.certificate = _ensure_tls(tls, sorted({"localhost", "127.0.0.1", *(hosts or [])}))
-    conf = nats_conf(catalog, keys, tls.resolve(), subjects, Topology(subjects), sync_interval)
-    _write_atomically(out / "cluster-tls.conf", cluster_tls_conf(tls.resolve()))
+    served = (server_dir / "tls") if server_dir else tls.resolve()
+    conf = nats_conf(catalog, keys, served, subjects, Topology(subjects), sync_interval)
+    _write_atomically(out / "cluster-tls.conf", cluster_tls_conf(served))
     _write_atomically(out / "nats.conf", conf)
     return changes
 

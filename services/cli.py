@@ -548,7 +548,11 @@ def auth_init(sites: SitesOpt = None, tenants: TenantsOpt = None,
               sync_interval: Annotated[str, typer.Option(
                   "--sync-interval", help="how often JetStream writes to disk: `always` (before each "
                                           "acknowledgement) or a duration such as 1s (docs/security.md)")]
-              = "always") -> None:
+              = "always",
+              server_dir: Annotated[Path | None, typer.Option(
+                  "--server-dir", help="where the NATS server will find this folder, if not where it is written (a "
+                                       "Kubernetes Secret mounted at /etc/nats/auth, say): nats.conf names its TLS "
+                                       "files by absolute path")] = None) -> None:
     """Write a nats-server configuration with a NATS account per tenant, a principal per site and for the operator
     and the services, TLS, credentials and HTTP tokens; again, after a catalog change (credentials are kept)."""
     from services.auth import init
@@ -557,7 +561,10 @@ def auth_init(sites: SitesOpt = None, tenants: TenantsOpt = None,
     catalog = _check_catalog(settings)
     if sync_interval != "always" and not re.fullmatch(r"\d+(ms|s|m|h)", sync_interval):
         raise _fail(f"--sync-interval {sync_interval!r}: `always` or a duration such as 500ms, 1s, 2m", 2)
-    changes = init(out, catalog, host or [], prefix=settings.prefix, sync_interval=sync_interval)
+    if server_dir and not server_dir.is_absolute():
+        raise _fail(f"--server-dir {server_dir}: an absolute path, as the server will see it", 2)
+    changes = init(out, catalog, host or [], prefix=settings.prefix, sync_interval=sync_interval,
+                   server_dir=server_dir)
     for what, names in (("added", changes.added), ("kept", changes.kept), ("removed", changes.removed)):
         if names:
             console.print(f"{what}: {', '.join(names)}")
