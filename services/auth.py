@@ -137,8 +137,9 @@ def _server_tls(tls_dir: Path) -> dict:
 
 def cluster_tls_conf(tls_dir: Path) -> str:
     """The TLS of a cluster's routes, for a `cluster {}` block to include (deploy/nats/cluster/): each server shows
-    the others the server certificate, and takes as a route only a peer whose certificate this CA signed (`verify`).
-    Without it, whoever reaches the route port would join the cluster and read every account's messages."""
+    the others the server certificate, and takes as a route only a peer whose certificate this CA signed (nats-server
+    verifies a route's peer whenever the cluster has TLS; `verify` says so here too). Without TLS on the routes,
+    whoever reaches the route port would join the cluster and read every account's messages."""
     tls = {**_server_tls(tls_dir), "ca_file": str(tls_dir / "ca.pem"), "verify": True}
     return "\n".join([
         "# written by `continuum auth init`: the TLS of a cluster's routes, included in its `cluster {}` block",

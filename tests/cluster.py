@@ -90,17 +90,21 @@ class LoopbackCluster:
             assert server.process is not None
             wait_for_port(server.port, 15.0, server.process)
 
+    async def monitor(self, name: str, endpoint: str) -> dict:
+        """What a server's monitoring says at `endpoint` (varz, routez, ...)."""
+        def read() -> dict:
+            url = f"http://127.0.0.1:{self.servers[name].monitor_port}/{endpoint}"
+            with urllib.request.urlopen(url, timeout=2) as reply:
+                return json.load(reply)
+        return await asyncio.to_thread(read)
+
     async def routed(self) -> bool:
         """Whether every server running is routed to every other: each advertises the client URLs of all (its
         monitoring's /varz). Routes can take seconds to form after the servers listen (each dials the others, and
         retries those not listening yet)."""
-        running = [s for s in self.servers.values() if s.alive]
-
-        def advertised(server: ClusterServer) -> int:
-            with urllib.request.urlopen(f"http://127.0.0.1:{server.monitor_port}/varz", timeout=2) as reply:
-                return len(json.load(reply).get("connect_urls") or ())
-        counts = await asyncio.gather(*(asyncio.to_thread(advertised, s) for s in running))
-        return all(count == len(running) for count in counts)
+        running = [s.name for s in self.servers.values() if s.alive]
+        varz = await asyncio.gather(*(self.monitor(name, "varz") for name in running))
+        return all(len(v.get("connect_urls") or ()) == len(running) for v in varz)
 
     def kill(self, name: str) -> None:
         """kill -9: no goodbye to the clients or the other servers."""

@@ -10,6 +10,7 @@ The figures (the cluster's first leader, the failover) are printed: `pytest -s` 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from nats.js.api import DEFAULT_PREFIX, ConsumerConfig
 
 from services import cli
 from services.auth import OPERATOR_PRINCIPAL, credentials
+from services.runtime import free_port, nats_server_binary
 from shared.bus import Bus, connect, create_bus
 from shared.contracts.jobs import JobEvent, JobEventData, JobState
 from shared.contracts.streams import CLUSTER_REPLICAS
@@ -228,3 +230,31 @@ async def test_replicas_a_single_server_cannot_keep_stop_the_service_naming_the_
             assert (await bus.js.stream_info(name)).config.num_replicas == 1, name
     finally:
         await bus.broker.stop()
+
+
+async def test_a_server_without_a_certificate_of_the_clusters_ca_does_not_join_it(nats_cluster, tmp_path_factory):
+    """Reaching a route port is not joining: a nats-server run from the same files, with a certificate of another
+    `auth init` (another CA) and checking nothing of its peer (`insecure`), dials nats-1's route port; nats-1
+    refuses it at the TLS handshake (cluster-tls.conf's CA: nats-server verifies a route's certificate whenever the
+    cluster has TLS) and routes to the other two only."""
+    other = LoopbackCluster(tmp_path_factory.mktemp("intruder"))  # its own auth/: another CA, another certificate
+    tls = other.auth / "tls"
+    (other.auth / "cluster-tls.conf").write_text("tls: " + json.dumps(
+        {"cert_file": str(tls / "server.pem"), "key_file": str(tls / "server-key.pem"), "insecure": True}))
+    port, monitor, route = free_port(), free_port(), free_port()
+    target = nats_cluster.servers["nats-1"]
+    with open(other.root / "intruder.log", "ab") as log:
+        intruder = subprocess.Popen(
+            [nats_server_binary(), "-c", str(other.servers["nats-1"].config), "-n", "intruder", "-a", "127.0.0.1",
+             "-p", str(port), "-m", str(monitor), "--cluster", f"nats://127.0.0.1:{route}",
+             "--routes", f"nats-route://127.0.0.1:{target.route_port}", "-sd", str(other.root / "store")],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    try:
+        async def refused() -> bool:
+            return "TLS route handshake error" in nats_cluster.log("nats-1")
+        await eventually(refused, 30, "nats-1 refusing the intruder's route")
+        remotes = {r.get("remote_name") for r in (await nats_cluster.monitor("nats-1", "routez"))["routes"]}
+        assert remotes == {"nats-2", "nats-3"}, remotes
+    finally:
+        intruder.kill()
+        intruder.wait()
