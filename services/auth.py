@@ -13,9 +13,10 @@ no other account can publish on. Events are exported the same way: `lab` imports
 and can import no other tenant's.
 
 Every principal has an nkey seed (`creds/<principal>.nk`); tenants and the operator also get an HTTP bearer token
-(`tokens/<principal>.token`). TLS with a CA of our own (`tls/ca.pem`) on the client port. Running it again keeps
-the credentials of the principals still in the catalog, makes new ones, deletes the others; the server takes the
-new configuration on a reload signal, without a restart. No secret is printed or logged.
+(`tokens/<principal>.token`). TLS with a CA of our own (`tls/ca.pem`) on the client port, and on a cluster's routes
+(`cluster-tls.conf`, which deploy/nats/cluster/'s servers include: mutual, the server certificate at both ends).
+Running it again keeps the credentials of the principals still in the catalog, makes new ones, deletes the others;
+the server takes the new configuration on a reload signal, without a restart. No secret is printed or logged.
 
 The configuration is a function of the catalog, the public keys and the file paths (`nats_conf`, pure); the
 rest writes files.
@@ -46,6 +47,8 @@ from shared.contracts.subjects import Subjects, inbox_prefix
 SERVICES_ACCOUNT = "SERVICES"  # upper case: no tenant id (lower case by the catalog's pattern) can take it
 SERVICES_PRINCIPAL, OPERATOR_PRINCIPAL = "services", "operator"
 CERT_DAYS = 825  # what browsers and most TLS clients accept for a server certificate
+# the server certificate serves clients, and on a cluster's routes each server is also the client of the others
+SERVER_USAGES = (ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH)
 # JetStream writes to disk before it acknowledges, rather than every two minutes: an acknowledged submission or
 # event survives a power failure of the host (docs/security.md, "Durability")
 SYNC_INTERVAL = "always"
@@ -114,7 +117,7 @@ def nats_conf(catalog: Catalog, keys: dict[str, str], tls_dir: Path, subjects: S
         imports += [{"stream": {"account": SERVICES_ACCOUNT, "subject": s}}
                     for s in (*subjects.tenant_events(tenant), subjects.site_events_all)]
         accounts[tenant] = {"users": [{"nkey": keys[tenant_principal(tenant)]}], "imports": imports}
-    tls = {"cert_file": str(tls_dir / "server.pem"), "key_file": str(tls_dir / "server-key.pem"), "timeout": 5}
+    tls = _server_tls(tls_dir)
     lines = [
         "# written by `continuum auth init` from the catalog: re-run it rather than edit this file",
         "# run as: nats-server -c nats.conf -p PORT -sd STORE_DIR",
@@ -126,6 +129,23 @@ def nats_conf(catalog: Catalog, keys: dict[str, str], tls_dir: Path, subjects: S
         "",
     ]
     return "\n".join(lines)
+
+
+def _server_tls(tls_dir: Path) -> dict:
+    return {"cert_file": str(tls_dir / "server.pem"), "key_file": str(tls_dir / "server-key.pem"), "timeout": 5}
+
+
+def cluster_tls_conf(tls_dir: Path) -> str:
+    """The TLS of a cluster's routes, for a `cluster {}` block to include (deploy/nats/cluster/): each server shows
+    the others the server certificate, and takes as a route only a peer whose certificate this CA signed (nats-server
+    verifies a route's peer whenever the cluster has TLS; `verify` says so here too). Without TLS on the routes,
+    whoever reaches the route port would join the cluster and read every account's messages."""
+    tls = {**_server_tls(tls_dir), "ca_file": str(tls_dir / "ca.pem"), "verify": True}
+    return "\n".join([
+        "# written by `continuum auth init`: the TLS of a cluster's routes, included in its `cluster {}` block",
+        f"tls: {json.dumps(tls)}",
+        "",
+    ])
 
 
 # --- the files ------------------------------------------------------------------------------------------------
@@ -141,8 +161,10 @@ class Changes:
 
 
 def init(out: Path, catalog: Catalog, hosts: list[str] | None = None, prefix: str = "continuum",
-         sync_interval: str = SYNC_INTERVAL) -> Changes:
-    """Write (or bring up to date) DIR's configuration, credentials, tokens and TLS files for this catalog."""
+         sync_interval: str = SYNC_INTERVAL, server_dir: Path | None = None) -> Changes:
+    """Write (or bring up to date) DIR's configuration, credentials, tokens and TLS files for this catalog. The
+    configuration names the TLS files by absolute path, under `server_dir` if given: where the server will find
+    this folder (a Kubernetes Secret mounted elsewhere than where it was written), else where it is."""
     subjects = Subjects(prefix)
     changes = Changes()
     creds, tokens, tls = out / "creds", out / "tokens", out / "tls"
@@ -170,11 +192,17 @@ def init(out: Path, catalog: Catalog, hosts: list[str] | None = None, prefix: st
                 if suffix == ".nk":
                     changes.removed.append(stale.stem)
     changes.certificate = _ensure_tls(tls, sorted({"localhost", "127.0.0.1", *(hosts or [])}))
-    conf = nats_conf(catalog, keys, tls.resolve(), subjects, Topology(subjects), sync_interval)
-    tmp = out / "nats.conf.tmp"
-    tmp.write_text(conf)
-    tmp.replace(out / "nats.conf")  # a reload never reads half a file
+    served = (server_dir / "tls") if server_dir else tls.resolve()
+    conf = nats_conf(catalog, keys, served, subjects, Topology(subjects), sync_interval)
+    _write_atomically(out / "cluster-tls.conf", cluster_tls_conf(served))
+    _write_atomically(out / "nats.conf", conf)
     return changes
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)  # a reload never reads half a file
 
 
 def _write_secret(path: Path, text: str) -> None:
@@ -214,7 +242,9 @@ def _ensure_tls(tls: Path, hosts: list[str]) -> str:
     if cert_file.exists() and key_file.exists():
         cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        if set(san) == set(names) and cert.not_valid_after_utc - now > dt.timedelta(days=30):
+        usages = set(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+        if set(san) == set(names) and usages == set(SERVER_USAGES) \
+                and cert.not_valid_after_utc - now > dt.timedelta(days=30):
             return "kept"
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (x509.CertificateBuilder()
@@ -222,7 +252,7 @@ def _ensure_tls(tls: Path, hosts: list[str]) -> str:
             .issuer_name(ca_cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=CERT_DAYS))
             .add_extension(x509.SubjectAlternativeName(names), critical=False)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage(list(SERVER_USAGES)), critical=False)
             .sign(ca_key, hashes.SHA256()))
     _write_secret(key_file, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                               serialization.NoEncryption()).decode())

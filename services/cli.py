@@ -116,9 +116,17 @@ def _client() -> Settings:
     return client
 
 
+async def _connection_error(e: Exception) -> None:
+    """nats-py's report of a connection's trouble. A server of CONTINUUM_NATS_URL's list that does not answer is
+    passed over for the next (and if none answers, connecting fails with its own message): nothing to say. Anything
+    else (a permission the server refused) is said in one line, not as nats-py's traceback."""
+    if not isinstance(e, OSError):
+        err.print(f"[yellow]nats:[/] {e}")
+
+
 async def _connect(settings: Settings, **options: Any):
     try:
-        return await connect(settings, connect_timeout=3, **options)
+        return await connect(settings, connect_timeout=3, error_cb=_connection_error, **options)
     except Exception as e:
         raise _fail(f"cannot reach the system at {settings.nats_url}: {e}") from None
 
@@ -652,7 +660,11 @@ def auth_init(sites: SitesOpt = None, tenants: TenantsOpt = None,
               sync_interval: Annotated[str, typer.Option(
                   "--sync-interval", help="how often JetStream writes to disk: `always` (before each "
                                           "acknowledgement) or a duration such as 1s (docs/security.md)")]
-              = "always") -> None:
+              = "always",
+              server_dir: Annotated[Path | None, typer.Option(
+                  "--server-dir", help="where the NATS server will find this folder, if not where it is written (a "
+                                       "Kubernetes Secret mounted at /etc/nats/auth, say): nats.conf names its TLS "
+                                       "files by absolute path")] = None) -> None:
     """Write a nats-server configuration with a NATS account per tenant, a principal per site and for the operator
     and the services, TLS, credentials and HTTP tokens; again, after a catalog change (credentials are kept)."""
     from services.auth import init
@@ -661,7 +673,10 @@ def auth_init(sites: SitesOpt = None, tenants: TenantsOpt = None,
     catalog = _check_catalog(settings)
     if sync_interval != "always" and not re.fullmatch(r"\d+(ms|s|m|h)", sync_interval):
         raise _fail(f"--sync-interval {sync_interval!r}: `always` or a duration such as 500ms, 1s, 2m", 2)
-    changes = init(out, catalog, host or [], prefix=settings.prefix, sync_interval=sync_interval)
+    if server_dir and not server_dir.is_absolute():
+        raise _fail(f"--server-dir {server_dir}: an absolute path, as the server will see it", 2)
+    changes = init(out, catalog, host or [], prefix=settings.prefix, sync_interval=sync_interval,
+                   server_dir=server_dir)
     for what, names in (("added", changes.added), ("kept", changes.kept), ("removed", changes.removed)):
         if names:
             console.print(f"{what}: {', '.join(names)}")

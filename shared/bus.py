@@ -29,7 +29,7 @@ from faststream.security import BaseSecurity
 from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, KeyValueConfig, StorageType
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import (
     APIError,
     BadRequestError,
@@ -44,7 +44,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from shared import health
 from shared.contracts.events import CloudEvent
 from shared.contracts.jobs import JobEvent, JobEventData
-from shared.contracts.streams import Topology, consumer_config
+from shared.contracts.streams import CLUSTER_REPLICAS, Topology, consumer_config
 from shared.contracts.subjects import Subjects, inbox_prefix
 from shared.settings import Settings
 from shared.telemetry import TRACEPARENT, current_traceparent, dead_lettered
@@ -79,6 +79,7 @@ class Bus:
     _responders: list[_Responder] = field(default_factory=list)
     # from the end of the service's start (consumers and responders bound, its hooks run) until it stops
     serving: bool = False
+    _replicas: int | None = None  # of every stream and bucket, once known (replicas())
     # set while the AsyncAPI document is built: consumers are then FastStream subscribers
     documenting: ClassVar[bool] = False
 
@@ -97,15 +98,48 @@ class Bus:
         services made for it."""
         return not (self.settings.principal or "").startswith("site-")
 
+    def replicas(self) -> int:
+        """The copies JetStream keeps of every stream and bucket: CONTINUUM_STREAM_REPLICAS, else what the server
+        this process is connected to reports of its cluster (`replicas_for`)."""
+        if self._replicas is None:
+            info = getattr(self.nc, "_server_info", None) or {}
+            self._replicas = self.settings.stream_replicas or replicas_for(info)
+            log.info("bus.replicas", replicas=self._replicas, cluster=info.get("cluster"),
+                     advertised=len(set(info.get("connect_urls") or ())),
+                     set_by="CONTINUUM_STREAM_REPLICAS" if self.settings.stream_replicas else "the server's INFO")
+        return self._replicas
+
+    def _replicas_over(self, current: int | None) -> int:
+        """The replicas for a stream that has `current`: this process's, but never fewer than it has unless
+        CONTINUUM_STREAM_REPLICAS says so. A service that starts while a server of the cluster is away sees fewer
+        servers than there are; it must not thin out the copies the others made."""
+        if self.settings.stream_replicas is None:
+            return max(self.replicas(), current or 1)
+        return self.replicas()
+
     async def ensure_topology(self) -> None:
-        """Create or update every stream and bucket; each service does it at start, so any may start first."""
-        for config in self.topology.stream_configs():
-            try:
-                await self.js.add_stream(config)
-            except BadRequestError:
-                await self.js.update_stream(config)
-        for bucket in self.topology.buckets:
-            await self.kv(bucket)
+        """Create or update every stream and bucket, with `replicas()` copies each; each service does it at start,
+        so any may start first. A stream or bucket made with another replica count is brought to this one (NATS
+        2.10 and later move the copies while it serves)."""
+        try:
+            for config in self.topology.stream_configs(self.replicas()):
+                try:
+                    await self.js.add_stream(config)
+                except BadRequestError:  # it exists, made by an older version or with other replicas
+                    current = (await self.js.stream_info(config.name)).config
+                    await self.js.update_stream(dataclasses.replace(
+                        config, num_replicas=self._replicas_over(current.num_replicas)))
+            for bucket in self.topology.buckets:
+                await self.kv(bucket)
+                current = (await self.js.stream_info(self.topology.bucket_stream(bucket))).config
+                wanted = self._replicas_over(current.num_replicas)
+                if current.num_replicas != wanted:
+                    await self.js.update_stream(dataclasses.replace(current, num_replicas=wanted))
+        except APIError as e:
+            if e.err_code not in REPLICAS_REFUSED:
+                raise
+            raise RuntimeError(f"JetStream refused {self.replicas()} replicas ({e.description}): set "
+                               "CONTINUUM_STREAM_REPLICAS to what the cluster can keep") from e
 
     async def kv(self, bucket: str) -> KeyValue:
         if bucket not in self._buckets:
@@ -114,8 +148,7 @@ class Bus:
             except (NotFoundError, KeyValueError):
                 try:
                     self._buckets[bucket] = await self.js.create_key_value(
-                        # direct gets: a read is the value itself, not a base64 field of a JSON reply
-                        KeyValueConfig(bucket=bucket, storage=StorageType.FILE, history=1, direct=True))
+                        self.topology.bucket_config(bucket, self.replicas()))
                 except BadRequestError:  # another service created it meanwhile
                     self._buckets[bucket] = await self.js.key_value(bucket)
         return self._buckets[bucket]
@@ -646,6 +679,23 @@ class KvMirror:
     async def stop(self) -> None:
         if self._task:
             self._task.cancel()
+
+
+# JetStream's error codes for replicas it cannot place: no suitable peers (fewer servers than replicas, or some away),
+# insufficient resources, "replicas > 1 not supported in non-clustered mode"
+REPLICAS_REFUSED = frozenset({10005, 10023, 10074})
+
+
+def replicas_for(info: dict | None) -> int:
+    """The replicas of every stream and bucket when CONTINUUM_STREAM_REPLICAS is unset, from the INFO the server sent
+    on connecting (nats-py keeps it as `_server_info`). A server alone names no `cluster`: 1. A server of a cluster
+    advertises, in `connect_urls`, the client URL of each server of the cluster it is routed to, its own among them:
+    three or more, 3 (CLUSTER_REPLICAS). A cluster that advertises none (`no_advertise`), or a server that advertises
+    several addresses of its own, is not counted right: set CONTINUUM_STREAM_REPLICAS there (docs/deploy.md)."""
+    if not info or not info.get("cluster"):
+        return 1
+    servers = set(info.get("connect_urls") or ())
+    return CLUSTER_REPLICAS if len(servers) >= CLUSTER_REPLICAS else 1
 
 
 def connect_options(settings: Settings) -> dict[str, Any]:

@@ -19,6 +19,10 @@ class Settings(BaseSettings):
                                     "none (an open server)")
     nats_ca: Path | None = Field(None, description="CONTINUUM_NATS_CA: the CA that signed the server's TLS "
                                  "certificate; unset, the system's (for a tls:// url)")
+    stream_replicas: int | None = Field(None, ge=1, le=5, description="CONTINUUM_STREAM_REPLICAS: the copies "
+                                        "JetStream keeps of every stream and bucket (at most 5, JetStream's limit); "
+                                        "unset, 1 on a server alone and 3 when the server reports a cluster of three "
+                                        "or more (shared/bus.py, replicas_for)")
     prefix: str = Field("continuum", pattern=r"^[a-z][a-z0-9-]*$", description="CONTINUUM_PREFIX: subject prefix")
     data_dir: Path = Field(Path(".continuum"), description="CONTINUUM_DATA_DIR: NATS store, ledger, state file")
     sites_file: Path | None = Field(None, description="CONTINUUM_SITES_FILE: sites catalog; unset, the demo's")

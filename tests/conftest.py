@@ -72,6 +72,17 @@ def nats_server(tmp_path):
     server.stop()
 
 
+@pytest.fixture
+def nats_cluster(tmp_path):
+    """Three nats-servers clustered on loopback, from deploy/nats/cluster/'s files (tests/cluster.py)."""
+    from tests.cluster import LoopbackCluster
+
+    cluster = LoopbackCluster(tmp_path)
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
 class EventLog:
     """Every event published while it listens (core NATS), and a way to wait for a condition on them."""
 

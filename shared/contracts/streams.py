@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from nats.js.api import ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import ConsumerConfig, KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
+from nats.js.client import KV_STREAM_TEMPLATE
 
 from .subjects import Subjects
 
@@ -13,6 +14,9 @@ from .subjects import Subjects
 DEDUPE_WINDOW_S = 15 * 60
 # How long a consumer waits for an ack before redelivering: what a crashed replica costs in latency.
 ACK_WAIT_S = 10.0
+# The copies of each stream and bucket on a cluster of three servers or more: a write is acknowledged once two hold
+# it, so one server may be lost (killed, restarted, upgraded) and nothing acknowledged is; five would survive two.
+CLUSTER_REPLICAS = 3
 
 
 def consumer_config(**overrides: Any) -> ConsumerConfig:
@@ -81,20 +85,30 @@ class Topology:
         return (self.jobs_bucket, self.idempotency_bucket, self.sites_bucket, self.reservations_bucket,
                 self.budgets_bucket, self.waiting_bucket)
 
-    def stream_configs(self) -> list[StreamConfig]:
+    def bucket_stream(self, bucket: str) -> str:
+        """The stream JetStream keeps a key-value bucket in."""
+        return KV_STREAM_TEMPLATE.format(bucket=bucket)
+
+    def bucket_config(self, bucket: str, replicas: int = 1) -> KeyValueConfig:
+        # direct gets: a read is the value itself, not a base64 field of a JSON reply
+        return KeyValueConfig(bucket=bucket, storage=StorageType.FILE, history=1, direct=True, replicas=replicas)
+
+    def stream_configs(self, replicas: int = 1) -> list[StreamConfig]:
+        """Every stream, each kept on `replicas` servers (CONTINUUM_STREAM_REPLICAS, Bus.replicas)."""
         s = self.subjects
         dedupe = float(DEDUPE_WINDOW_S)
         return [
             StreamConfig(name=self.events_stream, subjects=[s.events_all], storage=StorageType.FILE,
-                         duplicate_window=dedupe),
+                         duplicate_window=dedupe, num_replicas=replicas),
             StreamConfig(name=self.intake_stream, subjects=[s.intake(">")], storage=StorageType.FILE,
-                         retention=RetentionPolicy.WORK_QUEUE, duplicate_window=dedupe),
+                         retention=RetentionPolicy.WORK_QUEUE, duplicate_window=dedupe, num_replicas=replicas),
             StreamConfig(name=self.dispatch_stream, subjects=[f"{s.prefix}.dispatch.>"], storage=StorageType.FILE,
-                         retention=RetentionPolicy.WORK_QUEUE, duplicate_window=dedupe),
-            StreamConfig(name=self.dead_letter_stream, subjects=[s.dead_letter(">")], storage=StorageType.FILE),
+                         retention=RetentionPolicy.WORK_QUEUE, duplicate_window=dedupe, num_replicas=replicas),
+            StreamConfig(name=self.dead_letter_stream, subjects=[s.dead_letter(">")], storage=StorageType.FILE,
+                         num_replicas=replicas),
             # no message ids here (Bus.publish_report): no duplicate window either
             StreamConfig(name=self.reports_stream, subjects=[s.report("*")], storage=StorageType.FILE,
-                         retention=RetentionPolicy.WORK_QUEUE),
+                         retention=RetentionPolicy.WORK_QUEUE, num_replicas=replicas),
         ]
 
     def durable(self, service: str, role: str) -> str:
