@@ -380,7 +380,7 @@ class Replay:
             # starts at the public site without being counted in it (one behind, fitting where this one did not):
             # the job is asked again then, and when its forecast start comes without it
             public = [parts["wait_s"] for site_id, parts in choice.parts.items()
-                      if self.catalog.sites[site_id].public and choice.holds.get(site_id) == {Hold.GPUS}]
+                      if self.catalog.sites[site_id].public and held.get(site_id) == {Hold.GPUS}]
             if public and min(public) >= 0:
                 self._push(now + min(public) + 1, RETRY, job_id, ticket)
             for site_id in lines:

@@ -291,6 +291,12 @@ def worst_case_allocation_h(spec: JobSpec, site: SiteEntry, gpu_type: str) -> fl
     return spec.resources.total_gpus * spec.walltime_s / 3600 * site.allocation_factor.get(gpu_type, 1.0)
 
 
+# Why a site cannot take a job now, in words: written when asked (`Choice.reasons`), as the words need what
+# the choice itself may not (a busy site's expected wait, which runs out its line), and the replay asks millions
+# of questions and reads none of their words
+Why = Callable[[], str]
+
+
 @dataclass
 class Choice:
     """The policy's answer, before it is written as a contract `Decision`: where the job goes (`site` None: it
@@ -300,18 +306,34 @@ class Choice:
     gpu_type: str | None
     overflow: bool
     impossible: bool
-    reasons: dict[str, list[str]]
+    never: dict[str, list[str]]  # why each site could never run the job (empty: it could some day)
+    # what holds the job at each site that could run it some day but not now, each with why in words
+    held: dict[str, list[tuple[Hold, Why]]]
     scores: dict[str, float]
-    parts: dict[str, dict[str, float]]  # of the sites that could run the job some day
-    # what holds the job at each site that could run it some day but not now (see Hold), and why public
-    # capacity first holds it back from every paid site (None: it does not)
-    holds: dict[str, frozenset[Hold]] = field(default_factory=dict)
-    gate: str | None = None
+    # of the sites it was scored on, and of the public sites whose wait public capacity first weighed; the others'
+    # only explain the choice, and are worked out when it is written out (`decision`)
+    parts: dict[str, dict[str, float]]
+    gate: str | None = None  # why public capacity first holds it back from every paid site (None: it does not)
     wait_until: datetime | None = None  # the greener hour it waits for
     waits_at: str | None = None  # and the site where it waits for it
+    greener: str = ""  # why it waits for that hour
+
+    @property
+    def holds(self) -> dict[str, frozenset[Hold]]:
+        """What holds the job at each site that could run it some day but not now (see Hold)."""
+        return {site: frozenset(kind for kind, _ in held) for site, held in self.held.items() if held}
+
+    @property
+    def reasons(self) -> dict[str, list[str]]:
+        """Every site's reasons, in words (none: it is eligible)."""
+        reasons = {site: [why() for _, why in self.held[site]] if site in self.held else list(never)
+                   for site, never in self.never.items()}
+        if self.waits_at is not None:
+            reasons[self.waits_at].append(self.greener)
+        return reasons
 
     def decision(self, spec: JobSpec, views: Iterable[SiteView]) -> Decision:
-        """Written out, with the parts of the sites that could never run the job too (`choose` leaves them)."""
+        """Written out, with the parts of every site (`choose` works out only those it weighs)."""
         parts = {s.id: self.parts.get(s.id) or _parts(spec, s, _best_type(spec, s)) for s in views}
         holds = {site: sorted(kind.value for kind in kinds) for site, kinds in self.holds.items()}
         if self.waits_at is not None:
@@ -348,64 +370,60 @@ def choose(spec: JobSpec, tenant: TenantEntry, sites: Iterable[SiteView], budget
     budget = budget or TenantBudget()
     avoid, refused = avoid or {}, refused or {}
     views = sorted(sites, key=lambda s: s.id)
-    reasons: dict[str, list[str]] = {}
-    holds: dict[str, list[tuple[Hold, str]]] = {}
-    chosen_type: dict[str, str] = {}
-    parts: dict[str, dict[str, float]] = {}
-    possible = False
-
+    never: dict[str, list[str]] = {}
+    chosen_type: dict[str, str] = {}  # of the sites that could run it some day: the GPU type it would take there
     for site in views:
-        reasons[site.id] = (list(permanent[site.id]) if permanent is not None
-                            else permanent_reasons(spec, tenant, site.entry))
+        never[site.id] = (permanent[site.id] if permanent is not None
+                          else permanent_reasons(spec, tenant, site.entry))
         if site.id in refused:
-            reasons[site.id].append(f"refused this job: {refused[site.id]}")
-        if not reasons[site.id]:  # a site that never could is left out of the rest (its parts only explain)
-            possible = True
+            never[site.id] = [*never[site.id], f"refused this job: {refused[site.id]}"]
+        if not never[site.id]:  # a site that never could is left out of the rest (its parts only explain)
             chosen_type[site.id] = _best_type(spec, site)
-            parts[site.id] = _parts(spec, site, chosen_type[site.id])
     # overflow: a job that public capacity could run goes to paid capacity instead
-    overflow = any(s.entry.public and not reasons[s.id] for s in views)
-    for site in views:
-        if not reasons[site.id]:
-            holds[site.id] = _passing_reasons(spec, site, chosen_type[site.id], budget, avoid, overflow)
+    overflow = any(s.entry.public and s.id in chosen_type for s in views)
+    held = {s.id: _passing_reasons(spec, s, chosen_type[s.id], budget, avoid, overflow)
+            for s in views if s.id in chosen_type}
+    parts: dict[str, dict[str, float]] = {}
+    gate = _public_first(spec, tenant, views, held, parts, chosen_type, now) if overflow else None
 
-    gate = _public_first(spec, tenant, views, holds, parts, now) if overflow else None
-    for site_id, held in holds.items():
-        reasons[site_id] = [text for _, text in held]
-
-    eligible = [s for s in views if not reasons[s.id]]
+    eligible = [s for s in views if s.id in held and not held[s.id]]
+    for site in eligible:
+        parts[site.id] = _parts(spec, site, chosen_type[site.id])
     scores = _scores(spec, eligible, parts, weights)
-    kinds = {site_id: frozenset(k for k, _ in held) for site_id, held in holds.items() if held}
     if not eligible:
-        return Choice(None, None, False, not possible and bool(views), reasons, scores, parts, kinds, gate)
+        return Choice(None, None, False, not chosen_type and bool(views), never, held, scores, parts, gate)
     best = min(eligible, key=lambda s: (-scores[s.id], s.id))
     if forecast is not None and now is not None and (shift := _greener(spec, best.entry, now, forecast)):
         when, then_g, now_g = shift
-        reasons[best.id].append(f"waiting for {when:%H:%M} UTC on {when:%Y-%m-%d}, {then_g:.0f} g/kWh vs "
-                                f"{now_g:.0f} now")
-        return Choice(None, None, False, False, reasons, scores, parts, kinds, wait_until=when, waits_at=best.id)
-    return Choice(best.id, chosen_type[best.id], overflow and not best.entry.public, False, reasons, scores, parts,
-                  kinds)
+        greener = f"waiting for {when:%H:%M} UTC on {when:%Y-%m-%d}, {then_g:.0f} g/kWh vs {now_g:.0f} now"
+        return Choice(None, None, False, False, never, held, scores, parts, wait_until=when, waits_at=best.id,
+                      greener=greener)
+    return Choice(best.id, chosen_type[best.id], overflow and not best.entry.public, False, never, held, scores,
+                  parts, gate)
 
 
-def _public_first(spec: JobSpec, tenant: TenantEntry, views: list[SiteView], holds: dict[str, list[tuple[Hold, str]]],
-                  parts: dict[str, dict[str, float]], now: datetime | None) -> str | None:
+def _public_first(spec: JobSpec, tenant: TenantEntry, views: list[SiteView], held: dict[str, list[tuple[Hold, Why]]],
+                  parts: dict[str, dict[str, float]], chosen_type: dict[str, str], now: datetime | None) -> str | None:
     """Why a job that public capacity could run may not go to paid capacity yet (None: it may): a public site
     takes it now, or the public wait is within the tenant's threshold (and its deadline not too near). The gate
     holds every paid site the job could use some day, whatever else holds it there: a job held by it does not
-    stand in a paid site's line (it would not take those GPUs if they came back)."""
-    public_ok = [s for s in views if s.entry.public and s.id in holds and not holds[s.id]]
-    public_waits = [parts[s.id]["wait_s"] for s in views
-                    if s.entry.public and holds.get(s.id) and all(k == Hold.GPUS for k, _ in holds[s.id])]
+    stand in a paid site's line (it would not take those GPUs if they came back). The parts of the public sites
+    whose wait it weighs are kept in `parts`."""
+    public_ok = [s for s in views if s.entry.public and s.id in held and not held[s.id]]
+    public_busy = [s for s in views
+                   if s.entry.public and held.get(s.id) and all(k == Hold.GPUS for k, _ in held[s.id])]
     gate = None
     if public_ok:
         gate = f"public capacity first: {public_ok[0].id} can run it now"
-    elif public_waits:
-        gate = _overflow_gate(spec, tenant, min(w if w >= 0 else INF for w in public_waits), now)
+    elif public_busy:
+        for site in public_busy:
+            parts[site.id] = _parts(spec, site, chosen_type[site.id])
+        wait_s = min(w if (w := parts[s.id]["wait_s"]) >= 0 else INF for s in public_busy)
+        gate = _overflow_gate(spec, tenant, wait_s, now)
     if gate:
         for site in views:
-            if not site.entry.public and site.id in holds:
-                holds[site.id].append((Hold.GATE, gate))
+            if not site.entry.public and site.id in held:
+                held[site.id].append((Hold.GATE, lambda: gate))
     return gate
 
 
@@ -446,39 +464,45 @@ def _greener(spec: JobSpec, site: SiteEntry, now: datetime, forecast: Intensity)
 
 
 def _passing_reasons(spec: JobSpec, site: SiteView, gpu_type: str, budget: TenantBudget,
-                     avoid: Mapping[str, str], overflow: bool) -> list[tuple[Hold, str]]:
-    """Why the site cannot take the job now, though it could some day, each with what it waits on."""
+                     avoid: Mapping[str, str], overflow: bool) -> list[tuple[Hold, Why]]:
+    """Why the site cannot take the job now, though it could some day, each with what it waits on (the words
+    are written when asked: a busy site's need its expected wait)."""
     need = spec.resources.total_gpus
-    why: list[tuple[Hold, str]] = []
+    why: list[tuple[Hold, Why]] = []
     if site.id in avoid:
-        why.append((Hold.AVOID, avoid[site.id]))
+        why.append((Hold.AVOID, lambda: avoid[site.id]))
     if not site.up:
-        why.append((Hold.DOWN, "site is down or has not reported"))
+        why.append((Hold.DOWN, lambda: "site is down or has not reported"))
     entry = site.entry
     if entry.public:
         hours = worst_case_allocation_h(spec, entry, gpu_type)
         if hours > budget.allocation_left_h:
-            spent = f"allocation spent: {max(budget.allocation_left_h, 0):.1f} h left, the job may use {hours:.1f} h"
-            why.append((Hold.BUDGET, spent))
+            why.append((Hold.BUDGET, lambda: f"allocation spent: {max(budget.allocation_left_h, 0):.1f} h left, "
+                                             f"the job may use {hours:.1f} h"))
     else:
         cost = worst_case_cost(spec, entry, gpu_type)
         if cost > budget.budget_left_eur:
-            spent = (f"monthly budget spent: {max(budget.budget_left_eur, 0):.2f} EUR left, "
-                     f"the job may cost {cost:.2f} EUR")
-            why.append((Hold.BUDGET, spent))
+            why.append((Hold.BUDGET, lambda: f"monthly budget spent: {max(budget.budget_left_eur, 0):.2f} EUR left, "
+                                             f"the job may cost {cost:.2f} EUR"))
         if overflow and need:
             share = int(entry.overflow_share * entry.gpus.get(gpu_type, 0))
             held = site.overflow_held(gpu_type)
             if held + need > share:
-                full = f"overflow share full: overflow jobs hold {held} of {share} {gpu_type} GPUs allowed"
-                why.append((Hold.SHARE, full))
-    wait = site.wait_s(gpu_type, need)
-    expected = f" (expected in {wait:.0f} s)" if wait < INF else ""
-    if need and site.free.get(gpu_type, 0) < need:
-        why.append((Hold.GPUS, f"needs {need} {gpu_type} GPUs now, {site.free.get(gpu_type, 0)} free{expected}"))
+                why.append((Hold.SHARE, lambda: f"overflow share full: overflow jobs hold {held} of {share} {gpu_type} "
+                                                f"GPUs allowed"))
+    free = site.free.get(gpu_type, 0)
+    if need and free < need:
+        why.append((Hold.GPUS, lambda: f"needs {need} {gpu_type} GPUs now, {free} free"
+                                       f"{_expected(site, gpu_type, need)}"))
     elif site.saturated:
-        why.append((Hold.GPUS, f"saturated: {site.queued_at_site} jobs queue at the site{expected}"))
+        why.append((Hold.GPUS, lambda: f"saturated: {site.queued_at_site} jobs queue at the site"
+                                       f"{_expected(site, gpu_type, need)}"))
     return why
+
+
+def _expected(site: SiteView, gpu_type: str, need: int) -> str:
+    wait = site.wait_s(gpu_type, need)
+    return f" (expected in {wait:.0f} s)" if wait < INF else ""
 
 
 def _overflow_gate(spec: JobSpec, tenant: TenantEntry, public_wait_s: float, now: datetime | None) -> str | None:
