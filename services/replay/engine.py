@@ -170,6 +170,7 @@ class Replay:
         # until one of them changes (at the clock they were run at, or while time moves: Drained.timeless)
         self._drained: dict[str, tuple[dict[int, tuple[float, Drained]], list[int]]] = {}
         self._rooms: dict[tuple[Hold, str], int] = {}
+        self._budgets: dict[str, tuple[str, TenantBudget]] = {}  # tenant -> (month, what it has left then)
 
     # --- the loop ---------------------------------------------------------------------------------------------
 
@@ -444,6 +445,7 @@ class Replay:
         # on another GPU type than it counted, the line's exact part moving on): their gate is looked at again
         self.gates_moved += self.gate_watch[site_id].items()
         ledger = self.ledger[spec.tenant]
+        self._budgets.pop(spec.tenant, None)
         ledger.committed_eur += run.cost_eur
         ledger.committed_h += run.allocation_h
         self._push(now + job.runtime_s, END, job.job_id)
@@ -463,6 +465,7 @@ class Replay:
                     started_at=self._at(run.start_s), ended_at=self._at(now), state="succeeded",
                     intensity=partial(self._intensity_at, site))
         ledger = self.ledger[spec.tenant]
+        self._budgets.pop(spec.tenant, None)
         ledger.committed_eur -= run.cost_eur
         ledger.committed_h -= run.allocation_h
         ledger.allocation_used_h += line.allocation_hours
@@ -562,11 +565,14 @@ class Replay:
             self._rooms.pop((hold, site_id), None)
 
     def _budget(self, tenant_id: str, at: datetime) -> TenantBudget:
-        tenant, ledger = self.catalog.tenants[tenant_id], self.ledger[tenant_id]
-        return TenantBudget(
-            allocation_left_h=tenant.allocation_gpu_hours - ledger.allocation_used_h - ledger.committed_h,
-            budget_left_eur=tenant.monthly_budget_eur - ledger.spent_eur.get(_month(at), 0.0)
-            - ledger.committed_eur)
+        """What the tenant has left in the month of `at`; kept until one of its jobs starts or ends."""
+        month = _month(at)
+        if (kept := self._budgets.get(tenant_id)) is None or kept[0] != month:
+            tenant, ledger = self.catalog.tenants[tenant_id], self.ledger[tenant_id]
+            kept = self._budgets[tenant_id] = (month, TenantBudget(
+                allocation_left_h=tenant.allocation_gpu_hours - ledger.allocation_used_h - ledger.committed_h,
+                budget_left_eur=tenant.monthly_budget_eur - ledger.spent_eur.get(month, 0.0) - ledger.committed_eur))
+        return kept[1]
 
     def _at(self, seconds: float) -> datetime:
         return self.start + timedelta(seconds=seconds)

@@ -291,10 +291,10 @@ def worst_case_allocation_h(spec: JobSpec, site: SiteEntry, gpu_type: str) -> fl
     return spec.resources.total_gpus * spec.walltime_s / 3600 * site.allocation_factor.get(gpu_type, 1.0)
 
 
-# Why a site cannot take a job now, in words: written when asked (`Choice.reasons`), as the words need what
-# the choice itself may not (a busy site's expected wait, which runs out its line), and the replay asks millions
-# of questions and reads none of their words
-Why = Callable[[], str]
+# What holds a job at a site, and why in words: a template and what fills it (str.format), written when asked
+# (`Choice.reasons`). The words may need what the choice itself does not (a busy site's expected wait, which
+# runs out its line), and the replay asks millions of questions and reads none of their words.
+Held = tuple[Hold, str, tuple]
 
 
 @dataclass
@@ -308,7 +308,7 @@ class Choice:
     impossible: bool
     never: dict[str, list[str]]  # why each site could never run the job (empty: it could some day)
     # what holds the job at each site that could run it some day but not now, each with why in words
-    held: dict[str, list[tuple[Hold, Why]]]
+    held: dict[str, list[Held]]
     scores: dict[str, float]
     # of the sites it was scored on, and of the public sites whose wait public capacity first weighed; the others'
     # only explain the choice, and are worked out when it is written out (`decision`)
@@ -321,12 +321,13 @@ class Choice:
     @property
     def holds(self) -> dict[str, frozenset[Hold]]:
         """What holds the job at each site that could run it some day but not now (see Hold)."""
-        return {site: frozenset(kind for kind, _ in held) for site, held in self.held.items() if held}
+        return {site: frozenset(kind for kind, _, _ in held) for site, held in self.held.items() if held}
 
     @property
     def reasons(self) -> dict[str, list[str]]:
         """Every site's reasons, in words (none: it is eligible)."""
-        reasons = {site: [why() for _, why in self.held[site]] if site in self.held else list(never)
+        reasons = {site: [words.format(*what) for _, words, what in self.held[site]] if site in self.held
+                   else list(never)
                    for site, never in self.never.items()}
         if self.waits_at is not None:
             reasons[self.waits_at].append(self.greener)
@@ -381,7 +382,8 @@ def choose(spec: JobSpec, tenant: TenantEntry, sites: Iterable[SiteView], budget
             chosen_type[site.id] = _best_type(spec, site)
     # overflow: a job that public capacity could run goes to paid capacity instead
     overflow = any(s.entry.public and s.id in chosen_type for s in views)
-    held = {s.id: _passing_reasons(spec, s, chosen_type[s.id], budget, avoid, overflow)
+    need = spec.resources.total_gpus
+    held = {s.id: _passing_reasons(spec, s, chosen_type[s.id], need, budget, avoid, overflow)
             for s in views if s.id in chosen_type}
     parts: dict[str, dict[str, float]] = {}
     gate = _public_first(spec, tenant, views, held, parts, chosen_type, now) if overflow else None
@@ -402,7 +404,7 @@ def choose(spec: JobSpec, tenant: TenantEntry, sites: Iterable[SiteView], budget
                   parts, gate)
 
 
-def _public_first(spec: JobSpec, tenant: TenantEntry, views: list[SiteView], held: dict[str, list[tuple[Hold, Why]]],
+def _public_first(spec: JobSpec, tenant: TenantEntry, views: list[SiteView], held: dict[str, list[Held]],
                   parts: dict[str, dict[str, float]], chosen_type: dict[str, str], now: datetime | None) -> str | None:
     """Why a job that public capacity could run may not go to paid capacity yet (None: it may): a public site
     takes it now, or the public wait is within the tenant's threshold (and its deadline not too near). The gate
@@ -411,7 +413,7 @@ def _public_first(spec: JobSpec, tenant: TenantEntry, views: list[SiteView], hel
     whose wait it weighs are kept in `parts`."""
     public_ok = [s for s in views if s.entry.public and s.id in held and not held[s.id]]
     public_busy = [s for s in views
-                   if s.entry.public and held.get(s.id) and all(k == Hold.GPUS for k, _ in held[s.id])]
+                   if s.entry.public and held.get(s.id) and all(k == Hold.GPUS for k, _, _ in held[s.id])]
     gate = None
     if public_ok:
         gate = f"public capacity first: {public_ok[0].id} can run it now"
@@ -423,7 +425,7 @@ def _public_first(spec: JobSpec, tenant: TenantEntry, views: list[SiteView], hel
     if gate:
         for site in views:
             if not site.entry.public and site.id in held:
-                held[site.id].append((Hold.GATE, lambda: gate))
+                held[site.id].append((Hold.GATE, "{}", (gate,)))
     return gate
 
 
@@ -463,46 +465,51 @@ def _greener(spec: JobSpec, site: SiteEntry, now: datetime, forecast: Intensity)
     return greener_hour(now, slack_s(spec, now), lambda at: forecast(site, at))
 
 
-def _passing_reasons(spec: JobSpec, site: SiteView, gpu_type: str, budget: TenantBudget,
-                     avoid: Mapping[str, str], overflow: bool) -> list[tuple[Hold, Why]]:
-    """Why the site cannot take the job now, though it could some day, each with what it waits on (the words
-    are written when asked: a busy site's need its expected wait)."""
-    need = spec.resources.total_gpus
-    why: list[tuple[Hold, Why]] = []
+def _passing_reasons(spec: JobSpec, site: SiteView, gpu_type: str, need: int, budget: TenantBudget,
+                     avoid: Mapping[str, str], overflow: bool) -> list[Held]:
+    """Why the site cannot take the job (of `need` GPUs) now, though it could some day, each with what it waits
+    on."""
+    why: list[Held] = []
     if site.id in avoid:
-        why.append((Hold.AVOID, lambda: avoid[site.id]))
+        why.append((Hold.AVOID, "{}", (avoid[site.id],)))
     if not site.up:
-        why.append((Hold.DOWN, lambda: "site is down or has not reported"))
+        why.append((Hold.DOWN, "site is down or has not reported", ()))
     entry = site.entry
     if entry.public:
         hours = worst_case_allocation_h(spec, entry, gpu_type)
         if hours > budget.allocation_left_h:
-            why.append((Hold.BUDGET, lambda: f"allocation spent: {max(budget.allocation_left_h, 0):.1f} h left, "
-                                             f"the job may use {hours:.1f} h"))
+            why.append((Hold.BUDGET, "allocation spent: {:.1f} h left, the job may use {:.1f} h",
+                        (max(budget.allocation_left_h, 0), hours)))
     else:
         cost = worst_case_cost(spec, entry, gpu_type)
         if cost > budget.budget_left_eur:
-            why.append((Hold.BUDGET, lambda: f"monthly budget spent: {max(budget.budget_left_eur, 0):.2f} EUR left, "
-                                             f"the job may cost {cost:.2f} EUR"))
+            why.append((Hold.BUDGET, "monthly budget spent: {:.2f} EUR left, the job may cost {:.2f} EUR",
+                        (max(budget.budget_left_eur, 0), cost)))
         if overflow and need:
             share = int(entry.overflow_share * entry.gpus.get(gpu_type, 0))
             held = site.overflow_held(gpu_type)
             if held + need > share:
-                why.append((Hold.SHARE, lambda: f"overflow share full: overflow jobs hold {held} of {share} {gpu_type} "
-                                                f"GPUs allowed"))
+                why.append((Hold.SHARE, "overflow share full: overflow jobs hold {} of {} {} GPUs allowed",
+                            (held, share, gpu_type)))
     free = site.free.get(gpu_type, 0)
     if need and free < need:
-        why.append((Hold.GPUS, lambda: f"needs {need} {gpu_type} GPUs now, {free} free"
-                                       f"{_expected(site, gpu_type, need)}"))
+        why.append((Hold.GPUS, "needs {} {} GPUs now, {} free{}", (need, gpu_type, free,
+                                                                    _ExpectedWait(site, gpu_type, need))))
     elif site.saturated:
-        why.append((Hold.GPUS, lambda: f"saturated: {site.queued_at_site} jobs queue at the site"
-                                       f"{_expected(site, gpu_type, need)}"))
+        why.append((Hold.GPUS, "saturated: {} jobs queue at the site{}",
+                    (site.queued_at_site, _ExpectedWait(site, gpu_type, need))))
     return why
 
 
-def _expected(site: SiteView, gpu_type: str, need: int) -> str:
-    wait = site.wait_s(gpu_type, need)
-    return f" (expected in {wait:.0f} s)" if wait < INF else ""
+class _ExpectedWait:
+    """ (expected in N s) in a reason's words, worked out when they are written."""
+
+    def __init__(self, site: SiteView, gpu_type: str, need: int) -> None:
+        self.site, self.gpu_type, self.need = site, gpu_type, need
+
+    def __format__(self, spec: str) -> str:
+        wait = self.site.wait_s(self.gpu_type, self.need)
+        return f" (expected in {wait:.0f} s)" if wait < INF else ""
 
 
 def _overflow_gate(spec: JobSpec, tenant: TenantEntry, public_wait_s: float, now: datetime | None) -> str | None:
