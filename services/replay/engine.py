@@ -49,7 +49,7 @@ from services.routing.policy import (
 from shared.carbon import CarbonProvider, site_intensity
 from shared.contracts.catalog import Catalog, SiteEntry
 from shared.contracts.jobs import JobSpec, Resources
-from shared.queueing import Drained, Queued, drain
+from shared.queueing import Drained, End, Queued, holding
 
 POLICIES = ("public-only", "cheapest", "continuum", "carbon", "carbon-shift")
 # carbon-shift's slack: a job may end as late as its runtime again after its earliest end, a day at most (the
@@ -165,6 +165,8 @@ class Replay:
         # each site's running jobs as the policy's holdings, their ends counted from the replay's start; as a
         # tuple, kept until a job starts or ends there
         self.held: dict[str, dict[str, Holding]] = {s.id: {} for s in self.sites}
+        # and their ends, in order (as the run-out of a line starts from)
+        self.ends: dict[str, list[End]] = {s.id: [] for s in self.sites}
         self._holdings: dict[str, tuple[Holding, ...]] = {}
         # each site's running jobs and the first jobs of its line run out, by how many (LINE_EXACT at most), kept
         # until one of them changes (at the clock they were run at, or while time moves: Drained.timeless)
@@ -436,7 +438,9 @@ class Replay:
                    0.0 if site.public else worst_case_cost(spec, site, gpu_type),
                    worst_case_allocation_h(spec, site, gpu_type) if site.public else 0.0)
         self.running[site_id][job.job_id] = run
-        self.held[site_id][job.job_id] = Holding(gpu_type, spec.resources.total_gpus, now + spec.walltime_s, overflow)
+        held = self.held[site_id][job.job_id] = Holding(gpu_type, spec.resources.total_gpus, now + spec.walltime_s,
+                                                        overflow)
+        bisect.insort(self.ends[site_id], (held.ends_in_s, held.gpu_type, held.gpus))
         self._site_changed(site_id)
         self.where[job.job_id] = site_id
         if overflow:
@@ -455,7 +459,9 @@ class Replay:
         job, spec = self.jobs[job_id], self.specs[job_id]
         site = self.catalog.sites[self.where.pop(job_id)]
         run = self.running[site.id].pop(job_id)
-        del self.held[site.id][job_id]
+        held = self.held[site.id].pop(job_id)
+        ends = self.ends[site.id]
+        del ends[bisect.bisect_left(ends, (held.ends_in_s, held.gpu_type, held.gpus))]
         gpus = spec.resources.total_gpus
         self.free[site.id][run.gpu_type] += gpus
         if run.overflow:
@@ -550,8 +556,7 @@ class Replay:
             if clock == now or shorter.timeless:
                 drained = shorter.then(entries[counts[at]:ahead], now)
         if drained is None:
-            running = ((h.gpu_type, h.gpus, h.ends_in_s) for h in self._held(site_id))
-            drained = drain(self.free[site_id], running, entries[:ahead], now)
+            drained = holding(self.free[site_id], self.ends[site_id], now).then(entries[:ahead], now)
         if ahead not in kept:
             bisect.insort(counts, ahead)
         kept[ahead] = (now, drained)
