@@ -132,6 +132,7 @@ class Replay:
         self.gpu_type = gpu_type  # what every trace job asks for: a catalog GPU type, or any
         self.sites = sorted(catalog.sites.values(), key=lambda s: s.id)
         self.public_sites = [s for s in self.sites if s.public]
+        self.public_ids = frozenset(s.id for s in self.public_sites)
         self.free: dict[str, dict[str, int]] = {s.id: dict(s.gpus.items()) for s in self.sites}
         self.running: dict[str, dict[str, _Run]] = {s.id: {} for s in self.sites}
         self.ledger = {t: _Tenant() for t in catalog.tenants}
@@ -173,6 +174,9 @@ class Replay:
         self._drained: dict[str, tuple[dict[int, tuple[float, Drained]], list[int]]] = {}
         self._rooms: dict[tuple[Hold, str], int] = {}
         self._budgets: dict[str, tuple[str, TenantBudget]] = {}  # tenant -> (month, what it has left then)
+        # the last instant asked for (seconds -> datetime), and the sites' intensities at the last one viewed
+        self._last_at = (math.nan, self.start)
+        self._last_carbon: tuple[datetime | None, dict[str, float]] = (None, {})
 
     # --- the loop ---------------------------------------------------------------------------------------------
 
@@ -371,7 +375,7 @@ class Replay:
         # one watched is the one least often changed: public capacity first (which holds every paid site at
         # once, rechecked on the forecast's timer below), the tenant's budget, a full overflow share, busy GPUs.
         for site_id, holds in held.items():
-            if choice.gate and not self.catalog.sites[site_id].public:
+            if choice.gate and site_id not in self.public_ids:
                 continue
             if Hold.BUDGET in holds:
                 # the least it could cost there (or use of the allocation), of the GPU types it may take
@@ -390,11 +394,11 @@ class Replay:
             # starts at the public site without being counted in it (one behind, fitting where this one did not):
             # the job is asked again then, and when its forecast start comes without it
             public = [parts["wait_s"] for site_id, parts in choice.parts.items()
-                      if self.catalog.sites[site_id].public and held.get(site_id) == ONLY_GPUS]
+                      if site_id in self.public_ids and held.get(site_id) == ONLY_GPUS]
             if public and min(public) >= 0:
                 self._push(now + min(public) + 1, RETRY, job_id, ticket)
             for site_id in lines:
-                if self.catalog.sites[site_id].public:
+                if site_id in self.public_ids:
                     self.gate_watch[site_id][job_id] = ticket
 
     def _line_entry(self, waiting: _Waiting, site_id: str) -> Queued | None:
@@ -505,7 +509,9 @@ class Replay:
     def _views(self, now: float, at: datetime, seq: int, sites: list[SiteEntry] | None = None) -> list[SiteView]:
         """Every site (or those given) as the policy sees it now (`at`), for the job `seq` in line: with the jobs
         ahead of it there."""
-        carbon = self._carbons(self._hour(at))
+        if at != self._last_carbon[0]:
+            self._last_carbon = (at, self._carbons(self._hour(at)))
+        carbon = self._last_carbon[1]
         views = []
         for site in self.sites if sites is None else sites:
             site_id = site.id
@@ -580,7 +586,10 @@ class Replay:
         return kept[1]
 
     def _at(self, seconds: float) -> datetime:
-        return self.start + timedelta(seconds=seconds)
+        """The instant, `seconds` after the replay's start (the last one asked kept: a wake asks it many times)."""
+        if seconds != self._last_at[0]:
+            self._last_at = (seconds, self.start + timedelta(seconds=seconds))
+        return self._last_at[1]
 
     @staticmethod
     def _hour(at: datetime) -> int:

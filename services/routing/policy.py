@@ -411,9 +411,13 @@ def _public_first(spec: JobSpec, tenant: TenantEntry, views: list[SiteView], hel
     holds every paid site the job could use some day, whatever else holds it there: a job held by it does not
     stand in a paid site's line (it would not take those GPUs if they came back). The parts of the public sites
     whose wait it weighs are kept in `parts`."""
-    public_ok = [s for s in views if s.entry.public and s.id in held and not held[s.id]]
-    public_busy = [s for s in views
-                   if s.entry.public and held.get(s.id) and all(k == Hold.GPUS for k, _, _ in held[s.id])]
+    public_ok, public_busy = [], []  # the public sites that can take it now; that wait for GPUs alone
+    for site in views:
+        if site.entry.public and site.id in held:
+            if not held[site.id]:
+                public_ok.append(site)
+            elif all(kind == Hold.GPUS for kind, _, _ in held[site.id]):
+                public_busy.append(site)
     gate = None
     if public_ok:
         gate = f"public capacity first: {public_ok[0].id} can run it now"
