@@ -133,6 +133,7 @@ class Replay:
         self.sites = sorted(catalog.sites.values(), key=lambda s: s.id)
         self.public_sites = [s for s in self.sites if s.public]
         self.public_ids = frozenset(s.id for s in self.public_sites)
+        self._entry_views = {s.id: SiteView(entry=s, up=True) for s in self.sites}  # the entry alone (Replay._views)
         self.free: dict[str, dict[str, int]] = {s.id: dict(s.gpus.items()) for s in self.sites}
         self.running: dict[str, dict[str, _Run]] = {s.id: {} for s in self.sites}
         self.ledger = {t: _Tenant() for t in catalog.tenants}
@@ -326,7 +327,7 @@ class Replay:
         job, spec = waiting.job, waiting.spec
         tenant = self.catalog.tenants[spec.tenant]
         at = self._at(now)
-        choice = choose(spec, tenant, self._views(now, at, waiting.seq), self._budget(spec.tenant, at), at,
+        choice = choose(spec, tenant, self._views(now, at, waiting), self._budget(spec.tenant, at), at,
                         forecast=self._intensity_at if self.policy == "carbon-shift" else None,
                         weights=CHEAPEST if self.policy == "cheapest" else None, permanent=waiting.permanent)
         if choice.impossible:
@@ -346,7 +347,7 @@ class Replay:
         question would have the same answer (every paid site held by the gate, which the job neither watches
         nor stands in line for) and the job waits as it would; once it does not, the whole question is asked."""
         spec, at = waiting.spec, self._at(now)
-        public = choose(spec, self.catalog.tenants[spec.tenant], self._views(now, at, waiting.seq, self.public_sites),
+        public = choose(spec, self.catalog.tenants[spec.tenant], self._views(now, at, waiting, self.public_sites),
                         self._budget(spec.tenant, at), at, permanent=waiting.permanent)
         if public.site is None and public.gate:
             self._wait(waiting, public, now)
@@ -506,15 +507,22 @@ class Replay:
 
     # --- what the policy sees -----------------------------------------------------------------------------------
 
-    def _views(self, now: float, at: datetime, seq: int, sites: list[SiteEntry] | None = None) -> list[SiteView]:
-        """Every site (or those given) as the policy sees it now (`at`), for the job `seq` in line: with the jobs
-        ahead of it there."""
+    def _views(self, now: float, at: datetime, waiting: _Waiting,
+               sites: list[SiteEntry] | None = None) -> list[SiteView]:
+        """Every site (or those given) as the policy sees it now (`at`), for the waiting job: with the jobs ahead
+        of it in line there. A site the job could never use is seen by its entry alone: the policy leaves such a
+        site out of its work (`choose`: its state would only explain the decision, which the replay does not
+        write out), and most of a trace's jobs have such sites (residency)."""
         if at != self._last_carbon[0]:
             self._last_carbon = (at, self._carbons(self._hour(at)))
         carbon = self._last_carbon[1]
         views = []
+        seq = waiting.seq
         for site in self.sites if sites is None else sites:
             site_id = site.id
+            if waiting.permanent[site_id]:
+                views.append(self._entry_views[site_id])
+                continue
             line = self.line[site_id]
             ahead = bisect.bisect_left(line, seq)
             backlog: dict[str, float] = {}
