@@ -523,22 +523,25 @@ class Replay:
             if waiting.permanent[site_id]:
                 views.append(self._entry_views[site_id])
                 continue
-            line = self.line[site_id]
-            ahead = bisect.bisect_left(line, seq)
-            backlog: dict[str, float] = {}
-            if ahead > LINE_EXACT:
-                types = [t for t, n in self.line_types[site_id].items() if n]
-                if len(types) == 1:  # the usual line: of one type (a trace's jobs all ask alike)
-                    backlog[types[0]] = float(self._line_between(site_id, LINE_EXACT, ahead))
-                else:
-                    for gpu_type, gpus, walltime in self.line_entries[site_id][LINE_EXACT:ahead]:
-                        backlog[gpu_type] = backlog.get(gpu_type, 0.0) + gpus * walltime
-            # the line's exact part ahead of it, run out when a wait needs it
-            drained = partial(self._line_drained, site_id, now, min(ahead, LINE_EXACT))
+            # the line ahead of it, run out when a wait needs it
+            line = partial(self._line_ahead, site_id, now, bisect.bisect_left(self.line[site_id], seq))
             views.append(SiteView(entry=site, up=True, free=self.free[site_id], holdings=self._held(site_id),
-                                  holdings_age_s=now, drained=drained, backlog_gpu_s=backlog,
-                                  carbon_g_per_kwh=carbon[site_id], overflow_gpus=self.overflow_held[site_id]))
+                                  holdings_age_s=now, line=line, carbon_g_per_kwh=carbon[site_id],
+                                  overflow_gpus=self.overflow_held[site_id]))
         return views
+
+    def _line_ahead(self, site_id: str, now: float, ahead: int) -> tuple[Drained, dict[str, float]]:
+        """The first `ahead` of the site's line as a wait starts from them (SiteView.line): the first LINE_EXACT
+        run out, and the GPU-seconds of the rest by type."""
+        backlog: dict[str, float] = {}
+        if ahead > LINE_EXACT:
+            types = [t for t, n in self.line_types[site_id].items() if n]
+            if len(types) == 1:  # the usual line: of one type (a trace's jobs all ask alike)
+                backlog[types[0]] = float(self._line_between(site_id, LINE_EXACT, ahead))
+            else:
+                for gpu_type, gpus, walltime in self.line_entries[site_id][LINE_EXACT:ahead]:
+                    backlog[gpu_type] = backlog.get(gpu_type, 0.0) + gpus * walltime
+        return self._line_drained(site_id, now, min(ahead, LINE_EXACT)), backlog
 
     def _line_between(self, site_id: str, first: int, end: int) -> int:
         """The GPU-seconds of the site's line from place `first` to `end` (not included): summed directly, or

@@ -94,9 +94,10 @@ class SiteView:
     # one by one; the GPU-seconds of any beyond them, by type, are `backlog_gpu_s`
     queue: tuple[Queued, ...] = ()
     backlog_gpu_s: dict[str, float] = field(default_factory=dict)
-    # how to have the holdings and the queue run out (`shared.queueing.drain`, counted as the holdings are),
-    # from a caller that keeps the result between views (the replay): the wait starts from it, when it needs to
-    drained: Callable[[], Drained] | None = None
+    # how to have the holdings and the queue's first LINE_EXACT run out (`shared.queueing.drain`, counted as the
+    # holdings are), with the backlog beyond them, from a caller that keeps them between views (the replay): the
+    # wait starts from them, when it needs to (instead of `queue` and `backlog_gpu_s`)
+    line: Callable[[], tuple[Drained, Mapping[str, float]]] | None = None
     # the GPUs overflow jobs hold, by type, from a caller that counts them as they start and end (the replay);
     # else summed from the holdings
     overflow_gpus: Mapping[str, int] | None = None
@@ -119,15 +120,18 @@ class SiteView:
             if need <= self.free.get(gpu_type, 0):
                 wait = floor
             else:
-                if self.drained is not None:
-                    wait = self.drained().start(gpu_type, need, self.holdings_age_s) - self.holdings_age_s
+                backlog: Mapping[str, float]
+                if self.line is not None:
+                    drained, backlog = self.line()
+                    wait = drained.start(gpu_type, need, self.holdings_age_s) - self.holdings_age_s
                 else:
                     running = ((h.gpu_type, h.gpus, h.ends_in_s) for h in self.holdings)
                     wait = run_out(self.free, running, self.queue, gpu_type, need, self.holdings_age_s)
+                    backlog = self.backlog_gpu_s
                 # a line longer than that is days of work: spread over the site's GPUs of the type, it adds the
                 # same order of wait as running it out would, at a cost that does not grow with it
                 spread = max(1, self.entry.gpus.get(gpu_type, 0))
-                wait = max(floor, wait + self.backlog_gpu_s.get(gpu_type, 0.0) / spread)
+                wait = max(floor, wait + backlog.get(gpu_type, 0.0) / spread)
             self._waits[(gpu_type, need)] = wait
         return self._waits[(gpu_type, need)]
 
