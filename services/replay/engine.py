@@ -394,8 +394,7 @@ class Replay:
             # public capacity first, and the forecast says when it starts the job. The forecast grows when a job
             # starts at the public site without being counted in it (one behind, fitting where this one did not):
             # the job is asked again then, and when its forecast start comes without it
-            public = [parts["wait_s"] for site_id, parts in choice.parts.items()
-                      if site_id in self.public_ids and held.get(site_id) == ONLY_GPUS]
+            public = choice.public_waits.values()
             if public and min(public) >= 0:
                 self._push(now + min(public) + 1, RETRY, job_id, ticket)
             for site_id in lines:

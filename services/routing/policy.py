@@ -314,10 +314,12 @@ class Choice:
     # what holds the job at each site that could run it some day but not now, each with why in words
     held: dict[str, list[Held]]
     scores: dict[str, float]
-    # of the sites it was scored on, and of the public sites whose wait public capacity first weighed; the others'
-    # only explain the choice, and are worked out when it is written out (`decision`)
+    # of the sites it was scored on; the others' only explain the choice, and are worked out when it is written
+    # out (`decision`)
     parts: dict[str, dict[str, float]]
     gate: str | None = None  # why public capacity first holds it back from every paid site (None: it does not)
+    # the waits public capacity first weighed, of the public sites busy for the job (as parts write a wait)
+    public_waits: dict[str, float] = field(default_factory=dict)
     wait_until: datetime | None = None  # the greener hour it waits for
     waits_at: str | None = None  # and the site where it waits for it
     greener: str = ""  # why it waits for that hour
@@ -325,7 +327,7 @@ class Choice:
     @property
     def holds(self) -> dict[str, frozenset[Hold]]:
         """What holds the job at each site that could run it some day but not now (see Hold)."""
-        return {site: frozenset(kind for kind, _, _ in held) for site, held in self.held.items() if held}
+        return {site: frozenset([kind for kind, _, _ in held]) for site, held in self.held.items() if held}
 
     @property
     def reasons(self) -> dict[str, list[str]]:
@@ -389,15 +391,14 @@ def choose(spec: JobSpec, tenant: TenantEntry, sites: Iterable[SiteView], budget
     need = spec.resources.total_gpus
     held = {s.id: _passing_reasons(spec, s, chosen_type[s.id], need, budget, avoid, overflow)
             for s in views if s.id in chosen_type}
-    parts: dict[str, dict[str, float]] = {}
-    gate = _public_first(spec, tenant, views, held, parts, chosen_type, now) if overflow else None
+    gate, public_waits = _public_first(spec, tenant, views, held, chosen_type, need, now) if overflow else (None, {})
 
     eligible = [s for s in views if s.id in held and not held[s.id]]
-    for site in eligible:
-        parts[site.id] = _parts(spec, site, chosen_type[site.id])
+    parts = {site.id: _parts(spec, site, chosen_type[site.id]) for site in eligible}
     scores = _scores(spec, eligible, parts, weights)
     if not eligible:
-        return Choice(None, None, False, not chosen_type and bool(views), never, held, scores, parts, gate)
+        return Choice(None, None, False, not chosen_type and bool(views), never, held, scores, parts, gate,
+                      public_waits)
     best = min(eligible, key=lambda s: (-scores[s.id], s.id))
     if forecast is not None and now is not None and (shift := _greener(spec, best.entry, now, forecast)):
         when, then_g, now_g = shift
@@ -405,16 +406,16 @@ def choose(spec: JobSpec, tenant: TenantEntry, sites: Iterable[SiteView], budget
         return Choice(None, None, False, False, never, held, scores, parts, wait_until=when, waits_at=best.id,
                       greener=greener)
     return Choice(best.id, chosen_type[best.id], overflow and not best.entry.public, False, never, held, scores,
-                  parts, gate)
+                  parts, gate, public_waits)
 
 
 def _public_first(spec: JobSpec, tenant: TenantEntry, views: list[SiteView], held: dict[str, list[Held]],
-                  parts: dict[str, dict[str, float]], chosen_type: dict[str, str], now: datetime | None) -> str | None:
+                  chosen_type: dict[str, str], need: int, now: datetime | None) -> tuple[str | None, dict[str, float]]:
     """Why a job that public capacity could run may not go to paid capacity yet (None: it may): a public site
     takes it now, or the public wait is within the tenant's threshold (and its deadline not too near). The gate
     holds every paid site the job could use some day, whatever else holds it there: a job held by it does not
-    stand in a paid site's line (it would not take those GPUs if they came back). The parts of the public sites
-    whose wait it weighs are kept in `parts`."""
+    stand in a paid site's line (it would not take those GPUs if they came back). With the waits it weighed, of
+    the public sites busy for the job."""
     public_ok, public_busy = [], []  # the public sites that can take it now; that wait for GPUs alone
     for site in views:
         if site.entry.public and site.id in held:
@@ -422,19 +423,17 @@ def _public_first(spec: JobSpec, tenant: TenantEntry, views: list[SiteView], hel
                 public_ok.append(site)
             elif all(kind == Hold.GPUS for kind, _, _ in held[site.id]):
                 public_busy.append(site)
-    gate = None
+    gate, waits = None, {}
     if public_ok:
         gate = f"public capacity first: {public_ok[0].id} can run it now"
     elif public_busy:
-        for site in public_busy:
-            parts[site.id] = _parts(spec, site, chosen_type[site.id])
-        wait_s = min(w if (w := parts[s.id]["wait_s"]) >= 0 else INF for s in public_busy)
-        gate = _overflow_gate(spec, tenant, wait_s, now)
+        waits = {site.id: _wait_part(site, chosen_type[site.id], need) for site in public_busy}
+        gate = _overflow_gate(spec, tenant, min(w if w >= 0 else INF for w in waits.values()), now)
     if gate:
         for site in views:
             if not site.entry.public and site.id in held:
                 held[site.id].append((Hold.GATE, "{}", (gate,)))
-    return gate
+    return gate, waits
 
 
 # Greener hours: a job whose objective is carbon and that has slack (a deadline later than its earliest
@@ -563,6 +562,13 @@ def line_entry(spec: JobSpec, site: SiteEntry) -> Queued | None:
     return max(types, key=lambda t: (site.gpus[t], t)), need, float(spec.walltime_s)
 
 
+def _wait_part(site: SiteView, gpu_type: str, need: int) -> float:
+    """The site's expected wait for `need` GPUs of the type, as a decision's parts write it: to a tenth of a
+    second, -1 for never."""
+    wait = site.wait_s(gpu_type, need)
+    return round(wait, 1) if wait < INF else -1.0
+
+
 def _parts(spec: JobSpec, site: SiteView, gpu_type: str) -> dict[str, float]:
     entry = site.entry
     gpus = spec.resources.total_gpus
@@ -572,8 +578,7 @@ def _parts(spec: JobSpec, site: SiteView, gpu_type: str) -> dict[str, float]:
         return {"wait_s": round(wait, 1) if wait < INF else -1.0, "run_s": float(spec.walltime_s),
                 "cost_eur": 0.0, "co2e_kg": 0.0}
     energy_kwh = entry.watts(gpu_type) * gpus * hours * entry.pue / 1000
-    wait = site.wait_s(gpu_type, gpus)
-    return {"wait_s": round(wait, 1) if wait < INF else -1.0,
+    return {"wait_s": _wait_part(site, gpu_type, gpus),
             "run_s": float(spec.walltime_s),
             "cost_eur": round(entry.price(gpu_type) * gpus * hours, 4),
             "co2e_kg": round(energy_kwh * site.carbon_g_per_kwh / 1000, 4)}
