@@ -80,19 +80,25 @@ def drain(free: Mapping[str, int], running: Iterable[Running], queue: Iterable[Q
 
 def _drain(free: dict[str, int], ends: list[End], queue: Iterable[Queued], now: float, clock_s: float,
            timeless: bool) -> Drained:
+    insort, last = bisect.insort, len(ends)  # bound once: the replay runs out lines of 128 jobs thousands of times
     gone = 0  # the ends before this one have given their GPUs back
     for t, n, walltime in queue:
-        while free.get(t, 0) < n:
-            if gone == len(ends):  # no site has that many: nothing behind it starts either
+        have = free.get(t, 0)
+        while have < n:
+            if gone == last:  # no site has that many: nothing behind it starts either
                 return Drained({}, [], math.inf, True)
             at, t_end, n_end = ends[gone]
             gone += 1
             if at > now:
                 now = at
-            free[t_end] = free.get(t_end, 0) + n_end
+            if t_end == t:
+                have += n_end
+            else:
+                free[t_end] = free.get(t_end, 0) + n_end
         if now == clock_s:
             timeless = False
-        free[t] -= n
-        bisect.insort(ends, (now + walltime, t, n), lo=gone)
+        free[t] = have - n
+        insort(ends, (now + walltime, t, n), lo=gone)
+        last += 1
     del ends[:gone]
     return Drained(free, ends, now, timeless)
