@@ -332,9 +332,10 @@ class Choice:
     @property
     def reasons(self) -> dict[str, list[str]]:
         """Every site's reasons, in words (none: it is eligible)."""
-        reasons = {site: [words.format(*what) for _, words, what in self.held[site]] if site in self.held
-                   else list(never)
-                   for site, never in self.never.items()}
+        reasons = {}
+        for site, never in self.never.items():
+            held = self.held.get(site)  # a site that could some day: what holds it there, if anything
+            reasons[site] = list(never) if held is None else [words.format(*what) for _, words, what in held]
         if self.waits_at is not None:
             reasons[self.waits_at].append(self.greener)
         return reasons
@@ -509,7 +510,7 @@ def _passing_reasons(spec: JobSpec, site: SiteView, gpu_type: str, need: int, bu
 
 
 class _ExpectedWait:
-    """ (expected in N s) in a reason's words, worked out when they are written."""
+    """The " (expected in N s)" of a busy site's reason, worked out when its words are written."""
 
     def __init__(self, site: SiteView, gpu_type: str, need: int) -> None:
         self.site, self.gpu_type, self.need = site, gpu_type, need
