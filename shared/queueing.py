@@ -8,7 +8,7 @@ upper bound where sites backfill and jobs end early; capacity learns a correctio
 
 from __future__ import annotations
 
-import heapq
+import bisect
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -25,17 +25,21 @@ def run_out(free: Mapping[str, int], running: Iterable[Running], queue: Iterable
     return drain(free, running, queue, elapsed_s).start(gpu_type, gpus, elapsed_s) - elapsed_s
 
 
+End = tuple[float, str, int]  # when a job's GPUs come back (seconds, counted as the running jobs were), type, GPUs
+
+
 @dataclass(frozen=True)
 class Drained:
     """A queue once every job in it has started: the GPUs still free, the ends of the jobs holding the others
-    (a heap of (seconds, type, GPUs)) and when the last one started, all counted as the running jobs were.
+    (in order: a sorted list, so that a start is read off them without a copy) and when the last one started,
+    all counted as the running jobs were.
 
     A caller may keep it while its clock moves and nothing else changes, and ask it when more jobs behind the
     queue start, if `timeless`: no job of the queue started at the clock it was drained at (each waited for
     an end), so none of it depends on that clock."""
 
     free: dict[str, int]
-    ends: list[tuple[float, str, int]]
+    ends: list[End]
     now: float
     timeless: bool
     _starts: dict[tuple[str, int], float] = field(default_factory=dict, compare=False, repr=False)
@@ -44,11 +48,12 @@ class Drained:
         """When a job of `gpus` GPUs of the type, joining behind the queue at `clock_s`, starts (inf: never)."""
         if (gpu_type, gpus) not in self._starts:  # at the latest of the queue's last start and the ends it needs
             have, at = self.free.get(gpu_type, 0), self.now
-            ends = list(self.ends) if have < gpus else []  # a copy: the state is kept for the next job asked
-            while ends and have < gpus:  # the ends in order, as few as it takes
-                end, t, n = heapq.heappop(ends)
-                if t == gpu_type:
-                    have, at = have + n, max(at, end)
+            if have < gpus:
+                for end, t, n in self.ends:  # the ends in order, as few as it takes
+                    if t == gpu_type:
+                        have, at = have + n, max(at, end)
+                        if have >= gpus:
+                            break
             self._starts[(gpu_type, gpus)] = at if have >= gpus else math.inf
         return max(self._starts[(gpu_type, gpus)], clock_s)
 
@@ -57,32 +62,43 @@ class Drained:
         this one may be kept at that clock (it was drained at it, or it is timeless and nothing changed)."""
         if self.now == math.inf:
             return self
-        ends = list(self.ends)  # a heap still, and this one's own kept as it is
-        return _drain(dict(self.free), ends, queue, max(self.now, clock_s), clock_s, self.timeless)
+        return _drain(dict(self.free), list(self.ends), queue, max(self.now, clock_s), clock_s, self.timeless)
+
+
+def holding(free: Mapping[str, int], ends: Iterable[End], clock_s: float = 0.0) -> Drained:
+    """Nothing queued: the GPUs free and the running jobs' ends (in order), for a caller that keeps them in order
+    as jobs start and end (the replay) and runs its queue on from here (`Drained.then`)."""
+    return Drained(dict(free), list(ends), clock_s, True)
 
 
 def drain(free: Mapping[str, int], running: Iterable[Running], queue: Iterable[Queued],
           clock_s: float = 0.0) -> Drained:
     """Start the queue's jobs in order, each as soon as enough GPUs of its type are free, from `clock_s` (in
     the running jobs' count: one that should have ended already gives its GPUs back at once)."""
-    ends = [(left, t, n) for t, n, left in running]
-    heapq.heapify(ends)
-    return _drain(dict(free), ends, queue, clock_s, clock_s, True)
+    return _drain(dict(free), sorted((left, t, n) for t, n, left in running), queue, clock_s, clock_s, True)
 
 
-def _drain(free: dict[str, int], ends: list[tuple[float, str, int]], queue: Iterable[Queued], now: float,
-           clock_s: float, timeless: bool) -> Drained:
-    pop, push = heapq.heappop, heapq.heappush  # bound once: the replay drains lines of 128 jobs thousands of times
+def _drain(free: dict[str, int], ends: list[End], queue: Iterable[Queued], now: float, clock_s: float,
+           timeless: bool) -> Drained:
+    insort, last = bisect.insort, len(ends)  # bound once: the replay runs out lines of 128 jobs thousands of times
+    gone = 0  # the ends before this one have given their GPUs back
     for t, n, walltime in queue:
-        while free.get(t, 0) < n:
-            if not ends:  # no site has that many: nothing behind it starts either
+        have = free.get(t, 0)
+        while have < n:
+            if gone == last:  # no site has that many: nothing behind it starts either
                 return Drained({}, [], math.inf, True)
-            at, t_end, n_end = pop(ends)
+            at, t_end, n_end = ends[gone]
+            gone += 1
             if at > now:
                 now = at
-            free[t_end] = free.get(t_end, 0) + n_end
+            if t_end == t:
+                have += n_end
+            else:
+                free[t_end] = free.get(t_end, 0) + n_end
         if now == clock_s:
             timeless = False
-        free[t] -= n
-        push(ends, (now + walltime, t, n))
+        free[t] = have - n
+        insort(ends, (now + walltime, t, n), lo=gone)
+        last += 1
+    del ends[:gone]
     return Drained(free, ends, now, timeless)

@@ -49,7 +49,7 @@ from services.routing.policy import (
 from shared.carbon import CarbonProvider, site_intensity
 from shared.contracts.catalog import Catalog, SiteEntry
 from shared.contracts.jobs import JobSpec, Resources
-from shared.queueing import Drained, Queued, drain
+from shared.queueing import Drained, End, Queued, holding
 
 POLICIES = ("public-only", "cheapest", "continuum", "carbon", "carbon-shift")
 # carbon-shift's slack: a job may end as late as its runtime again after its earliest end, a day at most (the
@@ -61,6 +61,7 @@ MAX_RUNTIME_S = 2_592_000  # a JobSpec's longest walltime (30 days): a trace job
 # at one instant: GPUs come back first, then waiting jobs are tried, then newcomers come
 END, MONTH, RETRY, ARRIVE = 0, 1, 2, 3
 GATE_MOVED = ("gate",)  # why a job is woken: its public forecast may have moved (Replay._try_gate)
+ONLY_GPUS = frozenset({Hold.GPUS})  # a site held by its busy GPUs alone: the job stands in its line
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,8 @@ class _Waiting:
     permanent: dict[str, list[str]]
     ticket: int = 0  # which of its watches are current (older ones are left behind, and skipped when met)
     lines: tuple[str, ...] = ()  # the sites whose line it stands in
+    # how it stands in a site's line (policy.line_entry; None: it cannot), by site: the same at every try
+    entries: dict[str, Queued | None] = field(default_factory=dict)
 
 
 class Replay:
@@ -129,6 +132,8 @@ class Replay:
         self.gpu_type = gpu_type  # what every trace job asks for: a catalog GPU type, or any
         self.sites = sorted(catalog.sites.values(), key=lambda s: s.id)
         self.public_sites = [s for s in self.sites if s.public]
+        self.public_ids = frozenset(s.id for s in self.public_sites)
+        self._entry_views = {s.id: SiteView(entry=s, up=True) for s in self.sites}  # the entry alone (Replay._views)
         self.free: dict[str, dict[str, int]] = {s.id: dict(s.gpus.items()) for s in self.sites}
         self.running: dict[str, dict[str, _Run]] = {s.id: {} for s in self.sites}
         self.ledger = {t: _Tenant() for t in catalog.tenants}
@@ -145,10 +150,10 @@ class Replay:
         self.line_gpu_s: dict[str, list[int]] = {s.id: [] for s in self.sites}
         self.line_gpu_s_all = dict.fromkeys(self.line, 0)
         self.line_types: dict[str, dict[str, int]] = {s.id: dict.fromkeys(s.gpus, 0) for s in self.sites}
-        # watches: (busy GPUs or a full overflow share, site, GPUs needed) -> heap of (seq, job, ticket);
+        # watches: (busy GPUs or a full overflow share, site) -> GPUs needed -> heap of (seq, job, ticket);
         # tenant -> (euros, allocation hours) -> heap of (what the job needs at the least, seq, job, ticket), for
         # a spent budget
-        self.watch: dict[tuple[Hold, str, int], list[tuple[int, str, int]]] = {}
+        self.watch: dict[tuple[Hold, str], dict[int, list[tuple[int, str, int]]]] = {}
         self.budget_watch: dict[str, dict[str, list[tuple[float, int, str, int]]]] = {
             t: {"eur": [], "hours": []} for t in catalog.tenants}
         # public site -> {job: ticket} held back by public capacity first, in that site's line; and the ones to
@@ -157,16 +162,22 @@ class Replay:
         self.gates_moved: list[tuple[str, int]] = []
         self.overflow_held: dict[str, dict[str, int]] = {s.id: dict.fromkeys(s.gpus, 0) for s in self.sites}
         self._seq = 0
-        self._intensity: dict[tuple[str, int], float] = {}
+        self._intensity: dict[int, dict[str, float]] = {}  # hour -> site -> gCO2eq/kWh
         self._permanents: dict[tuple[str, int, int], dict[str, list[str]]] = {}
         # each site's running jobs as the policy's holdings, their ends counted from the replay's start; as a
         # tuple, kept until a job starts or ends there
         self.held: dict[str, dict[str, Holding]] = {s.id: {} for s in self.sites}
+        # and their ends, in order (as the run-out of a line starts from)
+        self.ends: dict[str, list[End]] = {s.id: [] for s in self.sites}
         self._holdings: dict[str, tuple[Holding, ...]] = {}
         # each site's running jobs and the first jobs of its line run out, by how many (LINE_EXACT at most), kept
         # until one of them changes (at the clock they were run at, or while time moves: Drained.timeless)
-        self._drained: dict[str, dict[int, tuple[float, Drained]]] = {}
+        self._drained: dict[str, tuple[dict[int, tuple[float, Drained]], list[int]]] = {}
         self._rooms: dict[tuple[Hold, str], int] = {}
+        self._budgets: dict[str, tuple[str, TenantBudget]] = {}  # tenant -> (month, what it has left then)
+        # the last instant asked for (seconds -> datetime), and the sites' intensities at the last one viewed
+        self._last_at = (math.nan, self.start)
+        self._last_carbon: tuple[datetime | None, dict[str, float]] = (None, {})
 
     # --- the loop ---------------------------------------------------------------------------------------------
 
@@ -181,7 +192,7 @@ class Replay:
             gc.set_threshold(*thresholds)
 
     def _run(self, jobs: list[TraceJob], progress: Callable[[int], None] | None) -> list[Outcome]:
-        jobs = [replace(j, runtime_s=min(j.runtime_s, MAX_RUNTIME_S)) for j in jobs]
+        jobs = [replace(j, runtime_s=MAX_RUNTIME_S) if j.runtime_s > MAX_RUNTIME_S else j for j in jobs]
         for job in jobs:
             self.jobs[job.job_id] = job
             self._push(job.submit_s, ARRIVE, job.job_id)
@@ -232,11 +243,15 @@ class Replay:
             if (w := self.waiting.get(job_id)) and w.ticket == ticket:
                 heads.append((w.seq, job_id, ticket, why))
         tried: set[str] = set()
-        for key, watch in list(self.watch.items()):
-            if not watch:
-                del self.watch[key]  # a job that watches the same again makes it anew
-            elif self._room(key[0], key[1]) >= key[2]:
-                self._next_head(key, heads, tried)
+        for (hold, site_id), watches in list(self.watch.items()):
+            room = self._room(hold, site_id)
+            for need, watch in list(watches.items()):
+                if not watch:
+                    del watches[need]  # a job that watches the same again makes it anew
+                elif room >= need:
+                    self._next_head((hold, site_id, need), heads, tried)
+            if not watches:
+                del self.watch[(hold, site_id)]
         heapq.heapify(heads)
         while heads:
             _, job_id, ticket, key = heapq.heappop(heads)
@@ -254,7 +269,7 @@ class Replay:
         """Move the oldest current watcher of a site's GPUs or overflow share onto `heads`, if there is room for
         as many GPUs as it needs (one tried already in this wake, and waiting again, keeps its place)."""
         hold, site, need = key
-        watch = self.watch[key]
+        watch = self.watch[(hold, site)][need]
         if self._room(hold, site) < need:
             return
         again = []
@@ -312,7 +327,7 @@ class Replay:
         job, spec = waiting.job, waiting.spec
         tenant = self.catalog.tenants[spec.tenant]
         at = self._at(now)
-        choice = choose(spec, tenant, self._views(now, waiting.seq), self._budget(spec.tenant, at), at,
+        choice = choose(spec, tenant, self._views(now, at, waiting), self._budget(spec.tenant, at), at,
                         forecast=self._intensity_at if self.policy == "carbon-shift" else None,
                         weights=CHEAPEST if self.policy == "cheapest" else None, permanent=waiting.permanent)
         if choice.impossible:
@@ -332,7 +347,7 @@ class Replay:
         question would have the same answer (every paid site held by the gate, which the job neither watches
         nor stands in line for) and the job waits as it would; once it does not, the whole question is asked."""
         spec, at = waiting.spec, self._at(now)
-        public = choose(spec, self.catalog.tenants[spec.tenant], self._views(now, waiting.seq, self.public_sites),
+        public = choose(spec, self.catalog.tenants[spec.tenant], self._views(now, at, waiting, self.public_sites),
                         self._budget(spec.tenant, at), at, permanent=waiting.permanent)
         if public.site is None and public.gate:
             self._wait(waiting, public, now)
@@ -348,7 +363,7 @@ class Replay:
         # a job waiting for a greener hour waits for nothing else: it stands in no line and watches nothing
         held = choice.holds if choice.wait_until is None else {}
         lines = {site_id: entry for site_id, holds in held.items()
-                 if holds == {Hold.GPUS} and (entry := line_entry(spec, self.catalog.sites[site_id]))}
+                 if holds == ONLY_GPUS and (entry := self._line_entry(waiting, site_id))}
         for site_id in waiting.lines:  # where it stays, it keeps its place (and the line its run-out)
             self.gate_watch[site_id].pop(job_id, None)
             if site_id not in lines:
@@ -361,7 +376,7 @@ class Replay:
         # one watched is the one least often changed: public capacity first (which holds every paid site at
         # once, rechecked on the forecast's timer below), the tenant's budget, a full overflow share, busy GPUs.
         for site_id, holds in held.items():
-            if choice.gate and not self.catalog.sites[site_id].public:
+            if choice.gate and site_id not in self.public_ids:
                 continue
             if Hold.BUDGET in holds:
                 # the least it could cost there (or use of the allocation), of the GPU types it may take
@@ -370,8 +385,8 @@ class Replay:
                 least = min(need_of(spec, site, t) for t in gpu_types(spec, site.gpus))
                 heapq.heappush(self.budget_watch[spec.tenant][kind], (least, waiting.seq, job_id, ticket))
             else:
-                key = (Hold.SHARE if Hold.SHARE in holds else Hold.GPUS, site_id, need)
-                heapq.heappush(self.watch.setdefault(key, []), (waiting.seq, job_id, ticket))
+                watches = self.watch.setdefault((Hold.SHARE if Hold.SHARE in holds else Hold.GPUS, site_id), {})
+                heapq.heappush(watches.setdefault(need, []), (waiting.seq, job_id, ticket))
         waiting.lines = tuple(lines)
         if choice.wait_until is not None:  # a greener hour is coming: the job asked to be tried then
             self._push((choice.wait_until - self.start).total_seconds(), RETRY, job_id, ticket)
@@ -379,13 +394,17 @@ class Replay:
             # public capacity first, and the forecast says when it starts the job. The forecast grows when a job
             # starts at the public site without being counted in it (one behind, fitting where this one did not):
             # the job is asked again then, and when its forecast start comes without it
-            public = [parts["wait_s"] for site_id, parts in choice.parts.items()
-                      if self.catalog.sites[site_id].public and choice.holds.get(site_id) == {Hold.GPUS}]
+            public = choice.public_waits.values()
             if public and min(public) >= 0:
                 self._push(now + min(public) + 1, RETRY, job_id, ticket)
             for site_id in lines:
-                if self.catalog.sites[site_id].public:
+                if site_id in self.public_ids:
                     self.gate_watch[site_id][job_id] = ticket
+
+    def _line_entry(self, waiting: _Waiting, site_id: str) -> Queued | None:
+        if site_id not in waiting.entries:
+            waiting.entries[site_id] = line_entry(waiting.spec, self.catalog.sites[site_id])
+        return waiting.entries[site_id]
 
     def _leave_line(self, waiting: _Waiting) -> None:
         """It waits no more: out of every line."""
@@ -423,7 +442,9 @@ class Replay:
                    0.0 if site.public else worst_case_cost(spec, site, gpu_type),
                    worst_case_allocation_h(spec, site, gpu_type) if site.public else 0.0)
         self.running[site_id][job.job_id] = run
-        self.held[site_id][job.job_id] = Holding(gpu_type, spec.resources.total_gpus, now + spec.walltime_s, overflow)
+        held = self.held[site_id][job.job_id] = Holding(gpu_type, spec.resources.total_gpus, now + spec.walltime_s,
+                                                        overflow)
+        bisect.insort(self.ends[site_id], (held.ends_in_s, held.gpu_type, held.gpus))
         self._site_changed(site_id)
         self.where[job.job_id] = site_id
         if overflow:
@@ -432,6 +453,7 @@ class Replay:
         # on another GPU type than it counted, the line's exact part moving on): their gate is looked at again
         self.gates_moved += self.gate_watch[site_id].items()
         ledger = self.ledger[spec.tenant]
+        self._budgets.pop(spec.tenant, None)
         ledger.committed_eur += run.cost_eur
         ledger.committed_h += run.allocation_h
         self._push(now + job.runtime_s, END, job.job_id)
@@ -441,7 +463,9 @@ class Replay:
         job, spec = self.jobs[job_id], self.specs[job_id]
         site = self.catalog.sites[self.where.pop(job_id)]
         run = self.running[site.id].pop(job_id)
-        del self.held[site.id][job_id]
+        held = self.held[site.id].pop(job_id)
+        ends = self.ends[site.id]
+        del ends[bisect.bisect_left(ends, (held.ends_in_s, held.gpu_type, held.gpus))]
         gpus = spec.resources.total_gpus
         self.free[site.id][run.gpu_type] += gpus
         if run.overflow:
@@ -451,6 +475,7 @@ class Replay:
                     started_at=self._at(run.start_s), ended_at=self._at(now), state="succeeded",
                     intensity=partial(self._intensity_at, site))
         ledger = self.ledger[spec.tenant]
+        self._budgets.pop(spec.tenant, None)
         ledger.committed_eur -= run.cost_eur
         ledger.committed_h -= run.allocation_h
         ledger.allocation_used_h += line.allocation_hours
@@ -481,28 +506,41 @@ class Replay:
 
     # --- what the policy sees -----------------------------------------------------------------------------------
 
-    def _views(self, now: float, seq: int, sites: list[SiteEntry] | None = None) -> list[SiteView]:
-        """Every site (or those given) as the policy sees it now, for the job `seq` in line: with the jobs ahead
-        of it there."""
-        hour = self._hour(self._at(now))
+    def _views(self, now: float, at: datetime, waiting: _Waiting,
+               sites: list[SiteEntry] | None = None) -> list[SiteView]:
+        """Every site (or those given) as the policy sees it now (`at`), for the waiting job: with the jobs ahead
+        of it in line there. A site the job could never use is seen by its entry alone: the policy leaves such a
+        site out of its work (`choose`: its state would only explain the decision, which the replay does not
+        write out), and most of a trace's jobs have such sites (residency)."""
+        if at != self._last_carbon[0]:
+            self._last_carbon = (at, self._carbons(self._hour(at)))
+        carbon = self._last_carbon[1]
         views = []
+        seq = waiting.seq
         for site in self.sites if sites is None else sites:
-            ahead = bisect.bisect_left(self.line[site.id], seq)
-            entries = self.line_entries[site.id]
-            backlog: dict[str, float] = {}
-            if ahead > LINE_EXACT:
-                types = [t for t, n in self.line_types[site.id].items() if n]
-                if len(types) == 1:  # the usual line: of one type (a trace's jobs all ask alike)
-                    backlog[types[0]] = float(self._line_between(site.id, LINE_EXACT, ahead))
-                else:
-                    for gpu_type, gpus, walltime in entries[LINE_EXACT:ahead]:
-                        backlog[gpu_type] = backlog.get(gpu_type, 0.0) + gpus * walltime
-            # the line's exact part ahead of it, run out when a wait needs it
-            drained = partial(self._line_drained, site.id, now, min(ahead, LINE_EXACT))
-            views.append(SiteView(entry=site, up=True, free=self.free[site.id], holdings=self._held(site.id),
-                                  holdings_age_s=now, drained=drained, backlog_gpu_s=backlog,
-                                  carbon_g_per_kwh=self._carbon(site, hour), overflow_gpus=self.overflow_held[site.id]))
+            site_id = site.id
+            if waiting.permanent[site_id]:
+                views.append(self._entry_views[site_id])
+                continue
+            # the line ahead of it, run out when a wait needs it
+            line = partial(self._line_ahead, site_id, now, bisect.bisect_left(self.line[site_id], seq))
+            views.append(SiteView(entry=site, up=True, free=self.free[site_id], holdings=self._held(site_id),
+                                  holdings_age_s=now, line=line, carbon_g_per_kwh=carbon[site_id],
+                                  overflow_gpus=self.overflow_held[site_id]))
         return views
+
+    def _line_ahead(self, site_id: str, now: float, ahead: int) -> tuple[Drained, dict[str, float]]:
+        """The first `ahead` of the site's line as a wait starts from them (SiteView.line): the first LINE_EXACT
+        run out, and the GPU-seconds of the rest by type."""
+        backlog: dict[str, float] = {}
+        if ahead > LINE_EXACT:
+            types = [t for t, n in self.line_types[site_id].items() if n]
+            if len(types) == 1:  # the usual line: of one type (a trace's jobs all ask alike)
+                backlog[types[0]] = float(self._line_between(site_id, LINE_EXACT, ahead))
+            else:
+                for gpu_type, gpus, walltime in self.line_entries[site_id][LINE_EXACT:ahead]:
+                    backlog[gpu_type] = backlog.get(gpu_type, 0.0) + gpus * walltime
+        return self._line_drained(site_id, now, min(ahead, LINE_EXACT)), backlog
 
     def _line_between(self, site_id: str, first: int, end: int) -> int:
         """The GPU-seconds of the site's line from place `first` to `end` (not included): summed directly, or
@@ -521,17 +559,22 @@ class Replay:
         """The site's running jobs and the first `ahead` of its line run out (at most LINE_EXACT: all that a job
         further back waits for, before the backlog). Kept until the site or the line's exact part changes, and
         while time moves if it does not depend on the clock; a longer part runs on from the longest kept."""
-        kept = self._drained.setdefault(site_id, {})  # jobs ahead -> (the clock it was run at, the run-out)
+        # jobs ahead -> (the clock it was run at, the run-out); and the counts kept, in order
+        kept, counts = self._drained.setdefault(site_id, ({}, []))
         if (hit := kept.get(ahead)) and (hit[0] == now or hit[1].timeless):
             return hit[1]
-        shorter = [n for n, (at, d) in kept.items() if n < ahead and (at == now or d.timeless)]
         entries = self.line_entries[site_id]
-        if shorter:
-            start = max(shorter)
-            drained = kept[start][1].then(entries[start:ahead], now)
-        else:
-            running = ((h.gpu_type, h.gpus, h.ends_in_s) for h in self._held(site_id))
-            drained = drain(self.free[site_id], running, entries[:ahead], now)
+        drained = None
+        at = bisect.bisect_left(counts, ahead)
+        while drained is None and at:  # the longest shorter one that may be kept at this clock
+            at -= 1
+            clock, shorter = kept[counts[at]]
+            if clock == now or shorter.timeless:
+                drained = shorter.then(entries[counts[at]:ahead], now)
+        if drained is None:
+            drained = holding(self.free[site_id], self.ends[site_id], now).then(entries[:ahead], now)
+        if ahead not in kept:
+            bisect.insort(counts, ahead)
         kept[ahead] = (now, drained)
         return drained
 
@@ -543,29 +586,35 @@ class Replay:
             self._rooms.pop((hold, site_id), None)
 
     def _budget(self, tenant_id: str, at: datetime) -> TenantBudget:
-        tenant, ledger = self.catalog.tenants[tenant_id], self.ledger[tenant_id]
-        return TenantBudget(
-            allocation_left_h=tenant.allocation_gpu_hours - ledger.allocation_used_h - ledger.committed_h,
-            budget_left_eur=tenant.monthly_budget_eur - ledger.spent_eur.get(_month(at), 0.0)
-            - ledger.committed_eur)
+        """What the tenant has left in the month of `at`; kept until one of its jobs starts or ends."""
+        month = _month(at)
+        if (kept := self._budgets.get(tenant_id)) is None or kept[0] != month:
+            tenant, ledger = self.catalog.tenants[tenant_id], self.ledger[tenant_id]
+            kept = self._budgets[tenant_id] = (month, TenantBudget(
+                allocation_left_h=tenant.allocation_gpu_hours - ledger.allocation_used_h - ledger.committed_h,
+                budget_left_eur=tenant.monthly_budget_eur - ledger.spent_eur.get(month, 0.0) - ledger.committed_eur))
+        return kept[1]
 
     def _at(self, seconds: float) -> datetime:
-        return self.start + timedelta(seconds=seconds)
+        """The instant, `seconds` after the replay's start (the last one asked kept: a wake asks it many times)."""
+        if seconds != self._last_at[0]:
+            self._last_at = (seconds, self.start + timedelta(seconds=seconds))
+        return self._last_at[1]
 
     @staticmethod
     def _hour(at: datetime) -> int:
         return int(at.timestamp() // 3600)
 
-    def _carbon(self, site: SiteEntry, hour: int) -> float:
-        """The site's intensity in the hour (hours since the epoch; cached: a replay asks for the same ones many
+    def _carbons(self, hour: int) -> dict[str, float]:
+        """Every site's intensity in the hour (hours since the epoch; kept: a replay asks for the same ones many
         times)."""
-        key = (site.id, hour)
-        if key not in self._intensity:
-            self._intensity[key] = site_intensity(site, datetime.fromtimestamp(hour * 3600, UTC), self.carbon)
-        return self._intensity[key]
+        if (carbon := self._intensity.get(hour)) is None:
+            when = datetime.fromtimestamp(hour * 3600, UTC)
+            carbon = self._intensity[hour] = {site.id: site_intensity(site, when, self.carbon) for site in self.sites}
+        return carbon
 
     def _intensity_at(self, site: SiteEntry, at: datetime) -> float:
-        return self._carbon(site, self._hour(at))
+        return self._carbons(self._hour(at))[site.id]
 
 
 def _month(at: datetime) -> str:

@@ -95,9 +95,10 @@ class SiteView:
     # one by one; the GPU-seconds of any beyond them, by type, are `backlog_gpu_s`
     queue: tuple[Queued, ...] = ()
     backlog_gpu_s: dict[str, float] = field(default_factory=dict)
-    # how to have the holdings and the queue run out (`shared.queueing.drain`, counted as the holdings are),
-    # from a caller that keeps the result between views (the replay): the wait starts from it, when it needs to
-    drained: Callable[[], Drained] | None = None
+    # how to have the holdings and the queue's first LINE_EXACT run out (`shared.queueing.drain`, counted as the
+    # holdings are), with the backlog beyond them, from a caller that keeps them between views (the replay): the
+    # wait starts from them, when it needs to (instead of `queue` and `backlog_gpu_s`)
+    line: Callable[[], tuple[Drained, Mapping[str, float]]] | None = None
     # the GPUs overflow jobs hold, by type, from a caller that counts them as they start and end (the replay);
     # else summed from the holdings
     overflow_gpus: Mapping[str, int] | None = None
@@ -120,15 +121,18 @@ class SiteView:
             if need <= self.free.get(gpu_type, 0):
                 wait = floor
             else:
-                if self.drained is not None:
-                    wait = self.drained().start(gpu_type, need, self.holdings_age_s) - self.holdings_age_s
+                backlog: Mapping[str, float]
+                if self.line is not None:
+                    drained, backlog = self.line()
+                    wait = drained.start(gpu_type, need, self.holdings_age_s) - self.holdings_age_s
                 else:
                     running = ((h.gpu_type, h.gpus, h.ends_in_s) for h in self.holdings)
                     wait = run_out(self.free, running, self.queue, gpu_type, need, self.holdings_age_s)
+                    backlog = self.backlog_gpu_s
                 # a line longer than that is days of work: spread over the site's GPUs of the type, it adds the
                 # same order of wait as running it out would, at a cost that does not grow with it
                 spread = max(1, self.entry.gpus.get(gpu_type, 0))
-                wait = max(floor, wait + self.backlog_gpu_s.get(gpu_type, 0.0) / spread)
+                wait = max(floor, wait + backlog.get(gpu_type, 0.0) / spread)
             self._waits[(gpu_type, need)] = wait
         return self._waits[(gpu_type, need)]
 
@@ -295,6 +299,12 @@ def worst_case_allocation_h(spec: JobSpec, site: SiteEntry, gpu_type: str) -> fl
     return spec.resources.total_gpus * spec.walltime_s / 3600 * site.allocation_factor.get(gpu_type, 1.0)
 
 
+# What holds a job at a site, and why in words: a template and what fills it (str.format), written when asked
+# (`Choice.reasons`). The words may need what the choice itself does not (a busy site's expected wait, which
+# runs out its line), and the replay asks millions of questions and reads none of their words.
+Held = tuple[Hold, str, tuple]
+
+
 @dataclass
 class Choice:
     """The policy's answer, before it is written as a contract `Decision`: where the job goes (`site` None: it
@@ -304,18 +314,38 @@ class Choice:
     gpu_type: str | None
     overflow: bool
     impossible: bool
-    reasons: dict[str, list[str]]
+    never: dict[str, list[str]]  # why each site could never run the job (empty: it could some day)
+    # what holds the job at each site that could run it some day but not now, each with why in words
+    held: dict[str, list[Held]]
     scores: dict[str, float]
-    parts: dict[str, dict[str, float]]  # of the sites that could run the job some day
-    # what holds the job at each site that could run it some day but not now (see Hold), and why public
-    # capacity first holds it back from every paid site (None: it does not)
-    holds: dict[str, frozenset[Hold]] = field(default_factory=dict)
-    gate: str | None = None
+    # of the sites it was scored on; the others' only explain the choice, and are worked out when it is written
+    # out (`decision`)
+    parts: dict[str, dict[str, float]]
+    gate: str | None = None  # why public capacity first holds it back from every paid site (None: it does not)
+    # the waits public capacity first weighed, of the public sites busy for the job (as parts write a wait)
+    public_waits: dict[str, float] = field(default_factory=dict)
     wait_until: datetime | None = None  # the greener hour it waits for
     waits_at: str | None = None  # and the site where it waits for it
+    greener: str = ""  # why it waits for that hour
+
+    @property
+    def holds(self) -> dict[str, frozenset[Hold]]:
+        """What holds the job at each site that could run it some day but not now (see Hold)."""
+        return {site: frozenset([kind for kind, _, _ in held]) for site, held in self.held.items() if held}
+
+    @property
+    def reasons(self) -> dict[str, list[str]]:
+        """Every site's reasons, in words (none: it is eligible)."""
+        reasons = {}
+        for site, never in self.never.items():
+            held = self.held.get(site)  # a site that could some day: what holds it there, if anything
+            reasons[site] = list(never) if held is None else [words.format(*what) for _, words, what in held]
+        if self.waits_at is not None:
+            reasons[self.waits_at].append(self.greener)
+        return reasons
 
     def decision(self, spec: JobSpec, views: Iterable[SiteView]) -> Decision:
-        """Written out, with the parts of the sites that could never run the job too (`choose` leaves them)."""
+        """Written out, with the parts of every site (`choose` works out only those it weighs)."""
         parts = {s.id: self.parts.get(s.id) or _parts(spec, s, _best_type(spec, s)) for s in views}
         holds = {site: sorted(kind.value for kind in kinds) for site, kinds in self.holds.items()}
         if self.waits_at is not None:
@@ -352,65 +382,63 @@ def choose(spec: JobSpec, tenant: TenantEntry, sites: Iterable[SiteView], budget
     budget = budget or TenantBudget()
     avoid, refused = avoid or {}, refused or {}
     views = sorted(sites, key=lambda s: s.id)
-    reasons: dict[str, list[str]] = {}
-    holds: dict[str, list[tuple[Hold, str]]] = {}
-    chosen_type: dict[str, str] = {}
-    parts: dict[str, dict[str, float]] = {}
-    possible = False
-
+    never: dict[str, list[str]] = {}
+    chosen_type: dict[str, str] = {}  # of the sites that could run it some day: the GPU type it would take there
     for site in views:
-        reasons[site.id] = (list(permanent[site.id]) if permanent is not None
-                            else permanent_reasons(spec, tenant, site.entry))
+        never[site.id] = (permanent[site.id] if permanent is not None
+                          else permanent_reasons(spec, tenant, site.entry))
         if site.id in refused:
-            reasons[site.id].append(f"refused this job: {refused[site.id]}")
-        if not reasons[site.id]:  # a site that never could is left out of the rest (its parts only explain)
-            possible = True
+            never[site.id] = [*never[site.id], f"refused this job: {refused[site.id]}"]
+        if not never[site.id]:  # a site that never could is left out of the rest (its parts only explain)
             chosen_type[site.id] = _best_type(spec, site)
-            parts[site.id] = _parts(spec, site, chosen_type[site.id])
     # overflow: a job that public capacity could run goes to paid capacity instead
-    overflow = any(s.entry.public and not reasons[s.id] for s in views)
-    for site in views:
-        if not reasons[site.id]:
-            holds[site.id] = _passing_reasons(spec, site, chosen_type[site.id], budget, avoid, overflow)
+    overflow = any(s.entry.public and s.id in chosen_type for s in views)
+    need = spec.resources.total_gpus
+    held = {s.id: _passing_reasons(spec, s, chosen_type[s.id], need, budget, avoid, overflow)
+            for s in views if s.id in chosen_type}
+    gate, public_waits = _public_first(spec, tenant, views, held, chosen_type, need, now) if overflow else (None, {})
 
-    gate = _public_first(spec, tenant, views, holds, parts, now) if overflow else None
-    for site_id, held in holds.items():
-        reasons[site_id] = [text for _, text in held]
-
-    eligible = [s for s in views if not reasons[s.id]]
+    eligible = [s for s in views if s.id in held and not held[s.id]]
+    parts = {site.id: _parts(spec, site, chosen_type[site.id]) for site in eligible}
     scores = _scores(spec, eligible, parts, weights)
-    kinds = {site_id: frozenset(k for k, _ in held) for site_id, held in holds.items() if held}
     if not eligible:
-        return Choice(None, None, False, not possible and bool(views), reasons, scores, parts, kinds, gate)
+        return Choice(None, None, False, not chosen_type and bool(views), never, held, scores, parts, gate,
+                      public_waits)
     best = min(eligible, key=lambda s: (-scores[s.id], s.id))
     if forecast is not None and now is not None and (shift := _greener(spec, best.entry, now, forecast)):
         when, then_g, now_g = shift
-        reasons[best.id].append(f"waiting for {when:%H:%M} UTC on {when:%Y-%m-%d}, {then_g:.0f} g/kWh vs "
-                                f"{now_g:.0f} now")
-        return Choice(None, None, False, False, reasons, scores, parts, kinds, wait_until=when, waits_at=best.id)
-    return Choice(best.id, chosen_type[best.id], overflow and not best.entry.public, False, reasons, scores, parts,
-                  kinds)
+        greener = f"waiting for {when:%H:%M} UTC on {when:%Y-%m-%d}, {then_g:.0f} g/kWh vs {now_g:.0f} now"
+        return Choice(None, None, False, False, never, held, scores, parts, wait_until=when, waits_at=best.id,
+                      greener=greener)
+    return Choice(best.id, chosen_type[best.id], overflow and not best.entry.public, False, never, held, scores,
+                  parts, gate, public_waits)
 
 
-def _public_first(spec: JobSpec, tenant: TenantEntry, views: list[SiteView], holds: dict[str, list[tuple[Hold, str]]],
-                  parts: dict[str, dict[str, float]], now: datetime | None) -> str | None:
+def _public_first(spec: JobSpec, tenant: TenantEntry, views: list[SiteView], held: dict[str, list[Held]],
+                  chosen_type: dict[str, str], need: int, now: datetime | None) -> tuple[str | None, dict[str, float]]:
     """Why a job that public capacity could run may not go to paid capacity yet (None: it may): a public site
     takes it now, or the public wait is within the tenant's threshold (and its deadline not too near). The gate
     holds every paid site the job could use some day, whatever else holds it there: a job held by it does not
-    stand in a paid site's line (it would not take those GPUs if they came back)."""
-    public_ok = [s for s in views if s.entry.public and s.id in holds and not holds[s.id]]
-    public_waits = [parts[s.id]["wait_s"] for s in views
-                    if s.entry.public and holds.get(s.id) and all(k == Hold.GPUS for k, _ in holds[s.id])]
-    gate = None
+    stand in a paid site's line (it would not take those GPUs if they came back). With the waits it weighed, of
+    the public sites busy for the job."""
+    public_ok, public_busy = [], []  # the public sites that can take it now; that wait for GPUs alone
+    for site in views:
+        if site.entry.public and site.id in held:
+            if not held[site.id]:
+                public_ok.append(site)
+            elif all(kind == Hold.GPUS for kind, _, _ in held[site.id]):
+                public_busy.append(site)
+    gate, waits = None, {}
     if public_ok:
         gate = f"public capacity first: {public_ok[0].id} can run it now"
-    elif public_waits:
-        gate = _overflow_gate(spec, tenant, min(w if w >= 0 else INF for w in public_waits), now)
+    elif public_busy:
+        waits = {site.id: _wait_part(site, chosen_type[site.id], need) for site in public_busy}
+        gate = _overflow_gate(spec, tenant, min(w if w >= 0 else INF for w in waits.values()), now)
     if gate:
         for site in views:
-            if not site.entry.public and site.id in holds:
-                holds[site.id].append((Hold.GATE, gate))
-    return gate
+            if not site.entry.public and site.id in held:
+                held[site.id].append((Hold.GATE, "{}", (gate,)))
+    return gate, waits
 
 
 # Greener hours: a job whose objective is carbon and that has slack (a deadline later than its earliest
@@ -449,40 +477,51 @@ def _greener(spec: JobSpec, site: SiteEntry, now: datetime, forecast: Intensity)
     return greener_hour(now, slack_s(spec, now), lambda at: forecast(site, at))
 
 
-def _passing_reasons(spec: JobSpec, site: SiteView, gpu_type: str, budget: TenantBudget,
-                     avoid: Mapping[str, str], overflow: bool) -> list[tuple[Hold, str]]:
-    """Why the site cannot take the job now, though it could some day, each with what it waits on."""
-    need = spec.resources.total_gpus
-    why: list[tuple[Hold, str]] = []
+def _passing_reasons(spec: JobSpec, site: SiteView, gpu_type: str, need: int, budget: TenantBudget,
+                     avoid: Mapping[str, str], overflow: bool) -> list[Held]:
+    """Why the site cannot take the job (of `need` GPUs) now, though it could some day, each with what it waits
+    on."""
+    why: list[Held] = []
     if site.id in avoid:
-        why.append((Hold.AVOID, avoid[site.id]))
+        why.append((Hold.AVOID, "{}", (avoid[site.id],)))
     if not site.up:
-        why.append((Hold.DOWN, "site is down or has not reported"))
+        why.append((Hold.DOWN, "site is down or has not reported", ()))
     entry = site.entry
     if entry.public:
         hours = worst_case_allocation_h(spec, entry, gpu_type)
         if hours > budget.allocation_left_h:
-            spent = f"allocation spent: {max(budget.allocation_left_h, 0):.1f} h left, the job may use {hours:.1f} h"
-            why.append((Hold.BUDGET, spent))
+            why.append((Hold.BUDGET, "allocation spent: {:.1f} h left, the job may use {:.1f} h",
+                        (max(budget.allocation_left_h, 0), hours)))
     else:
         cost = worst_case_cost(spec, entry, gpu_type)
         if cost > budget.budget_left_eur:
-            spent = (f"monthly budget spent: {max(budget.budget_left_eur, 0):.2f} EUR left, "
-                     f"the job may cost {cost:.2f} EUR")
-            why.append((Hold.BUDGET, spent))
+            why.append((Hold.BUDGET, "monthly budget spent: {:.2f} EUR left, the job may cost {:.2f} EUR",
+                        (max(budget.budget_left_eur, 0), cost)))
         if overflow and need:
             share = int(entry.overflow_share * entry.gpus.get(gpu_type, 0))
             held = site.overflow_held(gpu_type)
             if held + need > share:
-                full = f"overflow share full: overflow jobs hold {held} of {share} {gpu_type} GPUs allowed"
-                why.append((Hold.SHARE, full))
-    wait = site.wait_s(gpu_type, need)
-    expected = f" (expected in {wait:.0f} s)" if wait < INF else ""
-    if need and site.free.get(gpu_type, 0) < need:
-        why.append((Hold.GPUS, f"needs {need} {gpu_type} GPUs now, {site.free.get(gpu_type, 0)} free{expected}"))
+                why.append((Hold.SHARE, "overflow share full: overflow jobs hold {} of {} {} GPUs allowed",
+                            (held, share, gpu_type)))
+    free = site.free.get(gpu_type, 0)
+    if need and free < need:
+        why.append((Hold.GPUS, "needs {} {} GPUs now, {} free{}", (need, gpu_type, free,
+                                                                    _ExpectedWait(site, gpu_type, need))))
     elif site.saturated:
-        why.append((Hold.GPUS, f"saturated: {site.queued_at_site} jobs queue at the site{expected}"))
+        why.append((Hold.GPUS, "saturated: {} jobs queue at the site{}",
+                    (site.queued_at_site, _ExpectedWait(site, gpu_type, need))))
     return why
+
+
+class _ExpectedWait:
+    """The " (expected in N s)" of a busy site's reason, worked out when its words are written."""
+
+    def __init__(self, site: SiteView, gpu_type: str, need: int) -> None:
+        self.site, self.gpu_type, self.need = site, gpu_type, need
+
+    def __format__(self, spec: str) -> str:
+        wait = self.site.wait_s(self.gpu_type, self.need)
+        return f" (expected in {wait:.0f} s)" if wait < INF else ""
 
 
 def _overflow_gate(spec: JobSpec, tenant: TenantEntry, public_wait_s: float, now: datetime | None) -> str | None:
@@ -540,6 +579,13 @@ def line_entry(spec: JobSpec, site: SiteEntry) -> Queued | None:
     return max(types, key=lambda t: (site.gpus[t], t)), need, float(spec.walltime_s)
 
 
+def _wait_part(site: SiteView, gpu_type: str, need: int) -> float:
+    """The site's expected wait for `need` GPUs of the type, as a decision's parts write it: to a tenth of a
+    second, -1 for never."""
+    wait = site.wait_s(gpu_type, need)
+    return round(wait, 1) if wait < INF else -1.0
+
+
 def _parts(spec: JobSpec, site: SiteView, gpu_type: str) -> dict[str, float]:
     entry = site.entry
     gpus = spec.resources.total_gpus
@@ -549,8 +595,7 @@ def _parts(spec: JobSpec, site: SiteView, gpu_type: str) -> dict[str, float]:
         return {"wait_s": round(wait, 1) if wait < INF else -1.0, "run_s": float(spec.walltime_s),
                 "cost_eur": 0.0, "co2e_kg": 0.0}
     energy_kwh = entry.watts(gpu_type) * gpus * hours * entry.pue / 1000
-    wait = site.wait_s(gpu_type, gpus)
-    return {"wait_s": round(wait, 1) if wait < INF else -1.0,
+    return {"wait_s": _wait_part(site, gpu_type, gpus),
             "run_s": float(spec.walltime_s),
             "cost_eur": round(entry.price(gpu_type) * gpus * hours, 4),
             "co2e_kg": round(energy_kwh * site.carbon_g_per_kwh / 1000, 4)}

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.queueing import drain, run_out
+from shared.queueing import drain, holding, run_out
 
 TYPES = ("H100", "A100")
 
@@ -75,3 +75,16 @@ def test_a_queue_run_on_from_its_first_jobs_is_the_whole_run_out(free, running, 
     assert on.start(job[0], job[1], clock) - clock == pytest.approx(expected)
     whole = drain(free, running, queue, clock)
     assert (on.now, on.timeless, sorted(on.ends)) == (whole.now, whole.timeless, sorted(whole.ends))
+
+
+@settings(max_examples=300, deadline=None)
+@given(free=st.fixed_dictionaries({t: st.integers(0, 4) for t in TYPES}), running=st.lists(jobs, max_size=6),
+       queue=st.lists(jobs, max_size=8), job=jobs)
+def test_a_line_run_on_from_the_running_jobs_ends_kept_in_order_is_the_whole_run_out(free, running, queue, job):
+    """The replay keeps each site's running jobs' ends in order as they start and end (`holding`), and runs a
+    line on from them: the same run-out as from the running jobs themselves."""
+    ends = sorted((left, t, n) for t, n, left in running)
+    on, whole = holding(free, ends).then(queue, 0.0), drain(free, running, queue)
+    assert (on.free, on.ends, on.now, on.timeless) == (whole.free, whole.ends, whole.now, whole.timeless)
+    assert on.start(job[0], job[1], 0.0) == whole.start(job[0], job[1], 0.0)
+    assert ends == sorted((left, t, n) for t, n, left in running)  # the caller's own ends are left as they were
