@@ -133,6 +133,18 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
+def terminate(process: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL if it has not ended within `grace_s`; nothing if it already ended."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 @dataclass
 class EmbeddedNats:
     """A nats-server with JetStream, its store on disk, on a free port (4222 may be another's); with `config`
@@ -168,13 +180,8 @@ class EmbeddedNats:
         self.process.send_signal(signal.SIGHUP)
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process:
+            terminate(self.process)
 
 
 @dataclass

@@ -18,7 +18,7 @@ from typing import TypeVar
 
 from services.auth import SERVICES_PRINCIPAL, credentials
 from services.auth import init as auth_init
-from services.runtime import free_port, nats_server_binary, wait_for_port
+from services.runtime import free_port, nats_server_binary, terminate, wait_for_port
 from shared.contracts.catalog import Catalog
 from shared.settings import Settings
 
@@ -117,12 +117,7 @@ class LoopbackCluster:
         for server in self.servers.values():
             if server.alive:
                 assert server.process is not None
-                server.process.terminate()
-                try:
-                    server.process.wait(10)
-                except subprocess.TimeoutExpired:
-                    server.process.kill()
-                    server.process.wait()
+                terminate(server.process)
 
     def log(self, name: str) -> str:
         return (self.root / f"{name}.log").read_text(errors="replace")

@@ -7,10 +7,12 @@ from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Header, HTTPException, Query
+from pydantic import ValidationError
 
 from services.gateway import tes
 from services.gateway.context import Through, Who, ask
 from services.gateway.lists import jobs_page
+from shared.contracts.jobs import JobRef
 
 router = APIRouter(tags=["TaskService"])
 STARTED_AT = datetime.now(UTC)
@@ -79,7 +81,7 @@ async def cancel_task(id: str, who: Who, gw: Through) -> dict:
 
 def _job_id(task_id: str) -> str:
     """A task id is a job id: anything else is a task that does not exist (404, as for another tenant's)."""
-    if not task_id or len(task_id) > 64 or not all(c.isalnum() or c in "_-" for c in task_id) \
-            or not task_id.isascii():
-        raise HTTPException(404, f"no task {task_id!r}")
-    return task_id
+    try:
+        return JobRef(job_id=task_id).job_id
+    except ValidationError:
+        raise HTTPException(404, f"no task {task_id!r}") from None
