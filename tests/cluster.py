@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import shutil
 import signal
+import socket
 import subprocess
 import time
 import urllib.request
@@ -18,7 +20,7 @@ from typing import TypeVar
 
 from services.auth import SERVICES_PRINCIPAL, credentials
 from services.auth import init as auth_init
-from services.runtime import free_port, nats_server_binary, terminate, wait_for_port
+from services.runtime import nats_server_binary, terminate, wait_for_port
 from shared.contracts.catalog import Catalog
 from shared.settings import Settings
 
@@ -26,14 +28,28 @@ CONFIGS = Path(__file__).resolve().parents[1] / "deploy" / "nats" / "cluster"
 T = TypeVar("T")
 
 
+def quiet_port() -> int:
+    """A free port below Linux's ephemeral range (32768 and up). A port the kernel hands out (bind to 0) is one
+    it may hand again, a moment later, to a connection one of the servers dials out: nine ports chosen before
+    three servers start, each dialing the others, collided so ("address already in use")."""
+    while True:
+        port = random.randint(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+
+
 @dataclass
 class ClusterServer:
     name: str  # its server_name in its configuration file: nats-1, nats-2, nats-3
     config: Path
     store: Path
-    port: int = field(default_factory=free_port)
-    route_port: int = field(default_factory=free_port)
-    monitor_port: int = field(default_factory=free_port)
+    port: int = field(default_factory=quiet_port)
+    route_port: int = field(default_factory=quiet_port)
+    monitor_port: int = field(default_factory=quiet_port)
     process: subprocess.Popen | None = None
 
     @property
